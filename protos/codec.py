@@ -1,0 +1,248 @@
+"""Tensor codec: numpy arrays and torch tensors to chunk messages and back.
+
+Values travel as raw little-endian bytes beside their dtype. A tensor part
+is cut into chunks of at most ``chunk_bytes`` and small chunks are packed
+together, so every message carries about ``chunk_bytes`` of data. Decoding
+is ``numpy.frombuffer`` over the message's bytes: no copy.
+
+bfloat16 has no numpy dtype: its raw values travel and decode as uint16
+and :func:`to_torch` reinterprets them as ``torch.bfloat16``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from protos import ps_pb2
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB messages measured fastest (DESIGN.md, wire rules)
+
+
+@dataclass(frozen=True)
+class WireDType:
+    """How one dtype is named, stored raw and viewed in torch."""
+
+    name: str
+    proto: int
+    raw: np.dtype  # the numpy dtype of the raw little-endian values
+    torch: torch.dtype
+
+    @property
+    def itemsize(self) -> int:
+        return self.raw.itemsize
+
+
+WIRE_DTYPES: dict[str, WireDType] = {
+    d.name: d
+    for d in (
+        WireDType("float32", ps_pb2.FLOAT32, np.dtype("<f4"), torch.float32),
+        WireDType("float16", ps_pb2.FLOAT16, np.dtype("<f2"), torch.float16),
+        WireDType("bfloat16", ps_pb2.BFLOAT16, np.dtype("<u2"), torch.bfloat16),
+        WireDType("float64", ps_pb2.FLOAT64, np.dtype("<f8"), torch.float64),
+    )
+}
+_BY_PROTO = {d.proto: d for d in WIRE_DTYPES.values()}
+_BY_TORCH = {d.torch: d for d in WIRE_DTYPES.values()}
+
+
+class CodecError(ValueError):
+    """A chunk or tensor that cannot be encoded or decoded."""
+
+
+def wire_dtype(dtype: str | int | torch.dtype | np.dtype) -> WireDType:
+    """Look up a supported dtype by name, proto enum, torch or numpy dtype."""
+    found: WireDType | None
+    if isinstance(dtype, str):
+        found = WIRE_DTYPES.get(dtype)
+    elif isinstance(dtype, torch.dtype):
+        found = _BY_TORCH.get(dtype)
+    elif isinstance(dtype, int):
+        found = _BY_PROTO.get(dtype)
+    else:
+        found = WIRE_DTYPES.get(np.dtype(dtype).name)
+    if found is None:
+        supported = ", ".join(WIRE_DTYPES)
+        raise CodecError(f"unsupported dtype {dtype!r} (supported: {supported})")
+    return found
+
+
+def dtype_of(value: np.ndarray | torch.Tensor) -> WireDType:
+    """The wire dtype of an array or tensor."""
+    return wire_dtype(value.dtype)
+
+
+def to_raw(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A flat, contiguous, little-endian numpy view of the values (bfloat16 as uint16).
+
+    Copies only when the input is not already a contiguous CPU array of
+    the wire layout.
+    """
+    wire = dtype_of(value)
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1)
+        if flat.device.type != "cpu":
+            flat = flat.cpu()
+        if wire.name == "bfloat16":
+            flat = flat.view(torch.int16)
+        array = flat.numpy()
+    else:
+        array = np.asarray(value).reshape(-1)
+    return np.ascontiguousarray(array).view(wire.raw)
+
+
+def from_bytes(data: bytes | memoryview, dtype: WireDType | str | int) -> np.ndarray:
+    """Decode raw bytes without copying; the result is read-only."""
+    wire = dtype if isinstance(dtype, WireDType) else wire_dtype(dtype)
+    if len(data) % wire.itemsize:
+        raise CodecError(f"{len(data)} bytes is not a whole number of {wire.name} values")
+    return np.frombuffer(data, dtype=wire.raw)
+
+
+def to_torch(raw: np.ndarray, dtype: WireDType | str | int) -> torch.Tensor:
+    """View raw values as a CPU torch tensor of the wire dtype (no copy)."""
+    wire = dtype if isinstance(dtype, WireDType) else wire_dtype(dtype)
+    if raw.flags.writeable:
+        tensor = torch.from_numpy(raw)
+    else:  # torch warns when it wraps a read-only buffer; decoded chunks are only read
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(raw)
+    return tensor.view(torch.bfloat16) if wire.name == "bfloat16" else tensor
+
+
+def from_raw(raw: np.ndarray, dtype: WireDType | str | int) -> np.ndarray:
+    """Raw values as a numpy array of their value dtype (bfloat16 widens to float32)."""
+    wire = dtype if isinstance(dtype, WireDType) else wire_dtype(dtype)
+    if wire.name == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of raw values to send: ``values`` are elements offset.. of a part."""
+
+    tensor: str
+    part: int
+    offset: int
+    values: np.ndarray  # raw, flat, contiguous
+    dtype: WireDType
+
+
+def split_piece(piece: Piece, chunk_bytes: int) -> Iterator[Piece]:
+    """Cut a piece into pieces of at most chunk_bytes (at least one element each)."""
+    per_chunk = max(1, chunk_bytes // piece.dtype.itemsize)
+    n = piece.values.size
+    if n <= per_chunk:
+        yield piece
+        return
+    for start in range(0, n, per_chunk):
+        yield Piece(
+            piece.tensor,
+            piece.part,
+            piece.offset + start,
+            piece.values[start : start + per_chunk],
+            piece.dtype,
+        )
+
+
+def to_chunk(piece: Piece) -> ps_pb2.TensorChunk:
+    """One chunk message for one piece (copies the bytes once, as protobuf requires)."""
+    return ps_pb2.TensorChunk(
+        tensor=piece.tensor,
+        part=piece.part,
+        offset=piece.offset,
+        dtype=piece.dtype.proto,
+        data=piece.values.tobytes(),
+    )
+
+
+def pack_chunks(
+    pieces: Iterable[Piece], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[list[ps_pb2.TensorChunk]]:
+    """Group pieces into per-message chunk lists of about chunk_bytes each.
+
+    Every tensor part is sent even when empty, so a receiver can check
+    that nothing is missing.
+    """
+    batch: list[ps_pb2.TensorChunk] = []
+    batch_bytes = 0
+    for whole in pieces:
+        for piece in split_piece(whole, chunk_bytes):
+            size = piece.values.nbytes
+            if batch and batch_bytes + size > chunk_bytes:
+                yield batch
+                batch, batch_bytes = [], 0
+            batch.append(to_chunk(piece))
+            batch_bytes += size
+    if batch:
+        yield batch
+
+
+def encode_tensor(
+    name: str,
+    value: np.ndarray | torch.Tensor,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    part: int = 0,
+) -> list[list[ps_pb2.TensorChunk]]:
+    """Encode one whole tensor as one part: a list of messages' chunk lists."""
+    piece = Piece(name, part, 0, to_raw(value), dtype_of(value))
+    return list(pack_chunks([piece], chunk_bytes))
+
+
+def decode_tensor(
+    chunks: Iterable[ps_pb2.TensorChunk], shape: tuple[int, ...], dtype: str
+) -> torch.Tensor:
+    """Reassemble a tensor sent as one part; checks coverage, dtype and sizes.
+
+    A tensor sent as a single chunk is returned as a view of that chunk's
+    bytes; otherwise the chunks are copied into a new tensor once.
+    """
+    wire = wire_dtype(dtype)
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    chunk_list = list(chunks)
+    if len(chunk_list) == 1 and chunk_list[0].offset == 0:
+        raw = check_chunk(chunk_list[0], wire, numel)
+        if raw.size != numel:
+            raise CodecError(f"tensor {chunk_list[0].tensor!r}: {raw.size} of {numel} values")
+        return to_torch(raw, wire).reshape(shape)
+    out = np.empty(numel, dtype=wire.raw)
+    covered = 0
+    for chunk in sorted(chunk_list, key=lambda c: c.offset):
+        if chunk.offset != covered:
+            raise CodecError(f"tensor {chunk.tensor!r}: gap or overlap at element {covered}")
+        raw = check_chunk(chunk, wire, numel)
+        out[chunk.offset : chunk.offset + raw.size] = raw
+        covered += raw.size
+    if covered != numel:
+        raise CodecError(
+            f"tensor {chunk_list[0].tensor if chunk_list else '?'!r}: {covered} of {numel} values"
+        )
+    return to_torch(out, wire).reshape(shape)
+
+
+def check_chunk(chunk: ps_pb2.TensorChunk, wire: WireDType, part_numel: int) -> np.ndarray:
+    """Decode a chunk and check its dtype and that it fits a part of part_numel values."""
+    if chunk.dtype != wire.proto:
+        got = _BY_PROTO[chunk.dtype].name if chunk.dtype in _BY_PROTO else str(chunk.dtype)
+        raise CodecError(
+            f"tensor {chunk.tensor!r} part {chunk.part}: dtype {got}, expected {wire.name}"
+        )
+    data = chunk.data  # each access of a bytes field copies: read it once
+    if len(data) % wire.itemsize:
+        raise CodecError(
+            f"tensor {chunk.tensor!r} part {chunk.part}: {len(data)} bytes is not a whole "
+            f"number of {wire.name} values"
+        )
+    raw = from_bytes(data, wire)
+    if chunk.offset + raw.size > part_numel:
+        raise CodecError(
+            f"tensor {chunk.tensor!r} part {chunk.part}: elements {chunk.offset}.."
+            f"{chunk.offset + raw.size} exceed its {part_numel} values"
+        )
+    return raw

@@ -1,0 +1,410 @@
+"""The parameter store: one server's parts, their optimizer state, and the mode.
+
+Free of gRPC and of threads: every method runs to completion and either
+changes the state as a whole or raises a :class:`StoreError` and changes
+nothing. Waiting is the caller's business: :meth:`ParameterStore.pull_decision`
+says whether a pull may proceed now and, if not, for whom it waits.
+
+Semantics (DESIGN.md): every push carries ``(worker_id, clock)``; a clock is
+the number of iterations the worker has pushed, so a push carries the
+clock the worker reaches with it (1 for its first push).
+
+- sync: gradients for step ``t`` (pushes whose ``pulled_version`` is ``t``)
+  are summed until ``R = max(1, active - backup_workers)`` workers have
+  contributed; their mean is applied once and the step becomes ``t + 1``.
+  Older-step gradients are dropped and counted. A pull with
+  ``min_version = t + 1`` waits until that step exists.
+- async: every push is applied at once.
+- ssp: pushes are applied at once; a pull at clock ``c`` waits until every
+  active worker's clock is at least ``c - staleness``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from protos import ps_pb2
+from protos.codec import CodecError, Piece, check_chunk, to_raw, to_torch, wire_dtype
+from ps_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ps_server.job import Job, Mode
+from ps_worker.layout import Part
+
+PartKey = tuple[str, int]
+
+
+@dataclass
+class PartState:
+    """One part this server holds: flat parameter values and optimizer state."""
+
+    part: Part
+    param: torch.Tensor
+    state: dict[str, torch.Tensor]
+    steps: int = 0  # optimizer steps applied to this part
+    accumulator: torch.Tensor | None = None  # sync: sum of this step's gradients
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    clock: int  # the last clock processed from this worker (its start clock before any push)
+    active: bool = True
+
+
+@dataclass(frozen=True)
+class PushResult:
+    applied: bool
+    duplicate: bool
+    dropped: bool
+    version: int
+    staleness: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class PullDecision:
+    """Whether a pull may proceed now; if not, why and for whom it waits."""
+
+    ready: bool
+    reason: str = ""
+    waiting_for: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Waiter:
+    worker_id: str
+    clock: int
+    min_version: int
+
+
+@dataclass
+class Counters:
+    updates_applied: int = 0
+    pushes_received: int = 0
+    stale_dropped: int = 0
+    duplicates: int = 0
+    staleness: Counter[int] = field(default_factory=Counter)
+
+
+GradChunk = tuple[Part, int, torch.Tensor]  # part, element offset, gradient values
+
+
+class ParameterStore:
+    """The state of one parameter server."""
+
+    def __init__(self, reject_nonfinite: bool = True) -> None:
+        self.reject_nonfinite = reject_nonfinite
+        self.job: Job | None = None
+        self.parts: dict[PartKey, PartState] = {}
+        self.version = 0  # updates applied (sync: the step)
+        self.workers: dict[str, WorkerRecord] = {}
+        self.contributors: list[str] = []  # sync: workers whose gradient is in the accumulators
+        self.counters = Counters()
+        self.waiters: dict[object, Waiter] = {}
+
+    # ----------------------------------------------------------------- init
+
+    def initialise(self, job: Job, chunks: Sequence[ps_pb2.TensorChunk]) -> bool:
+        """Hold this server's parts of ``job`` with the given initial values.
+
+        Returns False, changing nothing, when an identical job is already held.
+        """
+        if self.job is not None:
+            if self.job == job:
+                return False
+            diff = ", ".join(self.job.differences(job))
+            raise AlreadyExists(
+                f"job {self.job.job_id!r} is already initialised here and differs in: {diff}"
+            )
+        parts = {(p.tensor, p.index): p for p in job.layout.parts_on(job.server_index)}
+        values = self._decode(job, parts, chunks, what="initial value")
+        dtypes = job.layout.dtypes
+        states: dict[PartKey, PartState] = {}
+        for key, part in parts.items():
+            param = torch.empty(part.count, dtype=dtypes[part.tensor].torch)
+            for _, offset, grad in values[key]:
+                param[offset : offset + grad.numel()] = grad
+            states[key] = PartState(part, param, job.optimizer.init_state(param))
+        self.job = job
+        self.parts = states
+        self.version = 0
+        self.workers = {w: WorkerRecord(w, 0) for w in job.workers}
+        return True
+
+    # ----------------------------------------------------------------- push
+
+    def push(
+        self,
+        job_id: str,
+        worker_id: str,
+        clock: int,
+        pulled_version: int,
+        chunks: Sequence[ps_pb2.TensorChunk],
+    ) -> PushResult:
+        """Apply (or accumulate, or drop) one worker's gradient for this server's parts."""
+        job = self._check_job(job_id)
+        if clock < 1:
+            raise InvalidArgument(f"worker {worker_id!r}: bad clock {clock} (pushes start at 1)")
+        record = self.workers.get(worker_id)
+        if record is not None and not record.active:
+            raise FailedPrecondition(
+                f"worker {worker_id!r} has left the job; it must be made a member again"
+            )
+        if record is not None and clock <= record.clock:
+            self.counters.duplicates += 1
+            return PushResult(False, True, False, self.version, 0, 0.0)
+        if pulled_version > self.version:
+            raise InvalidArgument(
+                f"worker {worker_id!r}: pulled_version {pulled_version} is ahead of this "
+                f"server's version {self.version}"
+            )
+        if (
+            job.mode is Mode.SYNC
+            and pulled_version == self.version
+            and worker_id in self.contributors
+        ):
+            raise FailedPrecondition(
+                f"worker {worker_id!r} already pushed a gradient for sync step {self.version}"
+            )
+        grads = self._decode(
+            job, {key: st.part for key, st in self.parts.items()}, chunks, what="gradient"
+        )
+
+        # Validated: from here on nothing raises.
+        record = record or self._join(worker_id)
+        record.clock = clock
+        self.counters.pushes_received += 1
+        staleness = self.version - pulled_version
+        self.counters.staleness[staleness] += 1
+        if job.mode is Mode.SYNC:
+            if staleness > 0:
+                self.counters.stale_dropped += 1
+                return PushResult(False, False, True, self.version, staleness, 0.0)
+            self._accumulate(grads)
+            self.contributors.append(worker_id)
+            self._maybe_finish_step()
+            return PushResult(True, False, False, self.version, 0, job.lr)
+        lr = job.lr / max(1, staleness) if job.staleness_aware_lr else job.lr
+        self._apply(grads, lr)
+        return PushResult(True, False, False, self.version, staleness, lr)
+
+    def _decode(
+        self,
+        job: Job,
+        parts: dict[PartKey, Part],
+        chunks: Sequence[ps_pb2.TensorChunk],
+        what: str,
+    ) -> dict[PartKey, list[GradChunk]]:
+        """Check chunks cover each part exactly once with the right dtype and finite values."""
+        dtypes = job.layout.dtypes
+        tensors = {p.tensor for p in parts.values()}
+        decoded: dict[PartKey, list[GradChunk]] = {key: [] for key in parts}
+        for chunk in chunks:
+            key = (chunk.tensor, chunk.part)
+            part = parts.get(key)
+            if part is None:
+                if chunk.tensor in tensors:
+                    raise InvalidArgument(
+                        f"tensor {chunk.tensor!r} part {chunk.part} is not held by this server"
+                    )
+                known = any(s.name == chunk.tensor for s in job.layout.specs)
+                raise InvalidArgument(
+                    f"tensor {chunk.tensor!r} is not held by this server"
+                    if known
+                    else f"unknown tensor {chunk.tensor!r}"
+                )
+            wire = dtypes[part.tensor]
+            try:
+                raw = check_chunk(chunk, wire, part.count)
+            except CodecError as e:
+                raise InvalidArgument(f"{what}: {e}") from None
+            values = to_torch(raw, wire)
+            if self.reject_nonfinite and what == "gradient" and not _all_finite(values):
+                raise InvalidArgument(
+                    f"gradient for tensor {chunk.tensor!r} part {chunk.part} contains NaN or Inf"
+                )
+            decoded[key].append((part, int(chunk.offset), values))
+        for key, part in parts.items():
+            spans = sorted((offset, v.numel()) for _, offset, v in decoded[key])
+            covered = 0
+            for offset, n in spans:
+                if offset != covered:
+                    raise InvalidArgument(
+                        f"{what} for tensor {key[0]!r} part {key[1]}: "
+                        + (
+                            f"elements {covered}..{offset} missing"
+                            if offset > covered
+                            else f"element {offset} sent twice"
+                        )
+                    )
+                covered += n
+            if covered != part.count:
+                raise InvalidArgument(
+                    f"{what} for tensor {key[0]!r} part {key[1]}: {covered} of {part.count} "
+                    "values sent"
+                )
+        return decoded
+
+    def _accumulate(self, grads: dict[PartKey, list[GradChunk]]) -> None:
+        first = not self.contributors
+        for key, pieces in grads.items():
+            st = self.parts[key]
+            if st.accumulator is None:
+                st.accumulator = torch.empty_like(st.param)
+            for _, offset, g in pieces:
+                target = st.accumulator[offset : offset + g.numel()]
+                if first:
+                    target.copy_(g)
+                else:
+                    target.add_(g)
+
+    def _maybe_finish_step(self) -> None:
+        """Sync: apply the mean once enough workers have contributed."""
+        if not self.contributors or len(self.contributors) < self.required_workers():
+            return
+        n = len(self.contributors)
+        assert self.job is not None
+        for st in self.parts.values():
+            assert st.accumulator is not None
+            st.accumulator.div_(n)
+            st.steps += 1
+            self.job.optimizer.step(st.param, st.accumulator, st.state, st.steps, self.job.lr)
+        self.contributors = []
+        self.version += 1
+        self.counters.updates_applied += 1
+
+    def _apply(self, grads: dict[PartKey, list[GradChunk]], lr: float) -> None:
+        assert self.job is not None
+        opt = self.job.optimizer
+        for key, pieces in grads.items():
+            st = self.parts[key]
+            st.steps += 1
+            for _, offset, g in pieces:
+                end = offset + g.numel()
+                state = {k: v[offset:end] for k, v in st.state.items()}
+                opt.step(st.param[offset:end], g, state, st.steps, lr)
+        self.version += 1
+        self.counters.updates_applied += 1
+
+    # ----------------------------------------------------------------- pull
+
+    def pull_decision(
+        self, job_id: str, worker_id: str, clock: int, min_version: int
+    ) -> PullDecision:
+        """Whether a pull may be served now (sync: step reached; ssp: bound met)."""
+        job = self._check_job(job_id)
+        record = self.workers.get(worker_id)
+        if record is not None and not record.active:
+            raise FailedPrecondition(
+                f"worker {worker_id!r} has left the job; it must be made a member again"
+            )
+        if job.mode is Mode.SYNC:
+            if self.version >= min_version:
+                return PullDecision(True)
+            required = self.required_workers()
+            missing = tuple(w for w in self.active_workers() if w not in self.contributors)
+            return PullDecision(
+                False,
+                f"sync step {self.version}: have {len(self.contributors)} of {required} "
+                f"required gradients; waiting for {_names(missing)}",
+                missing,
+            )
+        if job.mode is Mode.SSP:
+            c = max(clock, record.clock if record else self._start_clock())
+            bound = c - job.staleness
+            behind = tuple(
+                w.worker_id for w in self.workers.values() if w.active and w.clock < bound
+            )
+            if not behind:
+                return PullDecision(True)
+            clocks = ", ".join(f"{w} at clock {self.workers[w].clock}" for w in behind)
+            return PullDecision(
+                False,
+                f"ssp clock {c} (staleness {job.staleness}): waiting for {clocks} "
+                f"to reach clock {bound}",
+                behind,
+            )
+        return PullDecision(True)
+
+    def pull(self, job_id: str, worker_id: str) -> tuple[int, int, list[Piece]]:
+        """(version, the worker's clock, raw views of every held part) for a ready pull.
+
+        A worker seen for the first time joins here. The views share memory
+        with the parameters: encode them before the next push is applied.
+        """
+        self._check_job(job_id)
+        record = self.workers.get(worker_id) or self._join(worker_id)
+        pieces = [
+            Piece(tensor, index, 0, to_raw(st.param), wire_dtype(st.param.dtype))
+            for (tensor, index), st in self.parts.items()
+        ]
+        return self.version, record.clock, pieces
+
+    # ----------------------------------------------------------- membership
+
+    def active_workers(self) -> list[str]:
+        return [w.worker_id for w in self.workers.values() if w.active]
+
+    def required_workers(self) -> int:
+        """Sync: gradients needed to finish a step."""
+        assert self.job is not None
+        return max(1, len(self.active_workers()) - self.job.backup_workers)
+
+    def _start_clock(self) -> int:
+        """A joining worker starts at the slowest active worker's clock, so it holds no one."""
+        clocks = [w.clock for w in self.workers.values() if w.active]
+        return min(clocks) if clocks else 0
+
+    def _join(self, worker_id: str) -> WorkerRecord:
+        record = WorkerRecord(worker_id, self._start_clock())
+        self.workers[worker_id] = record
+        return record
+
+    def set_membership(self, job_id: str, active: Iterable[str]) -> list[str]:
+        """Make exactly ``active`` the active workers; departed ones release the waits."""
+        self._check_job(job_id)
+        wanted = list(dict.fromkeys(active))
+        if any(not w for w in wanted):
+            raise InvalidArgument("worker ids must be non-empty")
+        start = self._start_clock()
+        for record in self.workers.values():
+            record.active = record.worker_id in wanted
+        for w in wanted:
+            if w not in self.workers:
+                self.workers[w] = WorkerRecord(w, start)
+        if self.job is not None and self.job.mode is Mode.SYNC:
+            self._maybe_finish_step()
+        return self.active_workers()
+
+    # --------------------------------------------------------------- status
+
+    def _check_job(self, job_id: str) -> Job:
+        if self.job is None:
+            raise FailedPrecondition("the model is not initialised on this server: call Init first")
+        if job_id != self.job.job_id:
+            raise NotFound(f"unknown job {job_id!r} (this server holds job {self.job.job_id!r})")
+        return self.job
+
+    def parameter_bytes(self) -> int:
+        return sum(st.param.numel() * st.param.element_size() for st in self.parts.values())
+
+    def waiting(self) -> list[tuple[Waiter, PullDecision]]:
+        """Every registered waiting pull with its current reason."""
+        assert self.job is not None
+        out = []
+        for w in self.waiters.values():
+            decision = self.pull_decision(self.job.job_id, w.worker_id, w.clock, w.min_version)
+            if not decision.ready:
+                out.append((w, decision))
+        return out
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    return bool(torch.isfinite(values).all()) if values.numel() else True
+
+
+def _names(workers: Sequence[str]) -> str:
+    return ", ".join(workers) if workers else "no active worker (set the membership)"

@@ -46,6 +46,10 @@ class Job:
         ]
 
 
+def mode_to_proto(mode: Mode) -> int:
+    return _MODE_TO_PROTO[mode]
+
+
 def optimizer_to_proto(optimizer: Optimizer, lr: float) -> ps_pb2.OptimizerConfig:
     if isinstance(optimizer, SGD):
         return ps_pb2.OptimizerConfig(

@@ -145,7 +145,7 @@ class ParameterStore:
         chunks: Sequence[ps_pb2.TensorChunk],
     ) -> PushResult:
         """Apply (or accumulate, or drop) one worker's gradient for this server's parts."""
-        job = self._check_job(job_id)
+        job = self.check_job(job_id)
         if clock < 1:
             raise InvalidArgument(f"worker {worker_id!r}: bad clock {clock} (pushes start at 1)")
         record = self.workers.get(worker_id)
@@ -295,7 +295,7 @@ class ParameterStore:
         self, job_id: str, worker_id: str, clock: int, min_version: int
     ) -> PullDecision:
         """Whether a pull may be served now (sync: step reached; ssp: bound met)."""
-        job = self._check_job(job_id)
+        job = self.check_job(job_id)
         record = self.workers.get(worker_id)
         if record is not None and not record.active:
             raise FailedPrecondition(
@@ -335,7 +335,7 @@ class ParameterStore:
         A worker seen for the first time joins here. The views share memory
         with the parameters: encode them before the next push is applied.
         """
-        self._check_job(job_id)
+        self.check_job(job_id)
         record = self.workers.get(worker_id) or self._join(worker_id)
         pieces = [
             Piece(tensor, index, 0, to_raw(st.param), wire_dtype(st.param.dtype))
@@ -365,7 +365,7 @@ class ParameterStore:
 
     def set_membership(self, job_id: str, active: Iterable[str]) -> list[str]:
         """Make exactly ``active`` the active workers; departed ones release the waits."""
-        self._check_job(job_id)
+        self.check_job(job_id)
         wanted = list(dict.fromkeys(active))
         if any(not w for w in wanted):
             raise InvalidArgument("worker ids must be non-empty")
@@ -381,7 +381,7 @@ class ParameterStore:
 
     # --------------------------------------------------------------- status
 
-    def _check_job(self, job_id: str) -> Job:
+    def check_job(self, job_id: str) -> Job:
         if self.job is None:
             raise FailedPrecondition("the model is not initialised on this server: call Init first")
         if job_id != self.job.job_id:

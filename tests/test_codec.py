@@ -88,6 +88,7 @@ def test_bad_chunks_are_rejected():
         wire_dtype(torch.int32)
     (message,) = encode_tensor("w", torch.ones(4))
     with pytest.raises(CodecError, match="3 of 4"):
-        decode_tensor([ps_pb2.TensorChunk(tensor="w", dtype=wire.proto, data=bytes(12))], (4,),
-                      "float32")
+        decode_tensor(
+            [ps_pb2.TensorChunk(tensor="w", dtype=wire.proto, data=bytes(12))], (4,), "float32"
+        )
     assert decode_tensor(message, (4,), "float32").sum() == 4

@@ -10,14 +10,23 @@ CASES = [
     (SGD(momentum=0.9), torch.optim.SGD, {"momentum": 0.9}),
     (SGD(momentum=0.9, dampening=0.1), torch.optim.SGD, {"momentum": 0.9, "dampening": 0.1}),
     (SGD(momentum=0.9, nesterov=True), torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
-    (SGD(momentum=0.5, weight_decay=0.01), torch.optim.SGD,
-     {"momentum": 0.5, "weight_decay": 0.01}),
+    (
+        SGD(momentum=0.5, weight_decay=0.01),
+        torch.optim.SGD,
+        {"momentum": 0.5, "weight_decay": 0.01},
+    ),
     (Adam(), torch.optim.Adam, {}),
-    (Adam(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1), torch.optim.Adam,
-     {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}),
+    (
+        Adam(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1),
+        torch.optim.Adam,
+        {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1},
+    ),
     (Adagrad(), torch.optim.Adagrad, {}),
-    (Adagrad(lr_decay=0.01, weight_decay=0.05, initial_accumulator_value=0.1),
-     torch.optim.Adagrad, {"lr_decay": 0.01, "weight_decay": 0.05, "initial_accumulator_value": 0.1}),
+    (
+        Adagrad(lr_decay=0.01, weight_decay=0.05, initial_accumulator_value=0.1),
+        torch.optim.Adagrad,
+        {"lr_decay": 0.01, "weight_decay": 0.05, "initial_accumulator_value": 0.1},
+    ),
 ]
 
 

@@ -1,0 +1,100 @@
+"""``ps-server``: the parameter-server daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from ps_server.service import ServiceConfig, start_server
+from ps_server.store import ParameterStore
+
+log = logging.getLogger("ps_server")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ps-server",
+        description="Hold a partition of a model's parameters and optimizer state, and apply "
+        "sync, async or bounded-staleness (ssp) updates pushed by workers.",
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("PS_HOST", "127.0.0.1"),
+        help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PS_PORT", "0")),
+        help="port to bind; 0 picks a free one (default 0)",
+    )
+    parser.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=ServiceConfig.chunk_bytes,
+        help="bytes of tensor data per pull message (default 1 MiB)",
+    )
+    parser.add_argument(
+        "--max-wait-s",
+        type=float,
+        default=ServiceConfig.max_wait_s,
+        help="longest a pull without a deadline waits for the barrier or bound",
+    )
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="accept NaN/Inf gradients (rejected by default)",
+    )
+    parser.add_argument(
+        "--grace-s",
+        type=float,
+        default=5.0,
+        help="seconds in-flight calls get to finish on SIGTERM",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port {args.port} is not a port number")
+    if args.chunk_bytes < 1024:
+        parser.error("--chunk-bytes must be at least 1024")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> int:
+    store = ParameterStore(reject_nonfinite=not args.allow_nonfinite)
+    config = ServiceConfig(chunk_bytes=args.chunk_bytes, max_wait_s=args.max_wait_s)
+    address = f"{args.host}:{args.port}"
+    try:
+        server, port, health_servicer = await start_server(store, address, config)
+    except RuntimeError as e:
+        print(f"ps-server: cannot listen on {address}: {e}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"ps-server listening on {args.host}:{port}", flush=True)
+    log.info("serving on %s:%d (pid %d)", args.host, port, os.getpid())
+    await stop.wait()
+    log.info("shutting down")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(args.grace_s)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The gRPC service: a thin translation between messages and the ParameterStore.
+
+Runs on one asyncio event loop (grpc.aio): store calls run to completion
+between awaits, so they need no locks, and a pull that waits for the sync
+barrier or the ssp bound awaits a condition without holding a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import ps_pb2, ps_pb2_grpc
+from protos.codec import DEFAULT_CHUNK_BYTES, pack_chunks
+from ps_server.errors import StoreError
+from ps_server.job import job_from_proto, job_to_proto, mode_to_proto
+from ps_server.store import ParameterStore, PullDecision, Waiter
+
+log = logging.getLogger("ps_server")
+
+MAX_MESSAGE_BYTES = 64 << 20  # chunks are ~1 MiB; headroom for odd clients, never unbounded
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_wait_s: float = 600.0  # a waiting pull without a deadline gives up after this
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Channel options shared by servers and clients: explicit message limits."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+async def abort(context: grpc.aio.ServicerContext, error: StoreError) -> NoReturn:
+    await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
+class ParameterService(ps_pb2_grpc.ParameterServerServicer):
+    def __init__(self, store: ParameterStore, config: ServiceConfig | None = None) -> None:
+        self.store = store
+        self.config = config or ServiceConfig()
+        self.changed = asyncio.Condition()
+        self._tokens = itertools.count()
+
+    async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except StoreError as e:
+            await abort(context, e)
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def Init(
+        self, request_iterator: AsyncIterator[ps_pb2.InitRequest], context
+    ) -> ps_pb2.InitResponse:
+        header, chunks = await _collect(request_iterator, context, "init")
+        job = await self._call(context, lambda: job_from_proto(header.config))
+        created = await self._call(context, lambda: self.store.initialise(job, chunks))
+        if created:
+            log.info(
+                "initialised job %s: %d parts, %d bytes, mode %s",
+                job.job_id,
+                len(self.store.parts),
+                self.store.parameter_bytes(),
+                job.mode.value,
+            )
+        await self._notify()
+        return ps_pb2.InitResponse(created=created, version=self.store.version)
+
+    async def Push(
+        self, request_iterator: AsyncIterator[ps_pb2.PushRequest], context
+    ) -> ps_pb2.PushResponse:
+        h, chunks = await _collect(request_iterator, context, "push")
+        result = await self._call(
+            context,
+            lambda: self.store.push(h.job_id, h.worker_id, h.clock, h.pulled_version, chunks),
+        )
+        await self._notify()
+        return ps_pb2.PushResponse(
+            applied=result.applied,
+            duplicate=result.duplicate,
+            dropped=result.dropped,
+            version=result.version,
+            staleness=result.staleness,
+            lr=result.lr,
+        )
+
+    async def Pull(
+        self, request: ps_pb2.PullRequest, context
+    ) -> AsyncIterator[ps_pb2.PullResponse]:
+        store = self.store
+
+        def decide() -> PullDecision:
+            return store.pull_decision(
+                request.job_id, request.worker_id, request.clock, request.min_version
+            )
+
+        if not (await self._call(context, decide)).ready:
+            await self._wait(request, context, decide)
+        version, clock, pieces = await self._call(
+            context, lambda: store.pull(request.job_id, request.worker_id)
+        )
+        # Encode everything before the first yield: a snapshot no push can tear.
+        messages = list(pack_chunks(pieces, self.config.chunk_bytes)) or [[]]
+        assert store.job is not None
+        header = ps_pb2.PullHeader(
+            version=version, worker_clock=clock, mode=mode_to_proto(store.job.mode)
+        )
+        yield ps_pb2.PullResponse(header=header, chunks=messages[0])
+        for chunks in messages[1:]:
+            yield ps_pb2.PullResponse(chunks=chunks)
+
+    async def _wait(
+        self, request: ps_pb2.PullRequest, context, decide: Callable[[], PullDecision]
+    ) -> None:
+        """Wait until the pull may proceed, or abort with the reason before the deadline."""
+        remaining = context.time_remaining()
+        budget = self.config.max_wait_s
+        if remaining is not None:  # answer before the caller's own deadline fires
+            budget = min(budget, remaining - min(1.0, 0.1 * remaining) - 0.02)
+        token = next(self._tokens)
+        self.store.waiters[token] = Waiter(request.worker_id, request.clock, request.min_version)
+        try:
+            async with self.changed:
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: decide().ready), max(budget, 0.0)
+                )
+        except (TimeoutError, asyncio.TimeoutError):
+            decision = await self._call(context, decide)
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"pull by worker {request.worker_id!r} timed out after {max(budget, 0):.1f}s: "
+                f"{decision.reason}",
+            )
+        except StoreError as e:  # e.g. the worker was removed while it waited
+            await abort(context, e)
+        finally:
+            del self.store.waiters[token]
+
+    async def SetMembership(
+        self, request: ps_pb2.MembershipRequest, context
+    ) -> ps_pb2.MembershipResponse:
+        active = await self._call(
+            context, lambda: self.store.set_membership(request.job_id, request.active_workers)
+        )
+        log.info("membership: %s", ", ".join(active) or "(none)")
+        await self._notify()
+        return ps_pb2.MembershipResponse(active_workers=active, version=self.store.version)
+
+    async def Status(self, request: ps_pb2.StatusRequest, context) -> ps_pb2.StatusResponse:
+        store = self.store
+        if store.job is None:
+            return ps_pb2.StatusResponse(initialised=False)
+        if request.job_id and request.job_id != store.job.job_id:
+            await self._call(context, lambda: store.check_job(request.job_id))
+        c = store.counters
+        return ps_pb2.StatusResponse(
+            initialised=True,
+            config=job_to_proto(store.job),
+            version=store.version,
+            workers=[
+                ps_pb2.WorkerState(worker_id=w.worker_id, clock=w.clock, active=w.active)
+                for w in store.workers.values()
+            ],
+            waiting=[
+                ps_pb2.Waiter(worker_id=w.worker_id, reason=d.reason, waiting_for=d.waiting_for)
+                for w, d in store.waiting()
+            ],
+            updates_applied=c.updates_applied,
+            pushes_received=c.pushes_received,
+            stale_dropped=c.stale_dropped,
+            duplicates=c.duplicates,
+            staleness_histogram=dict(c.staleness),
+            parameter_bytes=store.parameter_bytes(),
+            contributions=len(store.contributors),
+        )
+
+
+async def _collect(request_iterator, context, what: str):
+    """Read a client stream: the header from the first message, chunks from all."""
+    header = None
+    chunks: list[ps_pb2.TensorChunk] = []
+    first = True
+    async for message in request_iterator:
+        if message.HasField("header"):
+            if not first:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{what}: header repeated after the first message",
+                )
+            header = message.header
+        elif first:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{what}: the first message must carry the header"
+            )
+        first = False
+        chunks.extend(message.chunks)
+    if header is None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: empty stream")
+    return header, chunks
+
+
+async def start_server(
+    store: ParameterStore,
+    address: str,
+    config: ServiceConfig | None = None,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Create, bind and start a server; ``address`` may use port 0. Returns the bound port."""
+    config = config or ServiceConfig()
+    server = grpc.aio.server(options=server_options(config.max_message_bytes))
+    ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(store, config), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    for service in ("", "ps.ParameterServer"):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer

@@ -1,0 +1,99 @@
+"""Helpers to drive a ParameterStore directly, without sockets."""
+
+from __future__ import annotations
+
+import torch
+
+from protos.codec import pack_chunks, to_raw
+from ps_server.job import Job, Mode
+from ps_server.optimizers import SGD
+from ps_server.store import ParameterStore
+from ps_worker.layout import TensorSpec, plan_layout, server_pieces
+
+SPECS = [
+    TensorSpec("big", "float32", (40,)),  # 160 bytes: four parts at part_bytes=48
+    TensorSpec("bias", "float32", (3,)),
+    TensorSpec("scale", "float64", (2, 2)),
+]
+PART_BYTES = 48
+
+
+def make_job(
+    mode: str = "async",
+    workers=(),
+    server_index: int = 0,
+    num_servers: int = 1,
+    optimizer=None,
+    lr: float = 1.0,
+    **kw,
+) -> Job:
+    layout = plan_layout(SPECS, num_servers, PART_BYTES)
+    return Job(
+        job_id="job",
+        mode=Mode(mode),
+        optimizer=optimizer or SGD(),
+        lr=lr,
+        layout=layout,
+        server_index=server_index,
+        workers=tuple(workers),
+        **kw,
+    )
+
+
+def initial_values() -> dict[str, torch.Tensor]:
+    return {
+        s.name: torch.arange(s.numel, dtype=torch.float64)
+        .reshape(s.shape)
+        .to({"float32": torch.float32, "float64": torch.float64}[s.dtype])
+        for s in SPECS
+    }
+
+
+def chunks_for(job: Job, values: dict[str, torch.Tensor], chunk_bytes: int = 1 << 20):
+    flat = {name: to_raw(v) for name, v in values.items()}
+    pieces = server_pieces(job.layout, job.server_index, flat)
+    return [c for message in pack_chunks(pieces, chunk_bytes) for c in message]
+
+
+def grads(value: float) -> dict[str, torch.Tensor]:
+    """A gradient equal to ``value`` everywhere."""
+    return {name: torch.full_like(v, value) for name, v in initial_values().items()}
+
+
+def new_store(mode: str = "async", **kw) -> tuple[ParameterStore, Job]:
+    store = ParameterStore()
+    job = make_job(mode, **kw)
+    assert store.initialise(job, chunks_for(job, initial_values()))
+    return store, job
+
+
+def weights(store: ParameterStore) -> dict[str, torch.Tensor]:
+    """Reassemble the tensors from the store's parts (single-server jobs)."""
+    assert store.job is not None
+    out = {}
+    for spec in store.job.layout.specs:
+        flat = torch.empty(
+            spec.numel, dtype={"float32": torch.float32, "float64": torch.float64}[spec.dtype]
+        )
+        for (tensor, _), st in store.parts.items():
+            if tensor == spec.name:
+                flat[st.part.start : st.part.stop] = st.param
+        out[spec.name] = flat.reshape(spec.shape)
+    return out
+
+
+def push(
+    store: ParameterStore,
+    job: Job,
+    worker: str,
+    clock: int,
+    value: float,
+    pulled: int | None = None,
+):
+    return store.push(
+        "job",
+        worker,
+        clock,
+        store.version if pulled is None else pulled,
+        chunks_for(job, grads(value)),
+    )

@@ -1,0 +1,263 @@
+"""The parameter store, driven directly: every mode, membership, retries, errors."""
+
+import math
+
+import pytest
+import torch
+
+from protos import ps_pb2
+from ps_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ps_server.optimizers import Adam
+from ps_server.store import ParameterStore, Waiter
+from tests.storekit import chunks_for, grads, initial_values, make_job, new_store, push, weights
+
+
+def assert_weights(store, shift):
+    """Every weight equals its initial value minus ``shift`` (SGD, lr 1)."""
+    for name, value in initial_values().items():
+        torch.testing.assert_close(weights(store)[name], value - shift, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------- async
+
+
+def test_async_applies_every_push_at_once():
+    store, job = new_store("async")
+    for clock in range(1, 4):
+        result = push(store, job, "a", clock, 1.0)
+        assert result.applied and result.version == clock
+    push(store, job, "b", 1, 2.0)
+    assert_weights(store, 5.0)
+    assert store.counters.updates_applied == 4
+
+
+def test_init_splits_tensors_into_parts():
+    store, _ = new_store()
+    assert len([k for k in store.parts if k[0] == "big"]) == 4
+    for name, value in initial_values().items():
+        torch.testing.assert_close(weights(store)[name], value)
+
+
+def test_retried_push_is_acknowledged_not_applied():
+    store, job = new_store("async")
+    assert push(store, job, "a", 1, 1.0).applied
+    retry = push(store, job, "a", 1, 1.0, pulled=0)
+    assert retry.duplicate and not retry.applied
+    assert store.counters.duplicates == 1 and store.version == 1
+    assert_weights(store, 1.0)
+
+
+def test_staleness_aware_lr_and_histogram():
+    store, job = new_store("async", staleness_aware_lr=True, lr=1.0)
+    for clock in (1, 2, 3):
+        push(store, job, "fast", clock, 1.0)
+    result = push(store, job, "slow", 1, 3.0, pulled=0)  # three versions behind
+    assert result.staleness == 3 and math.isclose(result.lr, 1 / 3)
+    assert_weights(store, 4.0)  # 3 * 1.0 + 3.0 / 3
+    assert store.counters.staleness == {0: 3, 3: 1}
+
+
+# -------------------------------------------------------------------- sync
+
+
+def test_sync_applies_the_mean_once_per_step():
+    store, job = new_store("sync", workers=["a", "b", "c"])
+    assert not store.pull_decision("job", "a", 0, 1).ready
+    push(store, job, "a", 1, 1.0)
+    push(store, job, "b", 1, 2.0)
+    assert store.version == 0
+    decision = store.pull_decision("job", "a", 1, 1)
+    assert not decision.ready and decision.waiting_for == ("c",)
+    assert "sync step 0" in decision.reason and "c" in decision.reason
+    push(store, job, "c", 1, 6.0)
+    assert store.version == 1 and store.pull_decision("job", "a", 1, 1).ready
+    assert_weights(store, 3.0)  # mean of 1, 2, 6
+    for w, g in (("a", 3.0), ("b", 3.0), ("c", 0.0)):
+        push(store, job, w, 2, g)
+    assert store.version == 2
+    assert_weights(store, 5.0)
+    assert store.counters.updates_applied == 2
+
+
+def test_sync_drops_gradients_of_older_steps():
+    store, job = new_store("sync", workers=["a", "b"])
+    push(store, job, "a", 1, 1.0)
+    push(store, job, "b", 1, 1.0)
+    late = push(store, job, "a", 2, 100.0, pulled=0)
+    assert late.dropped and not late.applied and late.staleness == 1
+    assert store.counters.stale_dropped == 1
+    assert_weights(store, 1.0)
+
+
+def test_sync_rejects_a_second_gradient_for_the_same_step():
+    store, job = new_store("sync", workers=["a", "b"])
+    push(store, job, "a", 1, 1.0)
+    with pytest.raises(FailedPrecondition, match="already pushed"):
+        push(store, job, "a", 2, 1.0)
+
+
+def test_sync_backup_workers_finish_the_step_without_the_slowest():
+    store, job = new_store("sync", workers=["a", "b", "c", "d"], backup_workers=1)
+    assert store.required_workers() == 3
+    for w, g in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        push(store, job, w, 1, g)
+    assert store.version == 1
+    assert_weights(store, 2.0)
+    straggler = push(store, job, "d", 1, 50.0, pulled=0)
+    assert straggler.dropped
+    assert_weights(store, 2.0)
+
+
+def test_departed_worker_releases_the_sync_barrier():
+    store, job = new_store("sync", workers=["a", "b", "c"])
+    push(store, job, "a", 1, 1.0)
+    push(store, job, "b", 1, 3.0)
+    assert store.version == 0
+    store.set_membership("job", ["a", "b"])
+    assert store.version == 1
+    assert_weights(store, 2.0)
+    with pytest.raises(FailedPrecondition, match="left the job"):
+        push(store, job, "c", 1, 1.0, pulled=0)
+    store.set_membership("job", ["a", "b", "c"])  # rejoining is explicit
+    assert push(store, job, "c", 1, 1.0).applied
+
+
+def test_unknown_worker_joins_on_contact():
+    store, job = new_store("sync", workers=["a"])
+    store.pull("job", "b")
+    assert store.active_workers() == ["a", "b"]
+    push(store, job, "a", 1, 1.0)
+    assert store.version == 0  # b is now required too
+    push(store, job, "b", 1, 1.0)
+    assert store.version == 1
+
+
+# --------------------------------------------------------------------- ssp
+
+
+def test_ssp_pull_waits_for_the_slowest_within_the_bound():
+    store, job = new_store("ssp", workers=["fast", "slow"], staleness=1)
+    push(store, job, "fast", 1, 1.0)
+    assert store.pull_decision("job", "fast", 1, 0).ready  # 1 - 1 <= 0
+    push(store, job, "fast", 2, 1.0)
+    decision = store.pull_decision("job", "fast", 2, 0)
+    assert not decision.ready and decision.waiting_for == ("slow",)
+    assert "ssp clock 2 (staleness 1)" in decision.reason and "slow at clock 0" in decision.reason
+    push(store, job, "slow", 1, 1.0)
+    assert store.pull_decision("job", "fast", 2, 0).ready
+    assert_weights(store, 3.0)  # pushes are applied at once
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 3])
+def test_ssp_bound_holds_in_any_interleaving(staleness):
+    """Simulate workers of different speeds: no granted pull is more than s ahead."""
+    workers = {"w0": 1, "w1": 2, "w2": 5}  # iterations between turns
+    store, job = new_store("ssp", workers=list(workers), staleness=staleness)
+    clocks = dict.fromkeys(workers, 0)
+    for tick in range(200):
+        for w, period in workers.items():
+            if tick % period:
+                continue
+            if store.pull_decision("job", w, clocks[w], 0).ready:
+                assert clocks[w] - min(clocks.values()) <= staleness
+                clocks[w] += 1
+                push(store, job, w, clocks[w], 0.0)
+    assert min(clocks.values()) >= 200 // 5 - 1
+    assert max(clocks.values()) - min(clocks.values()) <= staleness + 1
+
+
+def test_departed_worker_releases_the_ssp_bound():
+    store, job = new_store("ssp", workers=["a", "b"], staleness=0)
+    push(store, job, "a", 1, 1.0)
+    assert not store.pull_decision("job", "a", 1, 0).ready
+    store.set_membership("job", ["a"])
+    assert store.pull_decision("job", "a", 1, 0).ready
+
+
+def test_joining_worker_starts_at_the_slowest_clock():
+    store, job = new_store("ssp", workers=["a"], staleness=0)
+    for clock in (1, 2, 3):
+        push(store, job, "a", clock, 0.0)
+    _, clock, _ = store.pull("job", "new")
+    assert clock == 3
+    assert store.pull_decision("job", "a", 3, 0).ready  # the newcomer holds no one
+
+
+def test_waiting_lists_reasons():
+    store, job = new_store("sync", workers=["a", "b"])
+    push(store, job, "a", 1, 1.0)
+    store.waiters["token"] = Waiter("a", 1, 1)
+    ((waiter, decision),) = store.waiting()
+    assert waiter.worker_id == "a" and decision.waiting_for == ("b",)
+
+
+# ----------------------------------------------------------------- errors
+
+
+def bad(job, mutate):
+    chunks = chunks_for(job, grads(1.0))
+    mutate(chunks)
+    return chunks
+
+
+ERRORS = [
+    ("unknown tensor", lambda c: setattr(c[0], "tensor", "nope"), "unknown tensor 'nope'"),
+    ("part not held", lambda c: setattr(c[0], "part", 9), "part 9 is not held"),
+    ("wrong dtype", lambda c: setattr(c[0], "dtype", ps_pb2.FLOAT16), "dtype float16"),
+    ("byte length", lambda c: setattr(c[0], "data", c[0].data[:-1]), "not a whole number"),
+    ("short", lambda c: setattr(c[0], "data", c[0].data[:-4]), "missing|of \\d+ values"),
+    ("missing part", lambda c: c.pop(), "0 of"),
+    ("duplicated chunk", lambda c: c.append(c[0]), "sent twice|exceed"),
+    ("out of range", lambda c: setattr(c[0], "offset", 1000), "exceed"),
+    (
+        "nan",
+        lambda c: setattr(c[0], "data", b"\x00\x00\xc0\x7f" * (len(c[0].data) // 4)),
+        "NaN or Inf",
+    ),
+    (
+        "inf",
+        lambda c: setattr(c[0], "data", b"\x00\x00\x80\x7f" * (len(c[0].data) // 4)),
+        "NaN or Inf",
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "mutate", "message"), ERRORS, ids=[e[0] for e in ERRORS])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_bad_push_changes_nothing(what, mutate, message, mode):
+    store, job = new_store(mode, workers=["a", "b"])
+    before = {k: v.clone() for k, v in weights(store).items()}
+    with pytest.raises(InvalidArgument, match=message):
+        store.push("job", "a", 1, 0, bad(job, mutate))
+    after = weights(store)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert store.version == 0 and store.counters.pushes_received == 0
+    assert store.workers["a"].clock == 0 and not store.contributors
+    assert push(store, job, "a", 1, 1.0).applied  # still serving
+
+
+def test_state_errors():
+    store = ParameterStore()
+    job = make_job("async")
+    with pytest.raises(FailedPrecondition, match="not initialised"):
+        store.push("job", "a", 1, 0, chunks_for(job, grads(1.0)))
+    store.initialise(job, chunks_for(job, initial_values()))
+    assert not store.initialise(job, chunks_for(job, initial_values()))  # identical: no-op
+    with pytest.raises(AlreadyExists, match="mode, optimizer"):
+        store.initialise(make_job("sync", optimizer=Adam()), [])
+    with pytest.raises(NotFound, match="unknown job 'other'"):
+        store.push("other", "a", 1, 0, chunks_for(job, grads(1.0)))
+    with pytest.raises(InvalidArgument, match="bad clock 0"):
+        store.push("job", "a", 0, 0, chunks_for(job, grads(1.0)))
+    with pytest.raises(InvalidArgument, match="ahead of this server's version"):
+        store.push("job", "a", 1, 5, chunks_for(job, grads(1.0)))
+
+
+def test_bad_init_changes_nothing():
+    store = ParameterStore()
+    job = make_job("async")
+    chunks = chunks_for(job, initial_values())
+    with pytest.raises(InvalidArgument, match="initial value"):
+        store.initialise(job, chunks[:-1])
+    assert store.job is None
+    assert store.initialise(job, chunks)

@@ -7,9 +7,9 @@ from enum import Enum
 
 from protos import ps_pb2
 from protos.codec import CodecError, wire_dtype
+from protos.layout import Layout, TensorSpec, plan_layout
 from ps_server.errors import InvalidArgument
 from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
-from ps_worker.layout import Layout, TensorSpec, plan_layout
 
 
 class Mode(str, Enum):

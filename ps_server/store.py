@@ -29,9 +29,9 @@ import torch
 
 from protos import ps_pb2
 from protos.codec import CodecError, Piece, check_chunk, to_raw, to_torch, wire_dtype
+from protos.layout import Part
 from ps_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ps_server.job import Job, Mode
-from ps_worker.layout import Part
 
 PartKey = tuple[str, int]
 

@@ -1,1 +1,34 @@
-"""ps_worker package."""
+"""Client library and worker daemon of the parameter server.
+
+The public API: :class:`Client` with ``init``, ``pull``, ``pull_into``,
+``push``, ``push_from``, ``set_membership`` and ``status``; the optimizers
+:class:`SGD`, :class:`Adam` and :class:`Adagrad`; typed errors.
+"""
+
+from ps_server.optimizers import SGD, Adagrad, Adam
+from ps_worker.client import Client, ClientConfig, PushSummary
+from ps_worker.errors import (
+    ConflictError,
+    InvalidRequestError,
+    PSError,
+    ServerUnavailableError,
+    StateError,
+    UnknownJobError,
+    WaitTimeoutError,
+)
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "Client",
+    "ClientConfig",
+    "ConflictError",
+    "InvalidRequestError",
+    "PSError",
+    "PushSummary",
+    "ServerUnavailableError",
+    "StateError",
+    "UnknownJobError",
+    "WaitTimeoutError",
+]

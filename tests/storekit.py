@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from protos.codec import pack_chunks, to_raw
+from protos.layout import TensorSpec, plan_layout, server_pieces
 from ps_server.job import Job, Mode
 from ps_server.optimizers import SGD
 from ps_server.store import ParameterStore
-from ps_worker.layout import TensorSpec, plan_layout, server_pieces
 
 SPECS = [
     TensorSpec("big", "float32", (40,)),  # 160 bytes: four parts at part_bytes=48

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from ps_worker.layout import TensorSpec, plan_layout, split_tensor
+from protos.layout import TensorSpec, plan_layout, split_tensor
 
 MIB = 1 << 20
 

@@ -1,0 +1,456 @@
+"""The client library: drive a sharded parameter server from any training loop.
+
+    client = Client(["127.0.0.1:7001", "127.0.0.1:7002"], job_id="mnist")
+    client.init(model, mode="ssp", staleness=2, optimizer="adam", lr=1e-3)
+    for batch in data:
+        client.pull_into(model)          # waits as the job's mode requires
+        loss_fn(model(batch)).backward()
+        client.push_from(model)          # every server at once
+
+Every call contacts all servers concurrently, carries a deadline, and is
+retried (only on UNAVAILABLE, with backoff and jitter) until it runs out.
+Pushes are idempotent per ``(worker_id, clock)``, so retries are safe.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import numpy as np
+import torch
+
+from protos import ps_pb2, ps_pb2_grpc
+from protos.codec import (
+    DEFAULT_CHUNK_BYTES,
+    CodecError,
+    check_chunk,
+    dtype_of,
+    pack_chunks,
+    to_raw,
+    to_torch,
+)
+from protos.layout import DEFAULT_PART_BYTES, Layout, TensorSpec, plan_layout, server_pieces
+from ps_server.job import Job, Mode, job_from_proto, job_to_proto
+from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
+from ps_server.service import server_options
+from ps_worker.errors import InvalidRequestError, PSError, ServerUnavailableError, from_rpc_error
+
+T = TypeVar("T")
+Tensors = Mapping[str, torch.Tensor | np.ndarray]
+
+OPTIMIZERS: dict[str, type] = {"sgd": SGD, "adam": Adam, "adagrad": Adagrad}
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Deadlines and retries; units in the names."""
+
+    timeout_s: float = 60.0  # deadline of init, push, status and membership calls
+    pull_timeout_s: float = 300.0  # a pull may wait for the sync barrier or the ssp bound
+    retries: int = 8  # attempts after the first, on UNAVAILABLE only
+    backoff_s: float = 0.05  # first retry delay; doubles up to max_backoff_s, with jitter
+    max_backoff_s: float = 2.0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+
+@dataclass(frozen=True)
+class PushSummary:
+    """What the servers did with one push."""
+
+    clock: int
+    applied: bool  # applied (or, in sync, accumulated) by every server
+    duplicate: bool  # a retry every server had already processed
+    dropped: bool  # sync: too late for its step on some server
+    staleness: tuple[int, ...]  # per server
+    lr: tuple[float, ...]  # per server
+
+
+@dataclass
+class _ServerState:
+    address: str
+    channel: grpc.Channel
+    stub: ps_pb2_grpc.ParameterServerStub
+    pulled_version: int = 0
+    min_version: int = 0  # sync: the step the next pull waits for
+
+
+def default_worker_id() -> str:
+    """Unique per process incarnation: a restarted worker is a new worker."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Client:
+    """A worker's connection to every parameter server of one job.
+
+    One training loop drives a client (pull and push are not meant to run
+    concurrently on the same client); status() and set_membership() may be
+    called from other threads at any time.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        job_id: str = "default",
+        worker_id: str | None = None,
+        config: ClientConfig | None = None,
+    ) -> None:
+        if not servers:
+            raise ValueError("at least one server address is needed")
+        self.job_id = job_id
+        self.worker_id = worker_id or default_worker_id()
+        self.config = config or ClientConfig()
+        self.clock = 0  # iterations this worker has pushed
+        self._servers = []
+        for address in servers:
+            channel = grpc.insecure_channel(address, options=server_options())
+            self._servers.append(
+                _ServerState(address, channel, ps_pb2_grpc.ParameterServerStub(channel))
+            )
+        # Headroom for a status() or set_membership() from another thread while a pull waits.
+        self._pool = ThreadPoolExecutor(4 * len(servers), thread_name_prefix="ps-client")
+        self._job: Job | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Cancel calls in flight and release the connections."""
+        for s in self._servers:
+            s.channel.close()  # cancels in-flight calls, so the pool's threads finish
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def servers(self) -> list[str]:
+        return [s.address for s in self._servers]
+
+    @property
+    def versions(self) -> list[int]:
+        """The version of each server's weights this worker last pulled."""
+        return [s.pulled_version for s in self._servers]
+
+    def wait_for_servers(self, timeout_s: float = 30.0) -> None:
+        """Block until every server accepts connections; ServerUnavailableError if not."""
+        deadline = time.monotonic() + timeout_s
+        for s in self._servers:
+            try:
+                grpc.channel_ready_future(s.channel).result(
+                    timeout=max(0.0, deadline - time.monotonic())
+                )
+            except grpc.FutureTimeoutError:
+                raise ServerUnavailableError(
+                    f"server {s.address} did not accept a connection within {timeout_s:.0f}s"
+                ) from None
+
+    # ----------------------------------------------------------------- init
+
+    def init(
+        self,
+        tensors: Tensors | torch.nn.Module,
+        *,
+        mode: str | Mode = "async",
+        optimizer: str | Optimizer = "sgd",
+        lr: float = 0.01,
+        staleness: int = 0,
+        backup_workers: int = 0,
+        staleness_aware_lr: bool = False,
+        workers: Iterable[str] = (),
+        part_bytes: int = DEFAULT_PART_BYTES,
+    ) -> bool:
+        """Initialise the model on every server; True if this call created it.
+
+        Safe to call from every worker: a server that already holds the
+        identical job keeps its weights, and one holding a different job
+        raises ConflictError. ``workers`` are the initially active workers
+        (needed for sync, whose barrier counts them); others join on contact.
+        """
+        named = _named(tensors)
+        if isinstance(optimizer, str):
+            if optimizer not in OPTIMIZERS:
+                raise ValueError(
+                    f"unknown optimizer {optimizer!r} (choose from {', '.join(OPTIMIZERS)})"
+                )
+            optimizer = OPTIMIZERS[optimizer]()
+        specs = [
+            TensorSpec(n, _dtype_name(v), tuple(int(d) for d in v.shape)) for n, v in named.items()
+        ]
+        layout = plan_layout(specs, len(self._servers), part_bytes)
+        job = Job(
+            job_id=self.job_id,
+            mode=Mode(mode),
+            optimizer=optimizer,
+            lr=float(lr),
+            layout=layout,
+            server_index=0,
+            staleness=staleness,
+            backup_workers=backup_workers,
+            staleness_aware_lr=staleness_aware_lr,
+            workers=tuple(workers),
+        )
+        flat = {n: to_raw(v) for n, v in named.items()}
+
+        def init_one(i: int, s: _ServerState) -> bool:
+            config = job_to_proto(job)
+            config.server_index = i
+            header = ps_pb2.InitHeader(config=config)
+            batches = list(pack_chunks(server_pieces(layout, i, flat), self.config.chunk_bytes))
+            messages = [ps_pb2.InitRequest(header=header, chunks=batches[0] if batches else [])]
+            messages += [ps_pb2.InitRequest(chunks=b) for b in batches[1:]]
+            reply = self._retry(
+                s, "init", lambda t: s.stub.Init(iter(messages), timeout=t), self.config.timeout_s
+            )
+            return reply.created
+
+        created = self._each(init_one)
+        self._job = job
+        return any(created)
+
+    def job(self) -> Job:
+        """The job's configuration, fetched from the first server if this client did not init."""
+        if self._job is None:
+            reply = self.status()[0]
+            if not reply.initialised:
+                raise PSError(
+                    f"server {self._servers[0].address} holds no model yet: "
+                    "some worker must call init() first"
+                )
+            try:
+                self._job = job_from_proto(reply.config)
+            except Exception as e:
+                raise PSError(f"cannot read the job from {self._servers[0].address}: {e}") from e
+        return self._job
+
+    @property
+    def layout(self) -> Layout:
+        return self.job().layout
+
+    # ----------------------------------------------------------------- pull
+
+    def pull(self) -> dict[str, torch.Tensor]:
+        """Fetch every tensor (CPU), waiting as the mode requires."""
+        layout = self.layout
+        out = {
+            s.name: torch.empty(s.numel, dtype=layout.dtypes[s.name].torch) for s in layout.specs
+        }
+        self._pull_into_flat(out)
+        return {s.name: out[s.name].reshape(s.shape) for s in layout.specs}
+
+    def pull_into(self, module: torch.nn.Module) -> None:
+        """Overwrite a module's parameters in place, on whatever device they live."""
+        params = dict(module.named_parameters())
+        layout = self.layout
+        _check_names(layout, params.keys())
+        direct = {}
+        staged = {}
+        for spec in layout.specs:
+            p = params[spec.name].data
+            if tuple(p.shape) != spec.shape:
+                raise InvalidRequestError(
+                    f"parameter {spec.name!r} has shape {tuple(p.shape)}, the job's is {spec.shape}"
+                )
+            if (
+                p.device.type == "cpu"
+                and p.is_contiguous()
+                and p.dtype == layout.dtypes[spec.name].torch
+            ):
+                direct[spec.name] = p.view(-1)
+            else:
+                staged[spec.name] = torch.empty(spec.numel, dtype=layout.dtypes[spec.name].torch)
+        self._pull_into_flat({**direct, **staged})
+        with torch.no_grad():
+            for name, flat in staged.items():
+                params[name].data.copy_(flat.view(params[name].shape))
+
+    def _pull_into_flat(self, dest: Mapping[str, torch.Tensor]) -> None:
+        layout = self.layout
+
+        def pull_one(i: int, s: _ServerState) -> ps_pb2.PullHeader:
+            parts = {(p.tensor, p.index): p for p in layout.parts_on(i)}
+            request = ps_pb2.PullRequest(
+                job_id=self.job_id,
+                worker_id=self.worker_id,
+                clock=self.clock,
+                min_version=s.min_version,
+            )
+
+            def call(timeout: float) -> ps_pb2.PullHeader:
+                header = None
+                for reply in s.stub.Pull(request, timeout=timeout):
+                    if reply.HasField("header"):
+                        header = reply.header
+                    for chunk in reply.chunks:
+                        _write_chunk(chunk, parts, layout, dest, s.address)
+                if header is None:
+                    raise PSError(f"server {s.address} sent no pull header")
+                return header
+
+            return self._retry(s, "pull", call, self.config.pull_timeout_s)
+
+        headers = self._each(pull_one)
+        for s, h in zip(self._servers, headers, strict=True):
+            s.pulled_version = s.min_version = h.version
+        self.clock = max([self.clock, *(h.worker_clock for h in headers)])
+
+    # ----------------------------------------------------------------- push
+
+    def push(self, grads: Tensors) -> PushSummary:
+        """Push one iteration's gradients for every tensor of the model."""
+        layout = self.layout
+        _check_names(layout, grads.keys())
+        flat = {}
+        for spec in layout.specs:
+            g = grads[spec.name]
+            if tuple(g.shape) != spec.shape:
+                raise InvalidRequestError(
+                    f"gradient for {spec.name!r} has shape {tuple(g.shape)}, "
+                    f"the tensor's is {spec.shape}"
+                )
+            wanted = layout.dtypes[spec.name].torch
+            if isinstance(g, np.ndarray):
+                g = torch.from_numpy(g)
+            flat[spec.name] = to_raw(g if g.dtype == wanted else g.to(wanted))
+        clock = self.clock + 1
+
+        def push_one(i: int, s: _ServerState) -> ps_pb2.PushResponse:
+            header = ps_pb2.PushHeader(
+                job_id=self.job_id,
+                worker_id=self.worker_id,
+                clock=clock,
+                pulled_version=s.pulled_version,
+            )
+            batches = list(pack_chunks(server_pieces(layout, i, flat), self.config.chunk_bytes))
+            messages = [ps_pb2.PushRequest(header=header, chunks=batches[0] if batches else [])]
+            messages += [ps_pb2.PushRequest(chunks=b) for b in batches[1:]]
+            return self._retry(
+                s, "push", lambda t: s.stub.Push(iter(messages), timeout=t), self.config.timeout_s
+            )
+
+        replies = self._each(push_one)
+        self.clock = clock
+        for s in self._servers:
+            s.min_version = s.pulled_version + 1  # sync: the next pull waits for the next step
+        return PushSummary(
+            clock=clock,
+            applied=all(r.applied for r in replies),
+            duplicate=all(r.duplicate for r in replies),
+            dropped=any(r.dropped for r in replies),
+            staleness=tuple(r.staleness for r in replies),
+            lr=tuple(r.lr for r in replies),
+        )
+
+    def push_from(self, module: torch.nn.Module) -> PushSummary:
+        """Push a module's ``.grad``s; a parameter without a gradient pushes zeros."""
+        grads = {
+            name: p.grad if p.grad is not None else torch.zeros_like(p)
+            for name, p in module.named_parameters()
+        }
+        return self.push(grads)
+
+    # ------------------------------------------------------ membership, status
+
+    def set_membership(self, workers: Iterable[str]) -> list[str]:
+        """Make exactly these workers active on every server; returns the active set."""
+        request = ps_pb2.MembershipRequest(job_id=self.job_id, active_workers=list(workers))
+        replies = self._each(
+            lambda _, s: self._retry(
+                s,
+                "set_membership",
+                lambda t: s.stub.SetMembership(request, timeout=t),
+                self.config.timeout_s,
+            )
+        )
+        return list(replies[0].active_workers)
+
+    def status(self) -> list[ps_pb2.StatusResponse]:
+        """Every server's status: version, worker clocks, waiting pulls and why, counters."""
+        request = ps_pb2.StatusRequest(job_id="")
+        return self._each(
+            lambda _, s: self._retry(
+                s, "status", lambda t: s.stub.Status(request, timeout=t), self.config.timeout_s
+            )
+        )
+
+    # ------------------------------------------------------------ machinery
+
+    def _each(self, fn: Callable[[int, _ServerState], T]) -> list[T]:
+        """Run fn on every server concurrently; raise the first server's error, if any."""
+        if len(self._servers) == 1:
+            return [fn(0, self._servers[0])]
+        futures = [self._pool.submit(fn, i, s) for i, s in enumerate(self._servers)]
+        return [f.result() for f in futures]
+
+    def _retry(self, s: _ServerState, what: str, call: Callable[[float], T], timeout_s: float) -> T:
+        """Call with a deadline; retry UNAVAILABLE with backoff and jitter until it passes."""
+        deadline = time.monotonic() + timeout_s
+        delay = self.config.backoff_s
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return call(max(remaining, 0.001))
+            except grpc.RpcError as e:
+                retryable = e.code() == grpc.StatusCode.UNAVAILABLE
+                if not retryable or attempt >= self.config.retries or remaining <= delay:
+                    raise from_rpc_error(e, s.address, what) from None
+            except CodecError as e:
+                raise PSError(f"{what} on server {s.address}: bad reply: {e}") from None
+            attempt += 1
+            time.sleep(delay * random.uniform(0.5, 1.0))  # backoff before a retry
+            delay = min(delay * 2, self.config.max_backoff_s)
+
+
+def _named(tensors: Tensors | torch.nn.Module) -> dict[str, torch.Tensor | np.ndarray]:
+    if isinstance(tensors, torch.nn.Module):
+        return {n: p.detach() for n, p in tensors.named_parameters()}
+    return dict(tensors)
+
+
+def _dtype_name(value: torch.Tensor | np.ndarray) -> str:
+    try:
+        return dtype_of(value).name
+    except CodecError as e:
+        raise InvalidRequestError(str(e)) from None
+
+
+def _check_names(layout: Layout, names: Iterable[str]) -> None:
+    got = set(names)
+    want = {s.name for s in layout.specs}
+    if got != want:
+        missing = ", ".join(sorted(want - got)) or "none"
+        extra = ", ".join(sorted(got - want)) or "none"
+        raise InvalidRequestError(
+            f"tensors do not match the job's model: missing {missing}; unexpected {extra}"
+        )
+
+
+def _write_chunk(
+    chunk: ps_pb2.TensorChunk,
+    parts: Mapping,
+    layout: Layout,
+    dest: Mapping[str, torch.Tensor],
+    server: str,
+) -> None:
+    """Copy one pulled chunk into its place in the destination flat tensor."""
+    part = parts.get((chunk.tensor, chunk.part))
+    if part is None:
+        raise PSError(
+            f"server {server} sent tensor {chunk.tensor!r} part {chunk.part}, "
+            "which the layout does not give it"
+        )
+    wire = layout.dtypes[part.tensor]
+    raw = check_chunk(chunk, wire, part.count)
+    start = part.start + chunk.offset
+    dest[part.tensor][start : start + raw.size].copy_(to_torch(raw, wire))

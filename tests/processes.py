@@ -1,0 +1,77 @@
+"""Start real daemons on loopback for integration tests, and always clean them up."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 30.0
+
+
+class Daemon:
+    """A child process whose first stdout line says where it listens."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.name = Path(argv[0]).name
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
+        self._address: str | None = None
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT from the daemon's first line (waits for it, with a deadline)."""
+        if self._address is None:
+            self._address = self._read_address()
+        return self._address
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def _read_address(self) -> str:
+        name = self.name
+        try:
+            line = self.lines.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            self.stop()
+            raise RuntimeError(f"{name} printed nothing within {START_TIMEOUT_S}s") from None
+        if line is None or " listening on " not in line:
+            self.stop()
+            raise RuntimeError(f"{name} did not start: {line!r}; see {self.log.name}")
+        return line.rsplit(" ", 1)[1]
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout_s)
+        self.log.close()
+        return self.proc.returncode
+
+
+@contextmanager
+def servers(n: int, tmp_path: Path, *extra: str) -> Iterator[list[Daemon]]:
+    """Start n ps-server processes through the CLI on free loopback ports."""
+    with ExitStack() as stack:
+        daemons = []
+        for i in range(n):
+            argv = [str(BIN / "ps-server"), "--host", "127.0.0.1", "--port", "0", *extra]
+            d = Daemon(argv, tmp_path / f"server{i}.log")
+            stack.callback(d.stop)
+            daemons.append(d)
+        for d in daemons:  # started together, waited for together
+            assert d.address
+        yield daemons

@@ -223,7 +223,9 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Create, bind and start a server; ``address`` may use port 0. Returns the bound port."""
     config = config or ServiceConfig()
-    server = grpc.aio.server(options=server_options(config.max_message_bytes))
+    # No SO_REUSEPORT: a second server on a taken port must fail, not share it silently.
+    options = [*server_options(config.max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
     ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(store, config), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

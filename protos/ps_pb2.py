@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fprotos/ps.proto\x12\x02ps\"C\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x05\x64type\x18\x02 \x01(\x0e\x32\t.ps.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\"X\n\tSGDConfig\x12\x10\n\x08momentum\x18\x01 \x01(\x01\x12\x11\n\tdampening\x18\x02 \x01(\x01\x12\x10\n\x08nesterov\x18\x03 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\"M\n\nAdamConfig\x12\r\n\x05\x62\x65ta1\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x02 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x03 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\"g\n\rAdagradConfig\x12\x10\n\x08lr_decay\x18\x01 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x02 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x03 \x01(\x01\x12!\n\x19initial_accumulator_value\x18\x04 \x01(\x01\"\x89\x01\n\x0fOptimizerConfig\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\x1c\n\x03sgd\x18\x02 \x01(\x0b\x32\r.ps.SGDConfigH\x00\x12\x1e\n\x04\x61\x64\x61m\x18\x03 \x01(\x0b\x32\x0e.ps.AdamConfigH\x00\x12$\n\x07\x61\x64\x61grad\x18\x04 \x01(\x0b\x32\x11.ps.AdagradConfigH\x00\x42\x06\n\x04kind\"\xaa\x02\n\tJobConfig\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x04mode\x18\x02 \x01(\x0e\x32\x08.ps.Mode\x12\x11\n\tstaleness\x18\x03 \x01(\r\x12\x16\n\x0e\x62\x61\x63kup_workers\x18\x04 \x01(\r\x12\x1a\n\x12staleness_aware_lr\x18\x05 \x01(\x08\x12&\n\toptimizer\x18\x06 \x01(\x0b\x32\x13.ps.OptimizerConfig\x12\x1f\n\x07tensors\x18\x07 \x03(\x0b\x32\x0e.ps.TensorSpec\x12\x12\n\npart_bytes\x18\x08 \x01(\x04\x12\x13\n\x0bnum_servers\x18\t \x01(\r\x12\x14\n\x0cserver_index\x18\n \x01(\r\x12\x15\n\rlayout_digest\x18\x0b \x01(\t\x12\x0f\n\x07workers\x18\x0c \x03(\t\"c\n\x0bTensorChunk\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0c\n\x04part\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x18\n\x05\x64type\x18\x04 \x01(\x0e\x32\t.ps.DType\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"+\n\nInitHeader\x12\x1d\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\r.ps.JobConfig\"N\n\x0bInitRequest\x12\x1e\n\x06header\x18\x01 \x01(\x0b\x32\x0e.ps.InitHeader\x12\x1f\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0f.ps.TensorChunk\"0\n\x0cInitResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x04\"V\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x63lock\x18\x03 \x01(\x04\x12\x16\n\x0epulled_version\x18\x04 \x01(\x04\"N\n\x0bPushRequest\x12\x1e\n\x06header\x18\x01 \x01(\x0b\x32\x0e.ps.PushHeader\x12\x1f\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0f.ps.TensorChunk\"s\n\x0cPushResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x11\n\tstaleness\x18\x05 \x01(\x04\x12\n\n\x02lr\x18\x06 \x01(\x01\"T\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x63lock\x18\x03 \x01(\x04\x12\x13\n\x0bmin_version\x18\x04 \x01(\x04\"K\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0cworker_clock\x18\x02 \x01(\x04\x12\x16\n\x04mode\x18\x03 \x01(\x0e\x32\x08.ps.Mode\"O\n\x0cPullResponse\x12\x1e\n\x06header\x18\x01 \x01(\x0b\x32\x0e.ps.PullHeader\x12\x1f\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0f.ps.TensorChunk\";\n\x11MembershipRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_workers\x18\x02 \x03(\t\"=\n\x12MembershipResponse\x12\x16\n\x0e\x61\x63tive_workers\x18\x01 \x03(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x1f\n\rStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"?\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x08\"@\n\x06Waiter\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bwaiting_for\x18\x03 \x03(\t\"\xa5\x03\n\x0eStatusResponse\x12\x13\n\x0binitialised\x18\x01 \x01(\x08\x12\x1d\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\r.ps.JobConfig\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12 \n\x07workers\x18\x04 \x03(\x0b\x32\x0f.ps.WorkerState\x12\x1b\n\x07waiting\x18\x05 \x03(\x0b\x32\n.ps.Waiter\x12\x17\n\x0fupdates_applied\x18\x06 \x01(\x04\x12\x17\n\x0fpushes_received\x18\x07 \x01(\x04\x12\x15\n\rstale_dropped\x18\x08 \x01(\x04\x12\x12\n\nduplicates\x18\t \x01(\x04\x12G\n\x13staleness_histogram\x18\n \x03(\x0b\x32*.ps.StatusResponse.StalenessHistogramEntry\x12\x17\n\x0fparameter_bytes\x18\x0b \x01(\x04\x12\x15\n\rcontributions\x18\x0c \x01(\r\x1a\x39\n\x17StalenessHistogramEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04*:\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04SYNC\x10\x01\x12\t\n\x05\x41SYNC\x10\x02\x12\x07\n\x03SSP\x10\x03\x32\x89\x02\n\x0fParameterServer\x12+\n\x04Init\x12\x0f.ps.InitRequest\x1a\x10.ps.InitResponse(\x01\x12+\n\x04Push\x12\x0f.ps.PushRequest\x1a\x10.ps.PushResponse(\x01\x12+\n\x04Pull\x12\x0f.ps.PullRequest\x1a\x10.ps.PullResponse0\x01\x12>\n\rSetMembership\x12\x15.ps.MembershipRequest\x1a\x16.ps.MembershipResponse\x12/\n\x06Status\x12\x11.ps.StatusRequest\x1a\x12.ps.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fprotos/ps.proto\x12\x02ps\"C\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x05\x64type\x18\x02 \x01(\x0e\x32\t.ps.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\"X\n\tSGDConfig\x12\x10\n\x08momentum\x18\x01 \x01(\x01\x12\x11\n\tdampening\x18\x02 \x01(\x01\x12\x10\n\x08nesterov\x18\x03 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\"M\n\nAdamConfig\x12\r\n\x05\x62\x65ta1\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x02 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x03 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\"g\n\rAdagradConfig\x12\x10\n\x08lr_decay\x18\x01 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x02 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x03 \x01(\x01\x12!\n\x19initial_accumulator_value\x18\x04 \x01(\x01\"\x89\x01\n\x0fOptimizerConfig\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\x1c\n\x03sgd\x18\x02 \x01(\x0b\x32\r.ps.SGDConfigH\x00\x12\x1e\n\x04\x61\x64\x61m\x18\x03 \x01(\x0b\x32\x0e.ps.AdamConfigH\x00\x12$\n\x07\x61\x64\x61grad\x18\x04 \x01(\x0b\x32\x11.ps.AdagradConfigH\x00\x42\x06\n\x04kind\"\xaa\x02\n\tJobConfig\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x04mode\x18\x02 \x01(\x0e\x32\x08.ps.Mode\x12\x11\n\tstaleness\x18\x03 \x01(\r\x12\x16\n\x0e\x62\x61\x63kup_workers\x18\x04 \x01(\r\x12\x1a\n\x12staleness_aware_lr\x18\x05 \x01(\x08\x12&\n\toptimizer\x18\x06 \x01(\x0b\x32\x13.ps.OptimizerConfig\x12\x1f\n\x07tensors\x18\x07 \x03(\x0b\x32\x0e.ps.TensorSpec\x12\x12\n\npart_bytes\x18\x08 \x01(\x04\x12\x13\n\x0bnum_servers\x18\t \x01(\r\x12\x14\n\x0cserver_index\x18\n \x01(\r\x12\x15\n\rlayout_digest\x18\x0b \x01(\t\x12\x0f\n\x07workers\x18\x0c \x03(\t\"t\n\x0bTensorChunk\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0c\n\x04part\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x18\n\x05\x64type\x18\x04 \x01(\x0e\x32\t.ps.DType\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0f\n\x07padding\x18\x06 \x01(\x0c\"+\n\nInitHeader\x12\x1d\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\r.ps.JobConfig\"N\n\x0bInitRequest\x12\x1e\n\x06header\x18\x01 \x01(\x0b\x32\x0e.ps.InitHeader\x12\x1f\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0f.ps.TensorChunk\"0\n\x0cInitResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x04\"V\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x63lock\x18\x03 \x01(\x04\x12\x16\n\x0epulled_version\x18\x04 \x01(\x04\"N\n\x0bPushRequest\x12\x1e\n\x06header\x18\x01 \x01(\x0b\x32\x0e.ps.PushHeader\x12\x1f\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0f.ps.TensorChunk\"s\n\x0cPushResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x11\n\tstaleness\x18\x05 \x01(\x04\x12\n\n\x02lr\x18\x06 \x01(\x01\"T\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x63lock\x18\x03 \x01(\x04\x12\x13\n\x0bmin_version\x18\x04 \x01(\x04\"K\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0cworker_clock\x18\x02 \x01(\x04\x12\x16\n\x04mode\x18\x03 \x01(\x0e\x32\x08.ps.Mode\"O\n\x0cPullResponse\x12\x1e\n\x06header\x18\x01 \x01(\x0b\x32\x0e.ps.PullHeader\x12\x1f\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x0f.ps.TensorChunk\";\n\x11MembershipRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_workers\x18\x02 \x03(\t\"=\n\x12MembershipResponse\x12\x16\n\x0e\x61\x63tive_workers\x18\x01 \x03(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x1f\n\rStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"?\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x08\"@\n\x06Waiter\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bwaiting_for\x18\x03 \x03(\t\"\xa5\x03\n\x0eStatusResponse\x12\x13\n\x0binitialised\x18\x01 \x01(\x08\x12\x1d\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\r.ps.JobConfig\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12 \n\x07workers\x18\x04 \x03(\x0b\x32\x0f.ps.WorkerState\x12\x1b\n\x07waiting\x18\x05 \x03(\x0b\x32\n.ps.Waiter\x12\x17\n\x0fupdates_applied\x18\x06 \x01(\x04\x12\x17\n\x0fpushes_received\x18\x07 \x01(\x04\x12\x15\n\rstale_dropped\x18\x08 \x01(\x04\x12\x12\n\nduplicates\x18\t \x01(\x04\x12G\n\x13staleness_histogram\x18\n \x03(\x0b\x32*.ps.StatusResponse.StalenessHistogramEntry\x12\x17\n\x0fparameter_bytes\x18\x0b \x01(\x04\x12\x15\n\rcontributions\x18\x0c \x01(\r\x1a\x39\n\x17StalenessHistogramEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04*:\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04SYNC\x10\x01\x12\t\n\x05\x41SYNC\x10\x02\x12\x07\n\x03SSP\x10\x03\x32\x89\x02\n\x0fParameterServer\x12+\n\x04Init\x12\x0f.ps.InitRequest\x1a\x10.ps.InitResponse(\x01\x12+\n\x04Push\x12\x0f.ps.PushRequest\x1a\x10.ps.PushResponse(\x01\x12+\n\x04Pull\x12\x0f.ps.PullRequest\x1a\x10.ps.PullResponse0\x01\x12>\n\rSetMembership\x12\x15.ps.MembershipRequest\x1a\x16.ps.MembershipResponse\x12/\n\x06Status\x12\x11.ps.StatusRequest\x1a\x12.ps.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATUSRESPONSE_STALENESSHISTOGRAMENTRY']._loaded_options = None
   _globals['_STATUSRESPONSE_STALENESSHISTOGRAMENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2324
-  _globals['_DTYPE']._serialized_end=2407
-  _globals['_MODE']._serialized_start=2409
-  _globals['_MODE']._serialized_end=2467
+  _globals['_DTYPE']._serialized_start=2341
+  _globals['_DTYPE']._serialized_end=2424
+  _globals['_MODE']._serialized_start=2426
+  _globals['_MODE']._serialized_end=2484
   _globals['_TENSORSPEC']._serialized_start=23
   _globals['_TENSORSPEC']._serialized_end=90
   _globals['_SGDCONFIG']._serialized_start=92
@@ -50,39 +50,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBCONFIG']._serialized_start=507
   _globals['_JOBCONFIG']._serialized_end=805
   _globals['_TENSORCHUNK']._serialized_start=807
-  _globals['_TENSORCHUNK']._serialized_end=906
-  _globals['_INITHEADER']._serialized_start=908
-  _globals['_INITHEADER']._serialized_end=951
-  _globals['_INITREQUEST']._serialized_start=953
-  _globals['_INITREQUEST']._serialized_end=1031
-  _globals['_INITRESPONSE']._serialized_start=1033
-  _globals['_INITRESPONSE']._serialized_end=1081
-  _globals['_PUSHHEADER']._serialized_start=1083
-  _globals['_PUSHHEADER']._serialized_end=1169
-  _globals['_PUSHREQUEST']._serialized_start=1171
-  _globals['_PUSHREQUEST']._serialized_end=1249
-  _globals['_PUSHRESPONSE']._serialized_start=1251
-  _globals['_PUSHRESPONSE']._serialized_end=1366
-  _globals['_PULLREQUEST']._serialized_start=1368
-  _globals['_PULLREQUEST']._serialized_end=1452
-  _globals['_PULLHEADER']._serialized_start=1454
-  _globals['_PULLHEADER']._serialized_end=1529
-  _globals['_PULLRESPONSE']._serialized_start=1531
-  _globals['_PULLRESPONSE']._serialized_end=1610
-  _globals['_MEMBERSHIPREQUEST']._serialized_start=1612
-  _globals['_MEMBERSHIPREQUEST']._serialized_end=1671
-  _globals['_MEMBERSHIPRESPONSE']._serialized_start=1673
-  _globals['_MEMBERSHIPRESPONSE']._serialized_end=1734
-  _globals['_STATUSREQUEST']._serialized_start=1736
-  _globals['_STATUSREQUEST']._serialized_end=1767
-  _globals['_WORKERSTATE']._serialized_start=1769
-  _globals['_WORKERSTATE']._serialized_end=1832
-  _globals['_WAITER']._serialized_start=1834
-  _globals['_WAITER']._serialized_end=1898
-  _globals['_STATUSRESPONSE']._serialized_start=1901
-  _globals['_STATUSRESPONSE']._serialized_end=2322
-  _globals['_STATUSRESPONSE_STALENESSHISTOGRAMENTRY']._serialized_start=2265
-  _globals['_STATUSRESPONSE_STALENESSHISTOGRAMENTRY']._serialized_end=2322
-  _globals['_PARAMETERSERVER']._serialized_start=2470
-  _globals['_PARAMETERSERVER']._serialized_end=2735
+  _globals['_TENSORCHUNK']._serialized_end=923
+  _globals['_INITHEADER']._serialized_start=925
+  _globals['_INITHEADER']._serialized_end=968
+  _globals['_INITREQUEST']._serialized_start=970
+  _globals['_INITREQUEST']._serialized_end=1048
+  _globals['_INITRESPONSE']._serialized_start=1050
+  _globals['_INITRESPONSE']._serialized_end=1098
+  _globals['_PUSHHEADER']._serialized_start=1100
+  _globals['_PUSHHEADER']._serialized_end=1186
+  _globals['_PUSHREQUEST']._serialized_start=1188
+  _globals['_PUSHREQUEST']._serialized_end=1266
+  _globals['_PUSHRESPONSE']._serialized_start=1268
+  _globals['_PUSHRESPONSE']._serialized_end=1383
+  _globals['_PULLREQUEST']._serialized_start=1385
+  _globals['_PULLREQUEST']._serialized_end=1469
+  _globals['_PULLHEADER']._serialized_start=1471
+  _globals['_PULLHEADER']._serialized_end=1546
+  _globals['_PULLRESPONSE']._serialized_start=1548
+  _globals['_PULLRESPONSE']._serialized_end=1627
+  _globals['_MEMBERSHIPREQUEST']._serialized_start=1629
+  _globals['_MEMBERSHIPREQUEST']._serialized_end=1688
+  _globals['_MEMBERSHIPRESPONSE']._serialized_start=1690
+  _globals['_MEMBERSHIPRESPONSE']._serialized_end=1751
+  _globals['_STATUSREQUEST']._serialized_start=1753
+  _globals['_STATUSREQUEST']._serialized_end=1784
+  _globals['_WORKERSTATE']._serialized_start=1786
+  _globals['_WORKERSTATE']._serialized_end=1849
+  _globals['_WAITER']._serialized_start=1851
+  _globals['_WAITER']._serialized_end=1915
+  _globals['_STATUSRESPONSE']._serialized_start=1918
+  _globals['_STATUSRESPONSE']._serialized_end=2339
+  _globals['_STATUSRESPONSE_STALENESSHISTOGRAMENTRY']._serialized_start=2282
+  _globals['_STATUSRESPONSE_STALENESSHISTOGRAMENTRY']._serialized_end=2339
+  _globals['_PARAMETERSERVER']._serialized_start=2487
+  _globals['_PARAMETERSERVER']._serialized_end=2752
 # @@protoc_insertion_point(module_scope)

@@ -118,18 +118,20 @@ class JobConfig(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., staleness: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., part_bytes: _Optional[int] = ..., num_servers: _Optional[int] = ..., server_index: _Optional[int] = ..., layout_digest: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("tensor", "part", "offset", "dtype", "data")
+    __slots__ = ("tensor", "part", "offset", "dtype", "data", "padding")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
     tensor: str
     part: int
     offset: int
     dtype: DType
     data: bytes
-    def __init__(self, tensor: _Optional[str] = ..., part: _Optional[int] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    padding: bytes
+    def __init__(self, tensor: _Optional[str] = ..., part: _Optional[int] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class InitHeader(_message.Message):
     __slots__ = ("config",)

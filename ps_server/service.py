@@ -12,20 +12,21 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos import ps_pb2, ps_pb2_grpc
-from protos.codec import DEFAULT_CHUNK_BYTES, pack_chunks
+from protos import ps_pb2
+from protos.codec import DEFAULT_CHUNK_BYTES, CodecError, RawChunk, decode_frame, encode_frames
+from protos.rpc import MAX_MESSAGE_BYTES, channel_options, generic_handler
 from ps_server.errors import StoreError
 from ps_server.job import job_from_proto, job_to_proto, mode_to_proto
 from ps_server.store import ParameterStore, PullDecision, Waiter
 
 log = logging.getLogger("ps_server")
 
-MAX_MESSAGE_BYTES = 64 << 20  # chunks are ~1 MiB; headroom for odd clients, never unbounded
 T = TypeVar("T")
 
 
@@ -36,20 +37,17 @@ class ServiceConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
 
 
-def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Channel options shared by servers and clients: explicit message limits."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ]
-
-
 async def abort(context: grpc.aio.ServicerContext, error: StoreError) -> NoReturn:
     await context.abort(getattr(grpc.StatusCode, error.code), str(error))
     raise AssertionError("unreachable")  # context.abort always raises
 
 
-class ParameterService(ps_pb2_grpc.ParameterServerServicer):
+class ParameterService:
+    """Handlers of the ParameterServer service (registered by :func:`protos.rpc.generic_handler`).
+
+    Init and Push receive, and Pull sends, raw stream messages (bytes).
+    """
+
     def __init__(self, store: ParameterStore, config: ServiceConfig | None = None) -> None:
         self.store = store
         self.config = config or ServiceConfig()
@@ -66,10 +64,8 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         async with self.changed:
             self.changed.notify_all()
 
-    async def Init(
-        self, request_iterator: AsyncIterator[ps_pb2.InitRequest], context
-    ) -> ps_pb2.InitResponse:
-        header, chunks = await _collect(request_iterator, context, "init")
+    async def Init(self, request_iterator: AsyncIterator[bytes], context) -> ps_pb2.InitResponse:
+        header, chunks = await _collect(request_iterator, context, ps_pb2.InitHeader, "init")
         job = await self._call(context, lambda: job_from_proto(header.config))
         created = await self._call(context, lambda: self.store.initialise(job, chunks))
         if created:
@@ -83,10 +79,8 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         await self._notify()
         return ps_pb2.InitResponse(created=created, version=self.store.version)
 
-    async def Push(
-        self, request_iterator: AsyncIterator[ps_pb2.PushRequest], context
-    ) -> ps_pb2.PushResponse:
-        h, chunks = await _collect(request_iterator, context, "push")
+    async def Push(self, request_iterator: AsyncIterator[bytes], context) -> ps_pb2.PushResponse:
+        h, chunks = await _collect(request_iterator, context, ps_pb2.PushHeader, "push")
         result = await self._call(
             context,
             lambda: self.store.push(h.job_id, h.worker_id, h.clock, h.pulled_version, chunks),
@@ -117,14 +111,13 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
             context, lambda: store.pull(request.job_id, request.worker_id)
         )
         # Encode everything before the first yield: a snapshot no push can tear.
-        messages = list(pack_chunks(pieces, self.config.chunk_bytes)) or [[]]
         assert store.job is not None
         header = ps_pb2.PullHeader(
             version=version, worker_clock=clock, mode=mode_to_proto(store.job.mode)
         )
-        yield ps_pb2.PullResponse(header=header, chunks=messages[0])
-        for chunks in messages[1:]:
-            yield ps_pb2.PullResponse(chunks=chunks)
+        frames = list(encode_frames(header.SerializeToString(), pieces, self.config.chunk_bytes))
+        for frame in frames:
+            yield frame
 
     async def _wait(
         self, request: ps_pb2.PullRequest, context, decide: Callable[[], PullDecision]
@@ -192,25 +185,26 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         )
 
 
-async def _collect(request_iterator, context, what: str):
+async def _collect(
+    request_iterator: AsyncIterator[bytes], context, header_type, what: str
+) -> tuple[Any, list[RawChunk]]:
     """Read a client stream: the header from the first message, chunks from all."""
     header = None
-    chunks: list[ps_pb2.TensorChunk] = []
+    chunks: list[RawChunk] = []
     first = True
     async for message in request_iterator:
-        if message.HasField("header"):
-            if not first:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{what}: header repeated after the first message",
-                )
-            header = message.header
-        elif first:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{what}: the first message must carry the header"
-            )
+        try:
+            frame = decode_frame(message)
+            if frame.header is not None:
+                if not first:
+                    raise CodecError(f"{what}: header repeated after the first message")
+                header = header_type.FromString(bytes(frame.header))
+            elif first:
+                raise CodecError(f"{what}: the first message must carry the header")
+        except (CodecError, DecodeError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e}")
         first = False
-        chunks.extend(message.chunks)
+        chunks.extend(frame.chunks)
     if header is None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: empty stream")
     return header, chunks
@@ -224,9 +218,9 @@ async def start_server(
     """Create, bind and start a server; ``address`` may use port 0. Returns the bound port."""
     config = config or ServiceConfig()
     # No SO_REUSEPORT: a second server on a taken port must fail, not share it silently.
-    options = [*server_options(config.max_message_bytes), ("grpc.so_reuseport", 0)]
+    options = [*channel_options(config.max_message_bytes), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
-    ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(store, config), server)
+    server.add_generic_rpc_handlers([generic_handler(ParameterService(store, config))])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)

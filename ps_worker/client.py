@@ -19,7 +19,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,20 +28,22 @@ import grpc
 import numpy as np
 import torch
 
-from protos import ps_pb2, ps_pb2_grpc
+from protos import ps_pb2, rpc
 from protos.codec import (
     DEFAULT_CHUNK_BYTES,
     CodecError,
+    Piece,
+    RawChunk,
     check_chunk,
+    decode_frame,
     dtype_of,
-    pack_chunks,
+    encode_frames,
     to_raw,
     to_torch,
 )
 from protos.layout import DEFAULT_PART_BYTES, Layout, TensorSpec, plan_layout, server_pieces
 from ps_server.job import Job, Mode, job_from_proto, job_to_proto
 from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
-from ps_server.service import server_options
 from ps_worker.errors import InvalidRequestError, PSError, ServerUnavailableError, from_rpc_error
 
 T = TypeVar("T")
@@ -78,7 +80,7 @@ class PushSummary:
 class _ServerState:
     address: str
     channel: grpc.Channel
-    stub: ps_pb2_grpc.ParameterServerStub
+    calls: rpc.Calls
     pulled_version: int = 0
     min_version: int = 0  # sync: the step the next pull waits for
 
@@ -111,10 +113,8 @@ class Client:
         self.clock = 0  # iterations this worker has pushed
         self._servers = []
         for address in servers:
-            channel = grpc.insecure_channel(address, options=server_options())
-            self._servers.append(
-                _ServerState(address, channel, ps_pb2_grpc.ParameterServerStub(channel))
-            )
+            channel = grpc.insecure_channel(address, options=rpc.channel_options())
+            self._servers.append(_ServerState(address, channel, rpc.calls(channel)))
         # Headroom for a status() or set_membership() from another thread while a pull waits.
         self._pool = ThreadPoolExecutor(4 * len(servers), thread_name_prefix="ps-client")
         self._job: Job | None = None
@@ -205,12 +205,13 @@ class Client:
         def init_one(i: int, s: _ServerState) -> bool:
             config = job_to_proto(job)
             config.server_index = i
-            header = ps_pb2.InitHeader(config=config)
-            batches = list(pack_chunks(server_pieces(layout, i, flat), self.config.chunk_bytes))
-            messages = [ps_pb2.InitRequest(header=header, chunks=batches[0] if batches else [])]
-            messages += [ps_pb2.InitRequest(chunks=b) for b in batches[1:]]
+            header = ps_pb2.InitHeader(config=config).SerializeToString()
+            pieces = server_pieces(layout, i, flat)
             reply = self._retry(
-                s, "init", lambda t: s.stub.Init(iter(messages), timeout=t), self.config.timeout_s
+                s,
+                "init",
+                lambda t: s.calls.init(self._frames(header, pieces), timeout=t),
+                self.config.timeout_s,
             )
             return reply.created
 
@@ -288,10 +289,11 @@ class Client:
 
             def call(timeout: float) -> ps_pb2.PullHeader:
                 header = None
-                for reply in s.stub.Pull(request, timeout=timeout):
-                    if reply.HasField("header"):
-                        header = reply.header
-                    for chunk in reply.chunks:
+                for message in s.calls.pull(request, timeout=timeout):
+                    frame = decode_frame(message)
+                    if frame.header is not None:
+                        header = ps_pb2.PullHeader.FromString(bytes(frame.header))
+                    for chunk in frame.chunks:
                         _write_chunk(chunk, parts, layout, dest, s.address)
                 if header is None:
                     raise PSError(f"server {s.address} sent no pull header")
@@ -330,12 +332,13 @@ class Client:
                 worker_id=self.worker_id,
                 clock=clock,
                 pulled_version=s.pulled_version,
-            )
-            batches = list(pack_chunks(server_pieces(layout, i, flat), self.config.chunk_bytes))
-            messages = [ps_pb2.PushRequest(header=header, chunks=batches[0] if batches else [])]
-            messages += [ps_pb2.PushRequest(chunks=b) for b in batches[1:]]
+            ).SerializeToString()
+            pieces = server_pieces(layout, i, flat)
             return self._retry(
-                s, "push", lambda t: s.stub.Push(iter(messages), timeout=t), self.config.timeout_s
+                s,
+                "push",
+                lambda t: s.calls.push(self._frames(header, pieces), timeout=t),
+                self.config.timeout_s,
             )
 
         replies = self._each(push_one)
@@ -368,7 +371,7 @@ class Client:
             lambda _, s: self._retry(
                 s,
                 "set_membership",
-                lambda t: s.stub.SetMembership(request, timeout=t),
+                lambda t: s.calls.set_membership(request, timeout=t),
                 self.config.timeout_s,
             )
         )
@@ -379,11 +382,15 @@ class Client:
         request = ps_pb2.StatusRequest(job_id="")
         return self._each(
             lambda _, s: self._retry(
-                s, "status", lambda t: s.stub.Status(request, timeout=t), self.config.timeout_s
+                s, "status", lambda t: s.calls.status(request, timeout=t), self.config.timeout_s
             )
         )
 
     # ------------------------------------------------------------ machinery
+
+    def _frames(self, header: bytes, pieces: list[Piece]) -> Iterator[bytes]:
+        """Stream messages, encoded as gRPC sends them (a fresh iterator per attempt)."""
+        return encode_frames(header, pieces, self.config.chunk_bytes)
 
     def _each(self, fn: Callable[[int, _ServerState], T]) -> list[T]:
         """Run fn on every server concurrently; raise the first server's error, if any."""
@@ -437,7 +444,7 @@ def _check_names(layout: Layout, names: Iterable[str]) -> None:
 
 
 def _write_chunk(
-    chunk: ps_pb2.TensorChunk,
+    chunk: RawChunk,
     parts: Mapping,
     layout: Layout,
     dest: Mapping[str, torch.Tensor],

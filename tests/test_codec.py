@@ -9,7 +9,9 @@ from protos.codec import (
     CodecError,
     Piece,
     check_chunk,
+    decode_frame,
     decode_tensor,
+    encode_frames,
     encode_tensor,
     from_bytes,
     pack_chunks,
@@ -92,3 +94,73 @@ def test_bad_chunks_are_rejected():
             [ps_pb2.TensorChunk(tensor="w", dtype=wire.proto, data=bytes(12))], (4,), "float32"
         )
     assert decode_tensor(message, (4,), "float32").sum() == 4
+
+
+# ------------------------------------------------------------------ framing
+
+
+def frame_pieces():
+    torch.manual_seed(0)
+    return [
+        Piece("a", 0, 0, to_raw(torch.randn(1000)), wire_dtype("float32")),
+        Piece("b", 1, 5, to_raw(torch.randn(3, dtype=torch.float64)), wire_dtype("float64")),
+        Piece("é", 0, 0, to_raw(torch.randn(7).to(torch.bfloat16)), wire_dtype("bfloat16")),
+        Piece("empty", 0, 0, to_raw(torch.randn(0)), wire_dtype("float32")),
+    ]
+
+
+@pytest.mark.parametrize("chunk_bytes", [100, 1000, 1 << 20])
+def test_frames_are_valid_protobuf_with_aligned_data(chunk_bytes):
+    header = ps_pb2.PushHeader(job_id="j", worker_id="w", clock=3).SerializeToString()
+    frames = list(encode_frames(header, frame_pieces(), chunk_bytes))
+    parsed = [ps_pb2.PushRequest.FromString(f) for f in frames]
+    assert parsed[0].header.clock == 3
+    assert not any(p.HasField("header") for p in parsed[1:])
+    for frame, message in zip(frames, parsed, strict=True):
+        decoded = decode_frame(frame)
+        assert len(decoded.chunks) == len(message.chunks)
+        for raw, chunk in zip(decoded.chunks, message.chunks, strict=True):
+            assert (raw.tensor, raw.part, raw.offset, raw.dtype) == (
+                chunk.tensor,
+                chunk.part,
+                chunk.offset,
+                chunk.dtype,
+            )
+            assert bytes(raw.data) == chunk.data
+            if len(raw.data):
+                assert np.frombuffer(raw.data, np.uint8).ctypes.data % 8 == 0
+    sent = b"".join(c.data for m in parsed for c in m.chunks)
+    assert sent == b"".join(p.values.tobytes() for p in frame_pieces())
+
+
+def test_protobuf_serialized_messages_decode_too():
+    chunk = ps_pb2.TensorChunk(tensor="w", part=2, offset=7, dtype=ps_pb2.FLOAT16, data=b"abcd")
+    message = ps_pb2.PullResponse(header=ps_pb2.PullHeader(version=9), chunks=[chunk, chunk])
+    frame = decode_frame(message.SerializeToString())
+    assert ps_pb2.PullHeader.FromString(bytes(frame.header)).version == 9
+    assert [(c.tensor, c.part, c.offset, c.dtype, bytes(c.data)) for c in frame.chunks] == [
+        ("w", 2, 7, ps_pb2.FLOAT16, b"abcd")
+    ] * 2
+
+
+def test_empty_stream_still_sends_the_header():
+    (frame,) = encode_frames(b"\x08\x01", [])
+    assert ps_pb2.PushRequest.FromString(frame).header.job_id == ""
+    assert decode_frame(frame).header is not None
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x12\x05ab",  # a chunk running past the end
+        b"\x12",  # truncated length
+        b"\x00\x01",  # field number 0
+        b"\x0f",  # wire type 7
+        b"\x12\x02\x08",  # a chunk whose varint is truncated
+        b"\x12\x02\x0a\x00" + b"\x12\x03\x0a\x01\xff",  # a tensor name that is not UTF-8
+        b"\x10\x01",  # header field as a varint
+    ],
+)
+def test_malformed_frames_raise_codec_errors(garbage):
+    with pytest.raises(CodecError, match="malformed"):
+        decode_frame(garbage)

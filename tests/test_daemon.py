@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ps_worker import Client, ClientConfig
-from tests.processes import BIN, servers
+from scheduler.launch import BIN, servers
 
 COMMANDS = ["ps-server", "ps-worker", "ps-scheduler", "ps-cluster"]
 

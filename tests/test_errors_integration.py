@@ -14,7 +14,7 @@ from protos.codec import pack_chunks, to_raw
 from protos.layout import server_pieces
 from ps_server.job import job_to_proto
 from ps_worker import Client, ClientConfig
-from tests.processes import servers
+from scheduler.launch import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

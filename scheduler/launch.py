@@ -1,4 +1,8 @@
-"""Start real daemons on loopback for integration tests, and always clean them up."""
+"""Start daemons as local processes on loopback and always clean them up.
+
+Each daemon prints ``<name> listening on HOST:PORT`` as its first stdout line;
+the launcher reads it (with a deadline) to learn the port it bound.
+"""
 
 from __future__ import annotations
 
@@ -63,13 +67,13 @@ class Daemon:
 
 
 @contextmanager
-def servers(n: int, tmp_path: Path, *extra: str) -> Iterator[list[Daemon]]:
+def servers(n: int, log_dir: Path, *extra: str) -> Iterator[list[Daemon]]:
     """Start n ps-server processes through the CLI on free loopback ports."""
     with ExitStack() as stack:
         daemons = []
         for i in range(n):
             argv = [str(BIN / "ps-server"), "--host", "127.0.0.1", "--port", "0", *extra]
-            d = Daemon(argv, tmp_path / f"server{i}.log")
+            d = Daemon(argv, log_dir / f"server{i}.log")
             stack.callback(d.stop)
             daemons.append(d)
         for d in daemons:  # started together, waited for together

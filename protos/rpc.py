@@ -1,0 +1,105 @@
+"""How the ParameterServer service is called: method paths, serializers, channel options.
+
+Status and SetMembership use the generated protobuf classes. Init, Push and
+Pull carry tensor data: their stream messages travel as raw bytes, written
+and read by :func:`protos.codec.encode_frames` / :func:`protos.codec.decode_frame`
+(still valid protobuf for the same .proto, so any protobuf client can talk
+to the server), which saves the copies protobuf's ``bytes`` fields make.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from protos import ps_pb2
+
+SERVICE = "ps.ParameterServer"
+MAX_MESSAGE_BYTES = 64 << 20  # chunks are ~1 MiB; headroom for odd clients, never unbounded
+
+
+def method(name: str) -> str:
+    return f"/{SERVICE}/{name}"
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Options shared by servers and clients: explicit message limits."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+@dataclass(frozen=True)
+class Calls:
+    """The client side of every method of the service on one channel."""
+
+    init: grpc.StreamUnaryMultiCallable
+    push: grpc.StreamUnaryMultiCallable
+    pull: grpc.UnaryStreamMultiCallable
+    set_membership: grpc.UnaryUnaryMultiCallable
+    status: grpc.UnaryUnaryMultiCallable
+
+
+def calls(channel: grpc.Channel) -> Calls:
+    return Calls(
+        init=channel.stream_unary(
+            method("Init"),
+            request_serializer=None,
+            response_deserializer=ps_pb2.InitResponse.FromString,
+        ),
+        push=channel.stream_unary(
+            method("Push"),
+            request_serializer=None,
+            response_deserializer=ps_pb2.PushResponse.FromString,
+        ),
+        pull=channel.unary_stream(
+            method("Pull"),
+            request_serializer=ps_pb2.PullRequest.SerializeToString,
+            response_deserializer=None,
+        ),
+        set_membership=channel.unary_unary(
+            method("SetMembership"),
+            request_serializer=ps_pb2.MembershipRequest.SerializeToString,
+            response_deserializer=ps_pb2.MembershipResponse.FromString,
+        ),
+        status=channel.unary_unary(
+            method("Status"),
+            request_serializer=ps_pb2.StatusRequest.SerializeToString,
+            response_deserializer=ps_pb2.StatusResponse.FromString,
+        ),
+    )
+
+
+def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
+    """Server-side handlers for a servicer with Init, Push, Pull, SetMembership, Status."""
+    s = servicer
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Init": grpc.stream_unary_rpc_method_handler(
+                s.Init,
+                request_deserializer=None,
+                response_serializer=ps_pb2.InitResponse.SerializeToString,
+            ),
+            "Push": grpc.stream_unary_rpc_method_handler(
+                s.Push,
+                request_deserializer=None,
+                response_serializer=ps_pb2.PushResponse.SerializeToString,
+            ),
+            "Pull": grpc.unary_stream_rpc_method_handler(
+                s.Pull, request_deserializer=ps_pb2.PullRequest.FromString, response_serializer=None
+            ),
+            "SetMembership": grpc.unary_unary_rpc_method_handler(
+                s.SetMembership,
+                request_deserializer=ps_pb2.MembershipRequest.FromString,
+                response_serializer=ps_pb2.MembershipResponse.SerializeToString,
+            ),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                s.Status,
+                request_deserializer=ps_pb2.StatusRequest.FromString,
+                response_serializer=ps_pb2.StatusResponse.SerializeToString,
+            ),
+        },
+    )

@@ -1,0 +1,116 @@
+"""The client library with torch modules against a real server."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ps_worker import SGD, Client, ClientConfig, InvalidRequestError, PSError, StateError
+from scheduler.launch import servers
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+
+
+@pytest.fixture
+def addresses(tmp_path):
+    with servers(2, tmp_path) as daemons:
+        yield [d.address for d in daemons]
+
+
+def test_training_loop_with_a_module(addresses):
+    """pull_into / push_from in a loop equals local SGD on the same gradients."""
+    model = small_model()
+    reference = small_model()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    with Client(addresses, job_id="loop", worker_id="w0") as c:
+        assert c.init(model, mode="async", optimizer=SGD(momentum=0.9), lr=0.1, part_bytes=64)
+        for _ in range(5):
+            c.pull_into(model)
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            c.push_from(model)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(reference(x), y).backward()
+            opt.step()
+        c.pull_into(model)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_second_worker_learns_the_job_from_the_servers(addresses):
+    model = small_model()
+    with Client(addresses, job_id="shared", worker_id="first") as first:
+        assert first.init(model, mode="ssp", staleness=3)
+        with Client(addresses, job_id="shared", worker_id="second") as second:
+            assert not second.init(model, mode="ssp", staleness=3)  # identical: kept
+            job = second.job()
+            assert job.mode.value == "ssp" and job.staleness == 3
+            weights = second.pull()
+            for name, p in model.named_parameters():
+                assert torch.equal(weights[name], p.detach())
+
+
+def test_parameters_without_gradients_push_zeros(addresses):
+    model = small_model()
+    with Client(addresses, job_id="frozen", worker_id="w") as c:
+        c.init(model, optimizer="sgd", lr=1.0)
+        before = c.pull()
+        model[0].weight.grad = torch.ones_like(model[0].weight)
+        assert c.push_from(model).applied
+        after = c.pull()
+    torch.testing.assert_close(after["0.weight"], before["0.weight"] - 1)
+    assert torch.equal(after["2.bias"], before["2.bias"])
+
+
+def test_client_side_errors_are_clear(addresses):
+    model = small_model()
+    with Client(addresses, job_id="errs", worker_id="w", config=ClientConfig(timeout_s=5)) as c:
+        with pytest.raises(PSError, match="holds no model yet"):
+            c.pull()
+        with pytest.raises(StateError, match="not initialised"):
+            c.set_membership(["w"])
+        c.init(model)
+        grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        with pytest.raises(InvalidRequestError, match=r"missing 0\.bias; unexpected extra"):
+            c.push({**{k: v for k, v in grads.items() if k != "0.bias"}, "extra": torch.ones(1)})
+        with pytest.raises(InvalidRequestError, match=r"'0.weight' has shape \(2, 2\)"):
+            c.push({**grads, "0.weight": torch.zeros(2, 2)})
+        with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
+            c.init(model, optimizer="lion")
+        float64 = {k: v.double() for k, v in grads.items()}  # converted to the model's dtype
+        assert c.push(float64).applied
+
+
+def test_unreachable_server_fails_fast_and_clearly():
+    config = ClientConfig(timeout_s=2, retries=3, backoff_s=0.05)
+    c = Client(["127.0.0.1:1"], job_id="x", config=config)
+    try:
+        with pytest.raises(PSError, match=r"server 127\.0\.0\.1:1 failed \(UNAVAILABLE\)"):
+            c.status()
+    finally:
+        c.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pull_into_and_push_from_a_cuda_module(addresses):
+    model = small_model().cuda()
+    with Client(addresses, job_id="gpu", worker_id="w") as c:
+        c.init(model, optimizer="sgd", lr=1.0)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        c.push_from(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        c.pull_into(model)
+        expected = small_model()
+        for p, q in zip(model.parameters(), expected.parameters(), strict=True):
+            assert p.is_cuda
+            torch.testing.assert_close(p.cpu(), q.detach() - 1)

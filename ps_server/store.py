@@ -30,7 +30,13 @@ import torch
 from protos import ps_pb2
 from protos.codec import CodecError, Piece, check_chunk, to_raw, to_torch, wire_dtype
 from protos.layout import Part
-from ps_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ps_server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StoreError,
+)
 from ps_server.job import Job, Mode
 
 PartKey = tuple[str, int]
@@ -89,7 +95,7 @@ class Counters:
     staleness: Counter[int] = field(default_factory=Counter)
 
 
-GradChunk = tuple[Part, int, torch.Tensor]  # part, element offset, gradient values
+GradChunk = tuple[int, torch.Tensor]  # element offset within the part, values
 
 
 class ParameterStore:
@@ -125,7 +131,7 @@ class ParameterStore:
         states: dict[PartKey, PartState] = {}
         for key, part in parts.items():
             param = torch.empty(part.count, dtype=dtypes[part.tensor].torch)
-            for _, offset, grad in values[key]:
+            for offset, grad in values[key]:
                 param[offset : offset + grad.numel()] = grad
             states[key] = PartState(part, param, job.optimizer.init_state(param))
         self.job = job
@@ -226,9 +232,9 @@ class ParameterStore:
                 raise InvalidArgument(
                     f"gradient for tensor {chunk.tensor!r} part {chunk.part} contains NaN or Inf"
                 )
-            decoded[key].append((part, int(chunk.offset), values))
+            decoded[key].append((int(chunk.offset), values))
         for key, part in parts.items():
-            spans = sorted((offset, v.numel()) for _, offset, v in decoded[key])
+            spans = sorted((offset, v.numel()) for offset, v in decoded[key])
             covered = 0
             for offset, n in spans:
                 if offset != covered:
@@ -254,7 +260,7 @@ class ParameterStore:
             st = self.parts[key]
             if st.accumulator is None:
                 st.accumulator = torch.empty_like(st.param)
-            for _, offset, g in pieces:
+            for offset, g in pieces:
                 target = st.accumulator[offset : offset + g.numel()]
                 if first:
                     target.copy_(g)
@@ -282,7 +288,7 @@ class ParameterStore:
         for key, pieces in grads.items():
             st = self.parts[key]
             st.steps += 1
-            for _, offset, g in pieces:
+            for offset, g in pieces:
                 end = offset + g.numel()
                 state = {k: v[offset:end] for k, v in st.state.items()}
                 opt.step(st.param[offset:end], g, state, st.steps, lr)
@@ -396,7 +402,10 @@ class ParameterStore:
         assert self.job is not None
         out = []
         for w in self.waiters.values():
-            decision = self.pull_decision(self.job.job_id, w.worker_id, w.clock, w.min_version)
+            try:
+                decision = self.pull_decision(self.job.job_id, w.worker_id, w.clock, w.min_version)
+            except StoreError as e:  # e.g. its worker left: the pull is about to fail
+                decision = PullDecision(False, str(e))
             if not decision.ready:
                 out.append((w, decision))
         return out

@@ -1,0 +1,104 @@
+"""The job spec: everything the scheduler, servers and workers agree on."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("sync", "async", "ssp")
+OPTIMIZERS = ("sgd", "adam", "adagrad")
+
+
+class SpecError(ValueError):
+    """A job spec with a missing, unknown or invalid field."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    data_dir: str
+    servers: tuple[str, ...] = ()
+    job_id: str = "job"
+    model: str = "mnist1d-cnn"
+    mode: str = "ssp"
+    staleness: int = 2
+    backup_workers: int = 0
+    staleness_aware_lr: bool = False
+    optimizer: str = "adam"
+    lr: float = 0.01
+    batch_size: int = 100
+    epochs: int = 5
+    expected_workers: int = 1  # leases wait until this many workers have registered
+    seed: int = 0
+    lease_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        for name in ("batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("staleness", "backup_workers", "expected_workers", "seed"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if not self.lr > 0:
+            problems.append("lr must be positive")
+        if not self.lease_timeout_s > 0:
+            problems.append("lease_timeout_s must be positive")
+        if self.backup_workers and self.mode != "sync":
+            problems.append("backup_workers applies to sync mode only")
+        if problems:
+            raise SpecError("; ".join(problems))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> JobSpec:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(doc) - set(known))
+        if unknown:
+            raise SpecError(f"unknown job field(s): {', '.join(unknown)}")
+        if "data_dir" not in doc:
+            raise SpecError("data_dir is required")
+        values: dict[str, Any] = {}
+        for name, value in doc.items():
+            default = getattr(cls, name, None) if name != "data_dir" else ""
+            try:
+                if name == "servers":
+                    values[name] = tuple(str(s) for s in (value or ()))
+                elif isinstance(default, bool):
+                    if not isinstance(value, bool):
+                        raise TypeError("expected true or false")
+                    values[name] = value
+                elif isinstance(default, int):
+                    values[name] = int(value)
+                elif isinstance(default, float):
+                    values[name] = float(value)
+                else:
+                    values[name] = str(value)
+            except (TypeError, ValueError) as e:
+                raise SpecError(f"{name}: {e}") from None
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_yaml(cls, path: Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+        try:
+            doc = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SpecError(f"cannot read job file {path}: {e}") from None
+        if not isinstance(doc, dict):
+            raise SpecError(f"{path}: expected a mapping of job fields")
+        doc.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(doc)

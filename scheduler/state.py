@@ -1,0 +1,468 @@
+"""The scheduler's state: job, workers, the data-shard task queue, evaluations.
+
+Kept in SQLite (one file, or ``:memory:`` in tests) so a scheduler killed and
+restarted on the same file continues the job; free of gRPC and of clocks:
+every decision takes ``now`` (seconds) as an argument.
+
+Tasks are (epoch, shard) pairs handed out as leases in epoch order, each
+epoch's shards in an order shuffled from the seed. A lease has a deadline,
+extended by the worker's heartbeats; a worker whose heartbeats stop is
+declared dead and its leases go back to the queue. A completion is recorded
+once per (epoch, shard), however often it is reported.
+
+Workers are ``active`` (training, or about to: counted by the servers' sync
+barrier and ssp bound), ``idle`` (asked for work and got none), ``dead`` or
+``left``. The servers' membership is the set of active workers.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scheduler.jobspec import JobSpec
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    epoch INTEGER NOT NULL, shard INTEGER NOT NULL, position INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending', lease_id TEXT, worker TEXT,
+    deadline REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (epoch, shard));
+CREATE TABLE IF NOT EXISTS completions (
+    epoch INTEGER NOT NULL, shard INTEGER NOT NULL, worker TEXT NOT NULL,
+    lease_id TEXT NOT NULL, clock_start INTEGER NOT NULL, clock_end INTEGER NOT NULL,
+    versions TEXT NOT NULL, samples INTEGER NOT NULL, completed_at REAL NOT NULL,
+    PRIMARY KEY (epoch, shard));
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY, host TEXT NOT NULL, device TEXT NOT NULL,
+    registered_at REAL NOT NULL, last_heartbeat REAL NOT NULL, state TEXT NOT NULL,
+    clock INTEGER NOT NULL DEFAULT 0, samples_per_s REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS evaluations (
+    epoch INTEGER PRIMARY KEY, worker TEXT, assigned_at REAL,
+    loss REAL, accuracy REAL, evaluated_at REAL);
+"""
+
+
+class StateError(Exception):
+    """A request the scheduler's state refuses; ``code`` names the gRPC status."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class UnknownWorker(StateError):
+    code = "NOT_FOUND"
+
+
+@dataclass(frozen=True)
+class Task:
+    epoch: int
+    shard: int
+    lease_id: str
+    deadline: float
+
+
+@dataclass(frozen=True)
+class LeaseDecision:
+    """The answer to a worker asking for work."""
+
+    task: Task | None
+    evaluate_epoch: int | None  # evaluate the weights for this finished epoch first
+    done: bool
+    reason: str  # why there is no task, for logs and progress output
+
+
+@dataclass(frozen=True)
+class Completion:
+    epoch: int
+    shard: int
+    worker: str
+    lease_id: str
+    clock_start: int
+    clock_end: int
+    versions: list[list[int]]  # per push, each server's version after applying it
+    samples: int
+
+
+@dataclass
+class Progress:
+    epoch: int
+    epochs: int
+    shards_per_epoch: int
+    done: int
+    leased: int
+    pending: int
+    finished: bool
+    workers: list[dict] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
+    completions_per_epoch: list[int] = field(default_factory=list)
+
+
+class SchedulerState:
+    """Durable job state; every method commits before it returns."""
+
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self):
+        return _Transaction(self.db)
+
+    # ------------------------------------------------------------------ job
+
+    def create_or_resume(self, spec: JobSpec, shards: int) -> bool:
+        """Store a new job, or check that the file holds this one. True if created."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='spec'").fetchone()
+        if row is not None:
+            stored = JobSpec.from_json(row[0])
+            if stored != spec:
+                raise StateError(
+                    f"the state file holds job {stored.job_id!r} with a different spec; "
+                    "use another --state file or the same job spec"
+                )
+            return False
+        with self._tx():
+            self.db.execute("INSERT INTO meta VALUES ('spec', ?)", (spec.to_json(),))
+            self.db.execute("INSERT INTO meta VALUES ('shards', ?)", (str(shards),))
+            for epoch in range(spec.epochs):
+                order = np.random.default_rng([spec.seed, epoch]).permutation(shards)
+                self.db.executemany(
+                    "INSERT INTO tasks (epoch, shard, position) VALUES (?, ?, ?)",
+                    [(epoch, int(shard), pos) for pos, shard in enumerate(order)],
+                )
+        return True
+
+    @property
+    def spec(self) -> JobSpec:
+        row = self.db.execute("SELECT value FROM meta WHERE key='spec'").fetchone()
+        if row is None:
+            raise StateError("no job in this state file")
+        return JobSpec.from_json(row[0])
+
+    @property
+    def shards(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key='shards'").fetchone()[0])
+
+    # -------------------------------------------------------------- workers
+
+    def register(self, host: str, device: str, now: float) -> str:
+        """A new worker (a restarted process is a new worker); returns its id."""
+        n = self.db.execute("SELECT COUNT(*) FROM workers").fetchone()[0]
+        worker_id = f"w{n}-{uuid.uuid4().hex[:6]}"
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO workers (worker_id, host, device, registered_at, last_heartbeat, "
+                "state) VALUES (?, ?, ?, ?, ?, 'active')",
+                (worker_id, host, device, now, now),
+            )
+        return worker_id
+
+    def _worker_state(self, worker_id: str) -> str:
+        row = self.db.execute(
+            "SELECT state FROM workers WHERE worker_id=?", (worker_id,)
+        ).fetchone()
+        if row is None:
+            raise UnknownWorker(f"unknown worker {worker_id!r}: register first")
+        return row[0]
+
+    def _check_alive(self, worker_id: str) -> None:
+        state = self._worker_state(worker_id)
+        if state in ("dead", "left"):
+            raise StateError(
+                f"worker {worker_id!r} is {state} (missed heartbeats for longer than the "
+                "lease timeout, or left); register again as a new worker"
+            )
+
+    def heartbeat(self, worker_id: str, clock: int, samples_per_s: float, now: float) -> None:
+        """Record that a worker lives; its leases' deadlines move to now + lease timeout."""
+        self._check_alive(worker_id)
+        with self._tx():
+            self.db.execute(
+                "UPDATE workers SET last_heartbeat=?, clock=?, samples_per_s=? WHERE worker_id=?",
+                (now, clock, samples_per_s, worker_id),
+            )
+            self.db.execute(
+                "UPDATE tasks SET deadline=? WHERE worker=? AND state='leased'",
+                (now + self.spec.lease_timeout_s, worker_id),
+            )
+
+    def leave(self, worker_id: str, now: float) -> None:
+        """A worker exits: its leases go back to the queue."""
+        self._worker_state(worker_id)
+        with self._tx():
+            self.db.execute("UPDATE workers SET state='left' WHERE worker_id=?", (worker_id,))
+            self._requeue_leases_of(worker_id)
+
+    def _requeue_leases_of(self, worker_id: str) -> None:
+        self.db.execute(
+            "UPDATE tasks SET state='pending', lease_id=NULL, worker=NULL, deadline=NULL "
+            "WHERE worker=? AND state='leased'",
+            (worker_id,),
+        )
+
+    def expire(self, now: float) -> list[str]:
+        """Declare workers dead whose heartbeats stopped; requeue their leases. Returns them."""
+        timeout = self.spec.lease_timeout_s
+        dead = [
+            r[0]
+            for r in self.db.execute(
+                "SELECT worker_id FROM workers WHERE state IN ('active', 'idle') "
+                "AND last_heartbeat + ? < ?",
+                (timeout, now),
+            )
+        ]
+        with self._tx():
+            for worker_id in dead:
+                self.db.execute("UPDATE workers SET state='dead' WHERE worker_id=?", (worker_id,))
+                self._requeue_leases_of(worker_id)
+            # Leases whose own deadline passed (a worker alive but stuck on one shard).
+            self.db.execute(
+                "UPDATE tasks SET state='pending', lease_id=NULL, worker=NULL, deadline=NULL "
+                "WHERE state='leased' AND deadline < ?",
+                (now,),
+            )
+        return dead
+
+    def resume_grace(self, now: float) -> None:
+        """After a scheduler restart, give every live worker a full timeout to reconnect."""
+        with self._tx():
+            self.db.execute(
+                "UPDATE workers SET last_heartbeat=? WHERE state IN ('active', 'idle')", (now,)
+            )
+            self.db.execute(
+                "UPDATE tasks SET deadline=? WHERE state='leased'",
+                (now + self.spec.lease_timeout_s,),
+            )
+
+    def active_workers(self) -> list[str]:
+        """The servers' membership: workers that train or are about to."""
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT worker_id FROM workers WHERE state='active' ORDER BY registered_at"
+            )
+        ]
+
+    def registered_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM workers").fetchone()[0]
+
+    # ---------------------------------------------------------------- tasks
+
+    def lease(
+        self, worker_id: str, now: float, members: frozenset[str] | None = None
+    ) -> LeaseDecision:
+        """Hand the worker its next task and/or an epoch to evaluate.
+
+        ``members`` is the membership the servers have confirmed; a task is
+        only handed to a worker the servers already count (None: skip the check).
+        """
+        self._check_alive(worker_id)
+        spec = self.spec
+        evaluate = self._assign_evaluation(worker_id, now)
+        if self.finished():
+            return LeaseDecision(None, evaluate, True, "the job is finished")
+        registered = self.registered_count()
+        if registered < spec.expected_workers:
+            return LeaseDecision(
+                None,
+                evaluate,
+                False,
+                f"waiting for workers: {registered} of {spec.expected_workers} registered",
+            )
+        row = self.db.execute(
+            "SELECT epoch, shard FROM tasks WHERE state='pending' ORDER BY epoch, position LIMIT 1"
+        ).fetchone()
+        if row is None:
+            self._set_state(worker_id, "idle")
+            reason = (
+                "every remaining shard is leased"
+                if self._count("leased")
+                else "waiting for the last evaluation"
+            )
+            return LeaseDecision(None, evaluate, False, reason)
+        self._set_state(worker_id, "active")
+        if members is not None and worker_id not in members:
+            return LeaseDecision(
+                None, evaluate, False, "waiting for the servers to count this worker"
+            )
+        lease_id = uuid.uuid4().hex[:12]
+        deadline = now + spec.lease_timeout_s
+        with self._tx():
+            self.db.execute(
+                "UPDATE tasks SET state='leased', lease_id=?, worker=?, deadline=?, "
+                "attempts=attempts+1 WHERE epoch=? AND shard=?",
+                (lease_id, worker_id, deadline, row[0], row[1]),
+            )
+        return LeaseDecision(Task(row[0], row[1], lease_id, deadline), evaluate, False, "")
+
+    def _set_state(self, worker_id: str, state: str) -> None:
+        with self._tx():
+            self.db.execute("UPDATE workers SET state=? WHERE worker_id=?", (state, worker_id))
+
+    def _count(self, state: str, epoch: int | None = None) -> int:
+        if epoch is None:
+            return self.db.execute("SELECT COUNT(*) FROM tasks WHERE state=?", (state,)).fetchone()[
+                0
+            ]
+        return self.db.execute(
+            "SELECT COUNT(*) FROM tasks WHERE state=? AND epoch=?", (state, epoch)
+        ).fetchone()[0]
+
+    def complete(self, c: Completion, now: float) -> bool:
+        """Record a finished shard; True if recorded now, False if it already was."""
+        self._worker_state(c.worker)  # a dead worker's finished shard still counts
+        task = self.db.execute(
+            "SELECT state FROM tasks WHERE epoch=? AND shard=?", (c.epoch, c.shard)
+        ).fetchone()
+        if task is None:
+            raise StateError(f"no task for epoch {c.epoch} shard {c.shard}")
+        if task[0] == "done":
+            return False
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO completions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    c.epoch,
+                    c.shard,
+                    c.worker,
+                    c.lease_id,
+                    c.clock_start,
+                    c.clock_end,
+                    json.dumps(c.versions),
+                    c.samples,
+                    now,
+                ),
+            )
+            self.db.execute(
+                "UPDATE tasks SET state='done', deadline=NULL WHERE epoch=? AND shard=?",
+                (c.epoch, c.shard),
+            )
+        return True
+
+    # ---------------------------------------------------------- evaluations
+
+    def _assign_evaluation(self, worker_id: str, now: float) -> int | None:
+        """The earliest finished epoch not evaluated, unless a live worker already has it."""
+        shards = self.shards
+        for epoch in range(self.spec.epochs):
+            if self._count("done", epoch) < shards:
+                return None
+            row = self.db.execute(
+                "SELECT worker, accuracy FROM evaluations WHERE epoch=?", (epoch,)
+            ).fetchone()
+            if row is not None and row[1] is not None:
+                continue
+            holder = row[0] if row else None
+            if (
+                holder is not None
+                and holder != worker_id
+                and self._worker_state(holder) in ("active", "idle")
+            ):
+                continue
+            with self._tx():
+                self.db.execute(
+                    "INSERT INTO evaluations (epoch, worker, assigned_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT(epoch) DO UPDATE SET worker=excluded.worker, "
+                    "assigned_at=excluded.assigned_at",
+                    (epoch, worker_id, now),
+                )
+            return epoch
+        return None
+
+    def record_evaluation(
+        self, epoch: int, loss: float, accuracy: float, worker_id: str, now: float
+    ) -> None:
+        if not 0 <= epoch < self.spec.epochs:
+            raise StateError(f"no epoch {epoch} in this job")
+        if not 0.0 <= accuracy <= 1.0:
+            raise StateError(f"accuracy {accuracy} is not within [0, 1]")
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO evaluations (epoch, worker, loss, accuracy, evaluated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(epoch) DO UPDATE SET worker=excluded.worker, "
+                "loss=excluded.loss, accuracy=excluded.accuracy, "
+                "evaluated_at=excluded.evaluated_at",
+                (epoch, worker_id, loss, accuracy, now),
+            )
+
+    def finished(self) -> bool:
+        """Every shard of every epoch done, and every epoch evaluated."""
+        if self._count("done") < self.shards * self.spec.epochs:
+            return False
+        evaluated = self.db.execute(
+            "SELECT COUNT(*) FROM evaluations WHERE accuracy IS NOT NULL"
+        ).fetchone()[0]
+        return evaluated >= self.spec.epochs
+
+    # ---------------------------------------------------------------- views
+
+    def completions(self) -> list[Completion]:
+        return [
+            Completion(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7])
+            for r in self.db.execute(
+                "SELECT epoch, shard, worker, lease_id, clock_start, clock_end, versions, "
+                "samples FROM completions ORDER BY epoch, completed_at"
+            )
+        ]
+
+    def progress(self, now: float) -> Progress:
+        spec, shards = self.spec, self.shards
+        done = self._count("done")
+        current = min(done // shards, spec.epochs - 1) if shards else 0
+        pending_epoch = self.db.execute(
+            "SELECT MIN(epoch) FROM tasks WHERE state != 'done'"
+        ).fetchone()[0]
+        return Progress(
+            epoch=pending_epoch if pending_epoch is not None else current,
+            epochs=spec.epochs,
+            shards_per_epoch=shards,
+            done=done,
+            leased=self._count("leased"),
+            pending=self._count("pending"),
+            finished=self.finished(),
+            workers=[
+                {
+                    "worker_id": r[0],
+                    "host": r[1],
+                    "device": r[2],
+                    "state": r[3],
+                    "clock": r[4],
+                    "heartbeat_age_s": round(now - r[5], 3),
+                    "samples_per_s": r[6],
+                }
+                for r in self.db.execute(
+                    "SELECT worker_id, host, device, state, clock, last_heartbeat, samples_per_s "
+                    "FROM workers ORDER BY registered_at"
+                )
+            ],
+            evaluations=[
+                {"epoch": r[0], "loss": r[1], "accuracy": r[2], "worker": r[3]}
+                for r in self.db.execute(
+                    "SELECT epoch, loss, accuracy, worker FROM evaluations "
+                    "WHERE accuracy IS NOT NULL ORDER BY epoch"
+                )
+            ],
+            completions_per_epoch=[self._count("done", e) for e in range(spec.epochs)],
+        )
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

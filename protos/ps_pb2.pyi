@@ -192,16 +192,18 @@ class PushResponse(_message.Message):
     def __init__(self, applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., dropped: _Optional[bool] = ..., version: _Optional[int] = ..., staleness: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job_id", "worker_id", "clock", "min_version")
+    __slots__ = ("job_id", "worker_id", "clock", "min_version", "observe")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OBSERVE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     clock: int
     min_version: int
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., min_version: _Optional[int] = ...) -> None: ...
+    observe: bool
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., min_version: _Optional[int] = ..., observe: _Optional[bool] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "worker_clock", "mode")

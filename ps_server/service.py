@@ -105,10 +105,10 @@ class ParameterService:
                 request.job_id, request.worker_id, request.clock, request.min_version
             )
 
-        if not (await self._call(context, decide)).ready:
+        if not request.observe and not (await self._call(context, decide)).ready:
             await self._wait(request, context, decide)
         version, clock, pieces = await self._call(
-            context, lambda: store.pull(request.job_id, request.worker_id)
+            context, lambda: store.pull(request.job_id, request.worker_id, request.observe)
         )
         # Encode everything before the first yield: a snapshot no push can tear.
         assert store.job is not None

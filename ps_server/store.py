@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from protos import ps_pb2
-from protos.codec import CodecError, Piece, check_chunk, to_raw, to_torch, wire_dtype
+from protos.codec import CodecError, Piece, WireDType, check_chunk, to_raw, to_torch, wire_dtype
 from protos.layout import Part
 from ps_server.errors import (
     AlreadyExists,
@@ -43,14 +43,31 @@ PartKey = tuple[str, int]
 
 
 @dataclass
-class PartState:
-    """One part this server holds: flat parameter values and optimizer state."""
+class FlatGroup:
+    """Every held part of one dtype, back to back in preallocated, reused buffers.
 
-    part: Part
+    One optimizer step over the whole group replaces a step per tensor: the
+    per-call overhead no longer grows with the number of tensors.
+    """
+
+    wire: WireDType
     param: torch.Tensor
     state: dict[str, torch.Tensor]
-    steps: int = 0  # optimizer steps applied to this part
+    grad: torch.Tensor  # scratch: the incoming gradient, gathered
     accumulator: torch.Tensor | None = None  # sync: sum of this step's gradients
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one part lives: elements [start, start + part.count) of its dtype's group."""
+
+    part: Part
+    group: str
+    start: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.part.count
 
 
 @dataclass
@@ -95,7 +112,7 @@ class Counters:
     staleness: Counter[int] = field(default_factory=Counter)
 
 
-GradChunk = tuple[int, torch.Tensor]  # element offset within the part, values
+GradChunk = tuple[Slot, int, torch.Tensor]  # slot, element offset within the part, values
 
 
 class ParameterStore:
@@ -104,7 +121,9 @@ class ParameterStore:
     def __init__(self, reject_nonfinite: bool = True) -> None:
         self.reject_nonfinite = reject_nonfinite
         self.job: Job | None = None
-        self.parts: dict[PartKey, PartState] = {}
+        self.parts: dict[PartKey, Slot] = {}
+        self.groups: dict[str, FlatGroup] = {}
+        self.steps = 0  # optimizer steps applied (sync: the step; async: every push)
         self.version = 0  # updates applied (sync: the step)
         self.workers: dict[str, WorkerRecord] = {}
         self.contributors: list[str] = []  # sync: workers whose gradient is in the accumulators
@@ -125,17 +144,18 @@ class ParameterStore:
             raise AlreadyExists(
                 f"job {self.job.job_id!r} is already initialised here and differs in: {diff}"
             )
-        parts = {(p.tensor, p.index): p for p in job.layout.parts_on(job.server_index)}
-        values = self._decode(job, parts, chunks, what="initial value")
-        dtypes = job.layout.dtypes
-        states: dict[PartKey, PartState] = {}
-        for key, part in parts.items():
-            param = torch.empty(part.count, dtype=dtypes[part.tensor].torch)
-            for offset, grad in values[key]:
-                param[offset : offset + grad.numel()] = grad
-            states[key] = PartState(part, param, job.optimizer.init_state(param))
+        slots, groups = _allocate(job)
+        decoded = self._decode(job, slots, chunks, what="initial value")
+        for key_chunks in decoded.values():
+            for slot, offset, values in key_chunks:
+                start = slot.start + offset
+                groups[slot.group].param[start : start + values.numel()] = values
+        for group in groups.values():
+            group.state = job.optimizer.init_state(group.param)
         self.job = job
-        self.parts = states
+        self.parts = slots
+        self.groups = groups
+        self.steps = 0
         self.version = 0
         self.workers = {w: WorkerRecord(w, 0) for w in job.workers}
         return True
@@ -175,9 +195,7 @@ class ParameterStore:
             raise FailedPrecondition(
                 f"worker {worker_id!r} already pushed a gradient for sync step {self.version}"
             )
-        grads = self._decode(
-            job, {key: st.part for key, st in self.parts.items()}, chunks, what="gradient"
-        )
+        self._gather(self._decode(job, self.parts, chunks, what="gradient"))
 
         # Validated: from here on nothing raises.
         record = record or self._join(worker_id)
@@ -189,29 +207,29 @@ class ParameterStore:
             if staleness > 0:
                 self.counters.stale_dropped += 1
                 return PushResult(False, False, True, self.version, staleness, 0.0)
-            self._accumulate(grads)
+            self._accumulate()
             self.contributors.append(worker_id)
             self._maybe_finish_step()
             return PushResult(True, False, False, self.version, 0, job.lr)
         lr = job.lr / max(1, staleness) if job.staleness_aware_lr else job.lr
-        self._apply(grads, lr)
+        self._apply(lr)
         return PushResult(True, False, False, self.version, staleness, lr)
 
     def _decode(
         self,
         job: Job,
-        parts: dict[PartKey, Part],
+        slots: dict[PartKey, Slot],
         chunks: Sequence[ps_pb2.TensorChunk],
         what: str,
     ) -> dict[PartKey, list[GradChunk]]:
-        """Check chunks cover each part exactly once with the right dtype and finite values."""
+        """Check chunks cover each part exactly once with the right dtype and sizes."""
         dtypes = job.layout.dtypes
-        tensors = {p.tensor for p in parts.values()}
-        decoded: dict[PartKey, list[GradChunk]] = {key: [] for key in parts}
+        tensors = {key[0] for key in slots}
+        decoded: dict[PartKey, list[GradChunk]] = {key: [] for key in slots}
         for chunk in chunks:
             key = (chunk.tensor, chunk.part)
-            part = parts.get(key)
-            if part is None:
+            slot = slots.get(key)
+            if slot is None:
                 if chunk.tensor in tensors:
                     raise InvalidArgument(
                         f"tensor {chunk.tensor!r} part {chunk.part} is not held by this server"
@@ -222,19 +240,14 @@ class ParameterStore:
                     if known
                     else f"unknown tensor {chunk.tensor!r}"
                 )
-            wire = dtypes[part.tensor]
+            wire = dtypes[slot.part.tensor]
             try:
-                raw = check_chunk(chunk, wire, part.count)
+                raw = check_chunk(chunk, wire, slot.part.count)
             except CodecError as e:
                 raise InvalidArgument(f"{what}: {e}") from None
-            values = to_torch(raw, wire)
-            if self.reject_nonfinite and what == "gradient" and not _all_finite(values):
-                raise InvalidArgument(
-                    f"gradient for tensor {chunk.tensor!r} part {chunk.part} contains NaN or Inf"
-                )
-            decoded[key].append((int(chunk.offset), values))
-        for key, part in parts.items():
-            spans = sorted((offset, v.numel()) for offset, v in decoded[key])
+            decoded[key].append((slot, int(chunk.offset), to_torch(raw, wire)))
+        for key, slot in slots.items():
+            spans = sorted((offset, v.numel()) for _, offset, v in decoded[key])
             covered = 0
             for offset, n in spans:
                 if offset != covered:
@@ -247,25 +260,45 @@ class ParameterStore:
                         )
                     )
                 covered += n
-            if covered != part.count:
+            if covered != slot.part.count:
                 raise InvalidArgument(
-                    f"{what} for tensor {key[0]!r} part {key[1]}: {covered} of {part.count} "
+                    f"{what} for tensor {key[0]!r} part {key[1]}: {covered} of {slot.part.count} "
                     "values sent"
                 )
         return decoded
 
-    def _accumulate(self, grads: dict[PartKey, list[GradChunk]]) -> None:
+    def _gather(self, decoded: dict[PartKey, list[GradChunk]]) -> None:
+        """Copy a validated gradient into the groups' scratch buffers and check it is finite.
+
+        Touches only scratch buffers, so a NaN found here still changes nothing.
+        """
+        for key_chunks in decoded.values():
+            for slot, offset, values in key_chunks:
+                start = slot.start + offset
+                self.groups[slot.group].grad[start : start + values.numel()].copy_(values)
+        if not self.reject_nonfinite:
+            return
+        for group in self.groups.values():
+            if not _all_finite(group.grad):
+                bad = next(
+                    k
+                    for k, slot in self.parts.items()
+                    if slot.group == group.wire.name
+                    and not _all_finite(group.grad[slot.start : slot.stop])
+                )
+                raise InvalidArgument(
+                    f"gradient for tensor {bad[0]!r} part {bad[1]} contains NaN or Inf"
+                )
+
+    def _accumulate(self) -> None:
         first = not self.contributors
-        for key, pieces in grads.items():
-            st = self.parts[key]
-            if st.accumulator is None:
-                st.accumulator = torch.empty_like(st.param)
-            for offset, g in pieces:
-                target = st.accumulator[offset : offset + g.numel()]
-                if first:
-                    target.copy_(g)
-                else:
-                    target.add_(g)
+        for group in self.groups.values():
+            if group.accumulator is None:
+                group.accumulator = torch.empty_like(group.param)
+            if first:
+                group.accumulator.copy_(group.grad)
+            else:
+                group.accumulator.add_(group.grad)
 
     def _maybe_finish_step(self) -> None:
         """Sync: apply the mean once enough workers have contributed."""
@@ -273,25 +306,22 @@ class ParameterStore:
             return
         n = len(self.contributors)
         assert self.job is not None
-        for st in self.parts.values():
-            assert st.accumulator is not None
-            st.accumulator.div_(n)
-            st.steps += 1
-            self.job.optimizer.step(st.param, st.accumulator, st.state, st.steps, self.job.lr)
+        self.steps += 1
+        for group in self.groups.values():
+            assert group.accumulator is not None
+            group.accumulator.div_(n)
+            self.job.optimizer.step(
+                group.param, group.accumulator, group.state, self.steps, self.job.lr
+            )
         self.contributors = []
         self.version += 1
         self.counters.updates_applied += 1
 
-    def _apply(self, grads: dict[PartKey, list[GradChunk]], lr: float) -> None:
+    def _apply(self, lr: float) -> None:
         assert self.job is not None
-        opt = self.job.optimizer
-        for key, pieces in grads.items():
-            st = self.parts[key]
-            st.steps += 1
-            for offset, g in pieces:
-                end = offset + g.numel()
-                state = {k: v[offset:end] for k, v in st.state.items()}
-                opt.step(st.param[offset:end], g, state, st.steps, lr)
+        self.steps += 1
+        for group in self.groups.values():
+            self.job.optimizer.step(group.param, group.grad, group.state, self.steps, lr)
         self.version += 1
         self.counters.updates_applied += 1
 
@@ -335,19 +365,26 @@ class ParameterStore:
             )
         return PullDecision(True)
 
-    def pull(self, job_id: str, worker_id: str) -> tuple[int, int, list[Piece]]:
+    def pull(
+        self, job_id: str, worker_id: str, observe: bool = False
+    ) -> tuple[int, int, list[Piece]]:
         """(version, the worker's clock, raw views of every held part) for a ready pull.
 
-        A worker seen for the first time joins here. The views share memory
-        with the parameters: encode them before the next push is applied.
+        A worker seen for the first time joins here, unless it only observes.
+        The views share memory with the parameters: encode them before the
+        next push is applied.
         """
         self.check_job(job_id)
-        record = self.workers.get(worker_id) or self._join(worker_id)
+        record = self.workers.get(worker_id)
+        if record is None and not observe:
+            record = self._join(worker_id)
         pieces = [
-            Piece(tensor, index, 0, to_raw(st.param), wire_dtype(st.param.dtype))
-            for (tensor, index), st in self.parts.items()
+            Piece(
+                tensor, index, 0, to_raw(self.values(tensor, index)), self.groups[slot.group].wire
+            )
+            for (tensor, index), slot in self.parts.items()
         ]
-        return self.version, record.clock, pieces
+        return self.version, record.clock if record else 0, pieces
 
     # ----------------------------------------------------------- membership
 
@@ -395,7 +432,12 @@ class ParameterStore:
         return self.job
 
     def parameter_bytes(self) -> int:
-        return sum(st.param.numel() * st.param.element_size() for st in self.parts.values())
+        return sum(g.param.numel() * g.param.element_size() for g in self.groups.values())
+
+    def values(self, tensor: str, index: int) -> torch.Tensor:
+        """The current values of one held part (a view, not a copy)."""
+        slot = self.parts[(tensor, index)]
+        return self.groups[slot.group].param[slot.start : slot.stop]
 
     def waiting(self) -> list[tuple[Waiter, PullDecision]]:
         """Every registered waiting pull with its current reason."""
@@ -409,6 +451,24 @@ class ParameterStore:
             if not decision.ready:
                 out.append((w, decision))
         return out
+
+
+def _allocate(job: Job) -> tuple[dict[PartKey, Slot], dict[str, FlatGroup]]:
+    """Lay this server's parts out back to back, one flat group per dtype."""
+    dtypes = job.layout.dtypes
+    sizes: dict[str, int] = {}
+    slots: dict[PartKey, Slot] = {}
+    for part in job.layout.parts_on(job.server_index):
+        name = dtypes[part.tensor].name
+        slots[(part.tensor, part.index)] = Slot(part, name, sizes.get(name, 0))
+        sizes[name] = sizes.get(name, 0) + part.count
+    groups = {}
+    for name, size in sizes.items():
+        wire = wire_dtype(name)
+        groups[name] = FlatGroup(
+            wire, torch.empty(size, dtype=wire.torch), {}, torch.empty(size, dtype=wire.torch)
+        )
+    return slots, groups
 
 
 def _all_finite(values: torch.Tensor) -> bool:

@@ -15,7 +15,6 @@ Pushes are idempotent per ``(worker_id, clock)``, so retries are safe.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import time
 import uuid
@@ -44,7 +43,8 @@ from protos.codec import (
 from protos.layout import DEFAULT_PART_BYTES, Layout, TensorSpec, plan_layout, server_pieces
 from ps_server.job import Job, Mode, job_from_proto, job_to_proto
 from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
-from ps_worker.errors import InvalidRequestError, PSError, ServerUnavailableError, from_rpc_error
+from ps_worker.errors import InvalidRequestError, PSError, ServerUnavailableError
+from ps_worker.retry import RetryPolicy, call_with_retry
 
 T = TypeVar("T")
 Tensors = Mapping[str, torch.Tensor | np.ndarray]
@@ -74,6 +74,7 @@ class PushSummary:
     dropped: bool  # sync: too late for its step on some server
     staleness: tuple[int, ...]  # per server
     lr: tuple[float, ...]  # per server
+    versions: tuple[int, ...]  # each server's version after this push
 
 
 @dataclass
@@ -116,6 +117,9 @@ class Client:
             channel = grpc.insecure_channel(address, options=rpc.channel_options())
             self._servers.append(_ServerState(address, channel, rpc.calls(channel)))
         # Headroom for a status() or set_membership() from another thread while a pull waits.
+        self._policy = RetryPolicy(
+            self.config.retries, self.config.backoff_s, self.config.max_backoff_s
+        )
         self._pool = ThreadPoolExecutor(4 * len(servers), thread_name_prefix="ps-client")
         self._job: Job | None = None
 
@@ -240,16 +244,20 @@ class Client:
 
     # ----------------------------------------------------------------- pull
 
-    def pull(self) -> dict[str, torch.Tensor]:
-        """Fetch every tensor (CPU), waiting as the mode requires."""
+    def pull(self, observe: bool = False) -> dict[str, torch.Tensor]:
+        """Fetch every tensor (CPU), waiting as the mode requires.
+
+        ``observe=True`` reads the current weights without waiting and without
+        taking part in the job (for evaluation and monitoring).
+        """
         layout = self.layout
         out = {
             s.name: torch.empty(s.numel, dtype=layout.dtypes[s.name].torch) for s in layout.specs
         }
-        self._pull_into_flat(out)
+        self._pull_into_flat(out, observe)
         return {s.name: out[s.name].reshape(s.shape) for s in layout.specs}
 
-    def pull_into(self, module: torch.nn.Module) -> None:
+    def pull_into(self, module: torch.nn.Module, observe: bool = False) -> None:
         """Overwrite a module's parameters in place, on whatever device they live."""
         params = dict(module.named_parameters())
         layout = self.layout
@@ -270,12 +278,12 @@ class Client:
                 direct[spec.name] = p.view(-1)
             else:
                 staged[spec.name] = torch.empty(spec.numel, dtype=layout.dtypes[spec.name].torch)
-        self._pull_into_flat({**direct, **staged})
+        self._pull_into_flat({**direct, **staged}, observe)
         with torch.no_grad():
             for name, flat in staged.items():
                 params[name].data.copy_(flat.view(params[name].shape))
 
-    def _pull_into_flat(self, dest: Mapping[str, torch.Tensor]) -> None:
+    def _pull_into_flat(self, dest: Mapping[str, torch.Tensor], observe: bool) -> None:
         layout = self.layout
 
         def pull_one(i: int, s: _ServerState) -> ps_pb2.PullHeader:
@@ -285,6 +293,7 @@ class Client:
                 worker_id=self.worker_id,
                 clock=self.clock,
                 min_version=s.min_version,
+                observe=observe,
             )
 
             def call(timeout: float) -> ps_pb2.PullHeader:
@@ -302,6 +311,8 @@ class Client:
             return self._retry(s, "pull", call, self.config.pull_timeout_s)
 
         headers = self._each(pull_one)
+        if observe:  # the worker's own protocol state is untouched
+            return
         for s, h in zip(self._servers, headers, strict=True):
             s.pulled_version = s.min_version = h.version
         self.clock = max([self.clock, *(h.worker_clock for h in headers)])
@@ -352,6 +363,7 @@ class Client:
             dropped=any(r.dropped for r in replies),
             staleness=tuple(r.staleness for r in replies),
             lr=tuple(r.lr for r in replies),
+            versions=tuple(r.version for r in replies),
         )
 
     def push_from(self, module: torch.nn.Module) -> PushSummary:
@@ -400,23 +412,9 @@ class Client:
         return [f.result() for f in futures]
 
     def _retry(self, s: _ServerState, what: str, call: Callable[[float], T], timeout_s: float) -> T:
-        """Call with a deadline; retry UNAVAILABLE with backoff and jitter until it passes."""
-        deadline = time.monotonic() + timeout_s
-        delay = self.config.backoff_s
-        attempt = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                return call(max(remaining, 0.001))
-            except grpc.RpcError as e:
-                retryable = e.code() == grpc.StatusCode.UNAVAILABLE
-                if not retryable or attempt >= self.config.retries or remaining <= delay:
-                    raise from_rpc_error(e, s.address, what) from None
-            except CodecError as e:
-                raise PSError(f"{what} on server {s.address}: bad reply: {e}") from None
-            attempt += 1
-            time.sleep(delay * random.uniform(0.5, 1.0))  # backoff before a retry
-            delay = min(delay * 2, self.config.max_backoff_s)
+        return call_with_retry(
+            call, timeout_s, self._policy, f"server {s.address}", what, decode_errors=(CodecError,)
+        )
 
 
 def _named(tensors: Tensors | torch.nn.Module) -> dict[str, torch.Tensor | np.ndarray]:

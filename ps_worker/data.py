@@ -74,15 +74,16 @@ def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> ShardFile:
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, x=np.ascontiguousarray(x, dtype=np.float32), y=y.astype(np.int64))
     os.replace(tmp, path)  # never a torn file
-    return ShardFile(path.name, int(len(y)), _sha256(path))
+    return ShardFile(path.name, len(y), _sha256(path))
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def prepare(dataset: str, out: Path, shards: int, samples: int | None = None,
-            seed: int = 0) -> Manifest:
+def prepare(
+    dataset: str, out: Path, shards: int, samples: int | None = None, seed: int = 0
+) -> Manifest:
     """Generate a dataset and write it as shards, a test file and a manifest."""
     if shards < 1:
         raise DataError("--shards must be at least 1")
@@ -92,12 +93,14 @@ def prepare(dataset: str, out: Path, shards: int, samples: int | None = None,
     out.mkdir(parents=True, exist_ok=True)
     files = [
         _write_npz(out / f"shard-{i:05d}.npz", xs, ys)
-        for i, (xs, ys) in enumerate(zip(np.array_split(x, shards), np.array_split(y, shards),
-                                         strict=True))
+        for i, (xs, ys) in enumerate(
+            zip(np.array_split(x, shards), np.array_split(y, shards), strict=True)
+        )
     ]
     test = _write_npz(out / "test.npz", x_test, y_test)
-    manifest = Manifest(dataset, tuple(x.shape[1:]), int(max(y.max(), y_test.max()) + 1),
-                        tuple(files), test)
+    manifest = Manifest(
+        dataset, tuple(x.shape[1:]), int(max(y.max(), y_test.max()) + 1), tuple(files), test
+    )
     write_manifest(out, manifest)
     return manifest
 
@@ -123,10 +126,10 @@ def read_manifest(directory: Path) -> Manifest:
             dataset=str(doc["dataset"]),
             input_shape=tuple(int(d) for d in doc["input_shape"]),
             classes=int(doc["classes"]),
-            shards=tuple(ShardFile(s["file"], int(s["samples"]), s["sha256"])
-                         for s in doc["shards"]),
-            test=ShardFile(doc["test"]["file"], int(doc["test"]["samples"]),
-                           doc["test"]["sha256"]),
+            shards=tuple(
+                ShardFile(s["file"], int(s["samples"]), s["sha256"]) for s in doc["shards"]
+            ),
+            test=ShardFile(doc["test"]["file"], int(doc["test"]["samples"]), doc["test"]["sha256"]),
         )
     except FileNotFoundError:
         raise DataError(f"no {MANIFEST} in {directory} (run `ps-data prepare` first)") from None

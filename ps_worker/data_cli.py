@@ -16,8 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument("--out", type=Path, required=True, help="directory to write")
     p.add_argument("--shards", type=int, default=16)
-    p.add_argument("--samples", type=int, default=None,
-                   help="samples to generate, train and test together (mnist1d default 25000)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="samples to generate, train and test together (mnist1d default 25000)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.samples is not None and args.samples < 10:
@@ -27,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError) as e:
         print(f"ps-data: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {len(m.shards)} shards ({m.train_samples} training samples) and "
-          f"{m.test.samples} test samples of {m.dataset} to {args.out}")
+    print(
+        f"wrote {len(m.shards)} shards ({m.train_samples} training samples) and "
+        f"{m.test.samples} test samples of {m.dataset} to {args.out}"
+    )
     return 0
 
 

@@ -51,9 +51,9 @@ _BY_CODE: dict[grpc.StatusCode, type[PSError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError, server: str, what: str) -> PSError:
-    """Translate a gRPC error into the matching typed exception."""
+    """Translate a gRPC error into the matching typed exception (``server`` names the peer)."""
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
     cls = _BY_CODE.get(code, PSError) if code is not None else PSError
     name = code.name if code is not None else "ERROR"
-    return cls(f"{what} on server {server} failed ({name}): {details}", code)
+    return cls(f"{what} on {server} failed ({name}): {details}", code)

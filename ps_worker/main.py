@@ -1,27 +1,77 @@
-"""``ps-worker``: the worker daemon (training loop driven by the scheduler)."""
+"""``ps-worker``: the worker daemon."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+
+from ps_worker.data import DataError
+from ps_worker.errors import PSError
+from ps_worker.models import ModelError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ps-worker",
-        description="Lease data shards from the scheduler, pull weights, compute gradients "
-        "with PyTorch and push them. (The daemon arrives with the scheduler; today use the "
-        "client library: `from ps_worker import Client`.)",
+        description="Register with the scheduler, lease data shards, pull weights, compute "
+        "gradients with PyTorch (on the GPU when there is one) and push them, until the job "
+        "is done.",
     )
-    parser.add_argument("--scheduler", required=True, help="scheduler address HOST:PORT")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.parse_args(argv)
-    print(
-        "ps-worker: the worker daemon is not available yet; use the client library "
-        "(ps_worker.Client) in your own training loop",
-        file=sys.stderr,
+    parser.add_argument(
+        "--scheduler",
+        default=os.environ.get("PS_SCHEDULER"),
+        help="scheduler address HOST:PORT (env PS_SCHEDULER)",
     )
-    return 1
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default=os.environ.get("PS_DEVICE", "auto")
+    )
+    parser.add_argument(
+        "--scheduler-timeout-s",
+        type=float,
+        default=120.0,
+        help="how long to keep retrying an unreachable scheduler",
+    )
+    parser.add_argument(
+        "--slowdown",
+        type=float,
+        default=0.0,
+        help="sleep this many times each step's compute (to simulate stragglers)",
+    )
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_const", const=True)
+    progress.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    if not args.scheduler:
+        parser.error("--scheduler is required (or set PS_SCHEDULER)")
+    if args.slowdown < 0:
+        parser.error("--slowdown must not be negative")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    from ps_worker.daemon import WorkerDaemon, WorkerOptions
+
+    try:
+        daemon = WorkerDaemon(
+            WorkerOptions(
+                scheduler=args.scheduler,
+                device=args.device,
+                scheduler_timeout_s=args.scheduler_timeout_s,
+                progress=args.progress,
+                slowdown=args.slowdown,
+            )
+        )
+        return daemon.run()
+    except (PSError, DataError, ModelError) as e:
+        print(f"ps-worker: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

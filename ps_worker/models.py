@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -33,7 +34,7 @@ class MNIST1DCNN(nn.Module):
 def mlp(inputs: int, hidden: int, classes: int, layers: int = 2) -> nn.Module:
     dims = [inputs] + [hidden] * layers
     blocks: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(dims, dims[1:], strict=False):
+    for a, b in itertools.pairwise(dims):
         blocks += [nn.Linear(a, b), nn.ReLU()]
     blocks.append(nn.Linear(dims[-1], classes))
     return nn.Sequential(*blocks)

@@ -1,21 +1,323 @@
-"""``ps-cluster``: start a scheduler, servers and workers as local processes."""
+"""``ps-cluster``: a whole cluster (scheduler, servers, workers) as local processes.
+
+    ps-cluster up --dataset mnist1d --model mnist1d-cnn --mode ssp --servers 2 --workers 4
+
+prepares the data if the data directory has none, starts everything on free
+loopback ports, shows progress, prints a final table, optionally writes a
+JSON summary, and tears every process down on exit or Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from protos import scheduler_pb2, scheduler_pb2_grpc
+from ps_worker import Client, ClientConfig, PSError
+from ps_worker.data import DATASETS, MANIFEST, DataError, prepare
+from scheduler.jobspec import JobSpec, SpecError
+from scheduler.launch import BIN, Daemon
+
+POLL_S = 0.25
+
+
+@dataclass
+class LocalCluster:
+    """Real processes on loopback; ``close()`` (or the with-block) stops them all."""
+
+    spec: JobSpec
+    work_dir: Path
+    workers: int
+    slowdown: dict[int, float] = field(default_factory=dict)  # worker index -> factor
+    num_servers: int = 2
+    server_daemons: list[Daemon] = field(default_factory=list)
+    scheduler: Daemon | None = None
+    worker_daemons: list[Daemon] = field(default_factory=list)
+    _scheduler_port: str = "0"
+
+    def start(self) -> LocalCluster:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.num_servers):
+            self.server_daemons.append(
+                Daemon([str(BIN / "ps-server"), "--port", "0"], self.work_dir / f"server{i}.log")
+            )
+        servers = tuple(d.address for d in self.server_daemons)
+        self.spec = JobSpec.from_dict({**json.loads(self.spec.to_json()), "servers": servers})
+        self.start_scheduler()
+        for _ in range(self.workers):
+            self.add_worker()
+        return self
+
+    def start_scheduler(self) -> Daemon:
+        """(Re)start the scheduler on its state file (and, after the first start, its port)."""
+        config = self.work_dir / "job.json"
+        config.write_text(self.spec.to_json())  # JSON is YAML
+        argv = [
+            str(BIN / "ps-scheduler"),
+            "--port",
+            self._scheduler_port,
+            "--config",
+            str(config),
+            "--state",
+            str(self.work_dir / "scheduler.db"),
+        ]
+        n = sum(1 for _ in self.work_dir.glob("scheduler*.log"))
+        self.scheduler = Daemon(argv, self.work_dir / f"scheduler{n}.log")
+        self._scheduler_port = self.scheduler.address.rsplit(":", 1)[1]
+        return self.scheduler
+
+    def add_worker(self) -> Daemon:
+        i = len(self.worker_daemons)
+        assert self.scheduler is not None
+        argv = [
+            str(BIN / "ps-worker"),
+            "--scheduler",
+            self.scheduler.address,
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+        if self.slowdown.get(i):
+            argv += ["--slowdown", str(self.slowdown[i])]
+        daemon = Daemon(argv, self.work_dir / f"worker{i}.log")
+        self.worker_daemons.append(daemon)
+        return daemon
+
+    def progress(self) -> dict | None:
+        """The scheduler's progress, or None while it cannot be reached."""
+        assert self.scheduler is not None
+        try:
+            with grpc.insecure_channel(self.scheduler.address) as channel:
+                reply = scheduler_pb2_grpc.SchedulerStub(channel).Progress(
+                    scheduler_pb2.ProgressRequest(), timeout=5
+                )
+            return json.loads(reply.progress_json)
+        except grpc.RpcError:
+            return None
+
+    def server_status(self) -> list:
+        with Client(
+            list(self.spec.servers), job_id=self.spec.job_id, config=ClientConfig(timeout_s=10)
+        ) as client:
+            return client.status()
+
+    def wait(self, timeout_s: float, on_progress=None) -> dict:
+        """Poll until the job finishes; raises RuntimeError if it cannot."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            p = self.progress()
+            if p is not None and on_progress:
+                on_progress(p)
+            if p is not None and p["finished"]:
+                return p
+            running = [w for w in self.worker_daemons if w.proc.poll() is None]
+            if not running and p is not None:
+                codes = [w.proc.returncode for w in self.worker_daemons]
+                raise RuntimeError(
+                    f"every worker exited (codes {codes}) before the job "
+                    f"finished; see the logs in {self.work_dir}"
+                )
+            for d in self.server_daemons:
+                if d.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"a parameter server exited with code {d.proc.returncode}; see {d.log.name}"
+                    )
+            time.sleep(POLL_S)  # polling the job's progress, not synchronising
+        raise RuntimeError(
+            f"the job did not finish within {timeout_s:.0f}s; see the logs in {self.work_dir}"
+        )
+
+    def close(self) -> None:
+        for d in [
+            *self.worker_daemons,
+            *([self.scheduler] if self.scheduler else []),
+            *self.server_daemons,
+        ]:
+            d.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def summarise(spec: JobSpec, progress: dict, statuses: list, wall_s: float) -> dict:
+    curve = [
+        {"epoch": e["epoch"] + 1, "loss": e["loss"], "accuracy": e["accuracy"]}
+        for e in progress["evaluations"]
+    ]
+    return {
+        "mode": spec.mode,
+        "staleness": spec.staleness if spec.mode == "ssp" else None,
+        "model": spec.model,
+        "epochs": spec.epochs,
+        "workers": len(progress["workers"]),
+        "servers": len(statuses),
+        "wall_s": round(wall_s, 3),
+        "final_accuracy": curve[-1]["accuracy"] if curve else None,
+        "accuracy_curve": curve,
+        "shards_completed_per_epoch": progress["completions_per_epoch"],
+        "updates_applied": [s.updates_applied for s in statuses],
+        "stale_dropped": [s.stale_dropped for s in statuses],
+        "staleness_histogram": [dict(s.staleness_histogram) for s in statuses],
+    }
+
+
+def final_table(summary: dict) -> str:
+    lines = [f"{'epoch':>5} {'test loss':>10} {'accuracy':>9}"]
+    for e in summary["accuracy_curve"]:
+        lines.append(f"{e['epoch']:>5} {e['loss']:>10.4f} {e['accuracy']:>9.4f}")
+    lines.append(
+        f"mode {summary['mode']}, {summary['workers']} workers, {summary['servers']} servers: "
+        f"final test accuracy {summary['final_accuracy']:.4f} in {summary['wall_s']:.1f}s; "
+        f"updates applied {max(summary['updates_applied'])}, stale gradients dropped "
+        f"{sum(summary['stale_dropped'])}"
+    )
+    return "\n".join(lines)
+
+
+def parse_straggler(text: str) -> tuple[int, float]:
+    index, _, factor = text.partition(":")
+    try:
+        i, f = int(index), float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--straggler {text!r}: expected INDEX:FACTOR, e.g. 0:3.0"
+        ) from None
+    if i < 0 or f < 1:
+        raise argparse.ArgumentTypeError("--straggler: index >= 0 and factor >= 1")
+    return i, f
+
+
+def up(args: argparse.Namespace) -> int:
+    overrides = {
+        "model": args.model,
+        "mode": args.mode,
+        "staleness": args.staleness,
+        "backup_workers": args.backup_workers,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "lease_timeout_s": args.lease_timeout_s,
+        "staleness_aware_lr": True if args.staleness_aware_lr else None,
+    }
+    with ExitStack() as stack:
+        work_dir = args.work_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="ps-cluster-"))
+        )
+        data_dir = args.data_dir or work_dir / "data"
+        try:
+            if not (data_dir / MANIFEST).exists():
+                print(f"preparing {args.dataset} in {data_dir} ...", flush=True)
+                prepare(args.dataset, data_dir, args.shards, args.samples, args.seed)
+            base = {"data_dir": str(data_dir), "expected_workers": args.workers}
+            if args.config:
+                spec = JobSpec.from_yaml(args.config, {**base, **overrides})
+            else:
+                spec = JobSpec.from_dict(
+                    {**base, **{k: v for k, v in overrides.items() if v is not None}}
+                )
+        except (SpecError, DataError, OSError) as e:
+            print(f"ps-cluster: {e}", file=sys.stderr)
+            return 2
+        slowdown = {i: f - 1.0 for i, f in args.straggler}
+        cluster = stack.enter_context(
+            LocalCluster(spec, work_dir, args.workers, slowdown, args.servers)
+        )
+        started = time.monotonic()
+        total = spec.epochs
+        bar = tqdm(
+            total=total, unit="shard", desc=f"{spec.mode}", file=sys.stdout, disable=args.quiet
+        )
+
+        def show(p: dict) -> None:
+            bar.total = p["epochs"] * p["shards_per_epoch"]
+            bar.n = p["done"]
+            acc = p["evaluations"][-1]["accuracy"] if p["evaluations"] else None
+            bar.set_postfix_str(
+                f"epoch {min(p['epoch'] + 1, p['epochs'])}/{p['epochs']}"
+                + (f", accuracy {acc:.3f}" if acc is not None else ""),
+                refresh=False,
+            )
+            bar.refresh()
+
+        try:
+            cluster.start()
+            print(
+                f"cluster up: scheduler {cluster.scheduler.address}, servers "
+                f"{', '.join(cluster.spec.servers)}, {args.workers} workers; logs in "
+                f"{work_dir}",
+                flush=True,
+            )
+            progress = cluster.wait(args.timeout_s, show)
+            statuses = cluster.server_status()
+        except (RuntimeError, PSError) as e:
+            bar.close()
+            print(f"ps-cluster: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            bar.close()
+            print("ps-cluster: interrupted; stopping every process", file=sys.stderr)
+            return 130
+        bar.close()
+        summary = summarise(cluster.spec, progress, statuses, time.monotonic() - started)
+        print(final_table(summary))
+        if args.summary_json:
+            args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+            args.summary_json.write_text(json.dumps(summary, indent=2))
+            print(f"wrote {args.summary_json}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ps-cluster",
-        description="Start a whole cluster (scheduler, servers, workers) as local processes. "
-        "(Not available yet.)",
+    parser = argparse.ArgumentParser(prog="ps-cluster", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("up", help="run a job on a local cluster until it finishes")
+    p.add_argument("--config", type=Path, help="job spec as YAML (flags override it)")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist1d")
+    p.add_argument("--data-dir", type=Path, help="prepared data (prepared here if missing)")
+    p.add_argument("--samples", type=int, default=None, help="samples to generate")
+    p.add_argument("--shards", type=int, default=16, help="shards to prepare (default 16)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--mode", choices=["sync", "async", "ssp"], default=None)
+    p.add_argument("--staleness", type=int, default=None)
+    p.add_argument("--backup-workers", type=int, default=None)
+    p.add_argument("--staleness-aware-lr", action="store_true")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adagrad"], default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lease-timeout-s", type=float, default=None)
+    p.add_argument("--servers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument(
+        "--straggler",
+        type=parse_straggler,
+        action="append",
+        default=[],
+        help="INDEX:FACTOR makes that worker FACTOR times slower (repeatable)",
     )
-    parser.add_argument("command", choices=["up"])
-    parser.parse_args(argv)
-    print("ps-cluster: not available yet", file=sys.stderr)
-    return 1
+    p.add_argument("--work-dir", type=Path, help="where logs and state go (default: a temp dir)")
+    p.add_argument("--summary-json", type=Path)
+    p.add_argument("--timeout-s", type=float, default=3600.0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.servers < 1 or args.workers < 1:
+        parser.error("--servers and --workers must be at least 1")
+    return up(args)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,183 @@
-"""``ps-scheduler``: owns the job, worker membership and the data-shard task queue."""
+"""``ps-scheduler``: owns the job, worker membership and the data-shard task queue.
+
+ps-scheduler --config job.yaml --state job.db [--host H --port P]
+ps-scheduler --data-dir data --servers 127.0.0.1:7001,127.0.0.1:7002 --mode sync ...
+ps-scheduler status --scheduler 127.0.0.1:7000
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
 import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import grpc
+
+from protos import rpc, scheduler_pb2, scheduler_pb2_grpc
+from ps_worker.data import DataError, read_manifest
+from scheduler.jobspec import JobSpec, SpecError
+from scheduler.state import SchedulerState, StateError
+
+log = logging.getLogger("scheduler")
+
+
+def add_job_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per JobSpec field (--data-dir, --mode, ...); they override --config."""
+    parser.add_argument("--config", type=Path, help="job spec as YAML (flags override it)")
+    for f in fields(JobSpec):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "servers":
+            parser.add_argument(flag, help="parameter server addresses, comma-separated")
+        elif f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_const", const=True, default=None)
+        else:
+            required = f.default is dataclasses.MISSING
+            parser.add_argument(
+                flag, default=None, help="(required)" if required else f"(default {f.default!r})"
+            )
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    overrides = {f.name: getattr(args, f.name) for f in fields(JobSpec)}
+    if overrides.get("servers"):
+        overrides["servers"] = [s for s in overrides["servers"].split(",") if s]
+    if args.config:
+        return JobSpec.from_yaml(args.config, overrides)
+    return JobSpec.from_dict({k: v for k, v in overrides.items() if v is not None})
+
+
+async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
+    from scheduler.service import start_scheduler
+
+    state = SchedulerState(str(args.state))
+    try:
+        created = state.create_or_resume(spec, shards)
+    except StateError as e:
+        print(f"ps-scheduler: {e}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    if not created:
+        state.resume_grace(time.time())
+        p = state.progress(time.time())
+        log.info(
+            "resuming job %s from %s: %d of %d shards done",
+            spec.job_id,
+            args.state,
+            p.done,
+            p.epochs * p.shards_per_epoch,
+        )
+    address = f"{args.host}:{args.port}"
+    try:
+        server, port, service, health_servicer = await start_scheduler(state, address)
+    except RuntimeError as e:
+        print(f"ps-scheduler: cannot listen on {address}: {e}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"ps-scheduler listening on {args.host}:{port}", flush=True)
+    watcher = asyncio.create_task(service.watch(stop))
+    await stop.wait()
+    log.info("shutting down")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(2.0)
+    await watcher
+    await service.membership.close()
+    state.close()
+    return 0
+
+
+def status(address: str, as_json: bool) -> int:
+    try:
+        with grpc.insecure_channel(address, options=rpc.channel_options()) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            reply = stub.Progress(scheduler_pb2.ProgressRequest(), timeout=10)
+    except grpc.RpcError as e:
+        print(
+            f"ps-scheduler: cannot reach the scheduler at {address}: {e.code().name}",
+            file=sys.stderr,
+        )
+        return 1
+    progress = json.loads(reply.progress_json)
+    print(json.dumps(progress, indent=2) if as_json else format_progress(progress))
+    return 0
+
+
+def format_progress(p: dict) -> str:
+    total = p["epochs"] * p["shards_per_epoch"]
+    lines = [
+        f"epoch {min(p['epoch'] + 1, p['epochs'])}/{p['epochs']}: shards {p['done']}/{total} "
+        f"done, {p['leased']} leased, {p['pending']} pending"
+        + (" - finished" if p["finished"] else ""),
+    ]
+    if p["evaluations"]:
+        last = p["evaluations"][-1]
+        lines.append(
+            f"test accuracy after epoch {last['epoch'] + 1}: {last['accuracy']:.4f} "
+            f"(loss {last['loss']:.4f})"
+        )
+    lines.append(
+        f"{'worker':<14} {'state':<7} {'device':<8} {'clock':>7} {'samples/s':>10} "
+        f"{'heartbeat':>10}"
+    )
+    for w in p["workers"]:
+        lines.append(
+            f"{w['worker_id']:<14} {w['state']:<7} {w['device']:<8} {w['clock']:>7} "
+            f"{w['samples_per_s']:>10.0f} {w['heartbeat_age_s']:>9.1f}s"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        parser = argparse.ArgumentParser(
+            prog="ps-scheduler status", description="Print a job's progress."
+        )
+        parser.add_argument("--scheduler", required=True, help="scheduler address HOST:PORT")
+        parser.add_argument("--json", action="store_true")
+        args = parser.parse_args(argv[1:])
+        return status(args.scheduler, args.json)
+
     parser = argparse.ArgumentParser(
         prog="ps-scheduler",
         description="Own a training job: its spec, the worker membership and the task queue "
-        "that hands out data shards as leases. (Not available yet.)",
+        "that hands out data shards as leases. `ps-scheduler status --scheduler ADDR` prints "
+        "a running job's progress.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.parse_args(argv)
-    print("ps-scheduler: not available yet", file=sys.stderr)
-    return 1
+    parser.add_argument("--host", default=os.environ.get("PS_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PS_PORT", "0")))
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=Path("scheduler.db"),
+        help="SQLite file holding the job's state (default scheduler.db)",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
+    add_job_flags(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        spec = spec_from_args(args)
+        if not spec.servers:
+            raise SpecError("servers: at least one parameter server address is needed")
+        shards = len(read_manifest(Path(spec.data_dir)).shards)
+    except (SpecError, DataError) as e:
+        print(f"ps-scheduler: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(args, spec, shards))
 
 
 if __name__ == "__main__":

@@ -75,9 +75,9 @@ def weights(store: ParameterStore) -> dict[str, torch.Tensor]:
         flat = torch.empty(
             spec.numel, dtype={"float32": torch.float32, "float64": torch.float64}[spec.dtype]
         )
-        for (tensor, _), st in store.parts.items():
+        for (tensor, index), slot in store.parts.items():
             if tensor == spec.name:
-                flat[st.part.start : st.part.stop] = st.param
+                flat[slot.part.start : slot.part.stop] = store.values(tensor, index)
         out[spec.name] = flat.reshape(spec.shape)
     return out
 

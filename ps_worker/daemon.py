@@ -1,0 +1,235 @@
+"""The worker daemon: lease shards from the scheduler and train on them against the servers."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from protos import rpc, scheduler_pb2, scheduler_pb2_grpc
+from ps_worker.client import Client, ClientConfig
+from ps_worker.data import Manifest, load, read_manifest
+from ps_worker.errors import PSError
+from ps_worker.models import build_model
+from ps_worker.retry import RetryPolicy, call_with_retry
+from scheduler.jobspec import JobSpec
+
+log = logging.getLogger("ps_worker")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    scheduler: str
+    device: str = "auto"  # auto, cpu or cuda
+    scheduler_timeout_s: float = 120.0  # how long to retry an unreachable scheduler
+    poll_interval_s: float = 0.2  # between lease requests when there is no work yet
+    progress: bool | None = None  # tqdm bars; None: only on a terminal
+    slowdown: float = 0.0  # sleep this many times each step's compute (straggler tests)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise PSError("--device cuda: no CUDA device is available")
+    return torch.device(choice)
+
+
+class SchedulerLink:
+    """The worker's calls to the scheduler, each with a deadline and retries."""
+
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(address, options=rpc.channel_options())
+        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.policy = RetryPolicy(retries=1000, backoff_s=0.1, max_backoff_s=2.0)
+
+    def call(self, name: str, request, timeout_s: float | None = None):
+        method = getattr(self.stub, name)
+        return call_with_retry(
+            lambda t: method(request, timeout=min(t, 30.0)),
+            timeout_s or self.timeout_s,
+            self.policy,
+            f"scheduler {self.address}",
+            name,
+        )
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class WorkerDaemon:
+    def __init__(self, options: WorkerOptions) -> None:
+        self.options = options
+        self.device = pick_device(options.device)
+        self.link = SchedulerLink(options.scheduler, options.scheduler_timeout_s)
+        self.stop = threading.Event()
+        self.fatal: str | None = None
+        self.samples_per_s = 0.0
+
+    def run(self) -> int:
+        reply = self.link.call(
+            "Register",
+            scheduler_pb2.RegisterRequest(host=socket.gethostname(), device=str(self.device)),
+        )
+        self.worker_id = reply.worker_id
+        self.spec = JobSpec.from_json(reply.job_spec_json)
+        self.manifest = read_manifest(Path(self.spec.data_dir))
+        log.info(
+            "registered as %s; job %s (%s, %s) on %s",
+            self.worker_id,
+            self.spec.job_id,
+            self.spec.model,
+            self.spec.mode,
+            self.device,
+        )
+        self.model = build_model(self.spec.model, self.spec.seed).to(self.device)
+        self.client = Client(
+            list(self.spec.servers),
+            job_id=self.spec.job_id,
+            worker_id=self.worker_id,
+            config=ClientConfig(),
+        )
+        heartbeats = threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat")
+        try:
+            self.client.wait_for_servers(self.options.scheduler_timeout_s)
+            created = self.client.init(
+                self.model,
+                mode=self.spec.mode,
+                optimizer=self.spec.optimizer,
+                lr=self.spec.lr,
+                staleness=self.spec.staleness,
+                backup_workers=self.spec.backup_workers,
+                staleness_aware_lr=self.spec.staleness_aware_lr,
+            )
+            if created:
+                log.info("initialised the model on %d server(s)", len(self.spec.servers))
+            heartbeats.start()
+            self._loop()
+            self.link.call("Leave", scheduler_pb2.LeaveRequest(worker_id=self.worker_id))
+            return 0
+        finally:
+            self.stop.set()
+            self.client.close()
+            self.link.close()
+
+    def _loop(self) -> None:
+        while True:
+            if self.fatal:
+                raise PSError(self.fatal)
+            lease = self.link.call("Lease", scheduler_pb2.LeaseRequest(worker_id=self.worker_id))
+            if lease.has_evaluation:
+                self._evaluate(lease.evaluate_epoch)
+            if lease.has_task:
+                self._train(lease.task)
+            elif lease.finished:
+                log.info("the job is finished")
+                return
+            else:
+                log.debug("no task: %s", lease.reason)
+                self.stop.wait(self.options.poll_interval_s)  # poll again shortly
+
+    def _train(self, task: scheduler_pb2.Task) -> None:
+        x, y = load(Path(self.spec.data_dir), self.manifest.shards[task.shard])
+        x_t = torch.from_numpy(x).to(self.device)
+        y_t = torch.from_numpy(y).to(self.device)
+        rng = np.random.default_rng([self.spec.seed, task.epoch, task.shard])
+        order = torch.from_numpy(rng.permutation(len(y))).to(self.device)
+        batches = order.split(self.spec.batch_size)
+        clock_start = self.client.clock
+        versions = []
+        started = time.perf_counter()
+        bar = tqdm(
+            batches,
+            desc=f"{self.worker_id} epoch {task.epoch + 1} shard {task.shard}",
+            unit="batch",
+            leave=False,
+            disable=self._no_progress(),
+        )
+        for index in bar:
+            step_started = time.perf_counter()
+            self.client.pull_into(self.model)
+            self.model.zero_grad(set_to_none=False)
+            loss = torch.nn.functional.cross_entropy(self.model(x_t[index]), y_t[index])
+            loss.backward()
+            if self.options.slowdown:
+                self.stop.wait(self.options.slowdown * (time.perf_counter() - step_started))
+            versions.append(list(self.client.push_from(self.model).versions))
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        elapsed = time.perf_counter() - started
+        self.samples_per_s = len(y) / elapsed if elapsed > 0 else 0.0
+        reply = self.link.call(
+            "Complete",
+            scheduler_pb2.CompleteRequest(
+                worker_id=self.worker_id,
+                task=task,
+                clock_start=clock_start,
+                clock_end=self.client.clock,
+                samples=len(y),
+                versions=[scheduler_pb2.ServerVersions(version=v) for v in versions],
+            ),
+        )
+        log.info(
+            "epoch %d shard %d: %d samples in %.2fs (%.0f samples/s)%s",
+            task.epoch,
+            task.shard,
+            len(y),
+            elapsed,
+            self.samples_per_s,
+            "" if reply.recorded else "; already done by another worker",
+        )
+
+    def _evaluate(self, epoch: int) -> None:
+        loss, accuracy = evaluate(self.client, self.spec, self.manifest, self.device)
+        self.link.call(
+            "ReportEvaluation",
+            scheduler_pb2.EvaluationRequest(
+                worker_id=self.worker_id, epoch=epoch, loss=loss, accuracy=accuracy
+            ),
+        )
+        log.info("epoch %d evaluated: test loss %.4f, accuracy %.4f", epoch, loss, accuracy)
+
+    def _heartbeat(self) -> None:
+        period = self.spec.lease_timeout_s / 3
+        while not self.stop.wait(period):
+            request = scheduler_pb2.HeartbeatRequest(
+                worker_id=self.worker_id, clock=self.client.clock, samples_per_s=self.samples_per_s
+            )
+            try:
+                self.link.stub.Heartbeat(request, timeout=period)
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                    self.fatal = f"the scheduler dropped this worker: {e.details()}"
+                    return
+                log.warning("heartbeat failed (%s); retrying", e.code().name)
+
+    def _no_progress(self) -> bool | None:
+        return None if self.options.progress is None else not self.options.progress
+
+
+def evaluate(
+    client: Client, spec: JobSpec, manifest: Manifest, device: torch.device
+) -> tuple[float, float]:
+    """(mean loss, accuracy) of the servers' current weights on the held-out test file."""
+    model = build_model(spec.model, spec.seed).to(device)
+    client.pull_into(model, observe=True)
+    x, y = load(Path(spec.data_dir), manifest.test)
+    model.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(y), 1000):
+            xb = torch.from_numpy(x[start : start + 1000]).to(device)
+            yb = torch.from_numpy(y[start : start + 1000]).to(device)
+            out = model(xb)
+            total_loss += torch.nn.functional.cross_entropy(out, yb, reduction="sum").item()
+            correct += int((out.argmax(1) == yb).sum())
+    return total_loss / len(y), correct / len(y)

@@ -1,0 +1,208 @@
+"""The scheduler's gRPC service: a thin layer over SchedulerState.
+
+Besides answering workers it keeps the parameter servers' membership equal
+to the state's active workers, and declares workers dead when their
+heartbeats stop, so a dead worker releases the sync barrier and the ssp
+bound within the lease timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import ps_pb2, rpc, scheduler_pb2, scheduler_pb2_grpc
+from scheduler.state import Completion, SchedulerState, StateError
+
+log = logging.getLogger("scheduler")
+T = TypeVar("T")
+
+
+class ServerMembership:
+    """Pushes the active worker set to every parameter server; remembers what they confirmed."""
+
+    def __init__(self, servers: tuple[str, ...], job_id: str) -> None:
+        self.job_id = job_id
+        self.channels = [
+            grpc.aio.insecure_channel(a, options=rpc.channel_options()) for a in servers
+        ]
+        self.calls = [
+            c.unary_unary(
+                rpc.method("SetMembership"),
+                request_serializer=ps_pb2.MembershipRequest.SerializeToString,
+                response_deserializer=ps_pb2.MembershipResponse.FromString,
+            )
+            for c in self.channels
+        ]
+        self.confirmed: frozenset[str] | None = None
+        self.lock = asyncio.Lock()
+
+    async def sync(self, desired: frozenset[str]) -> bool:
+        """Make every server's membership ``desired``; False if some server refused or is down."""
+        async with self.lock:
+            if desired == self.confirmed:
+                return True
+            request = ps_pb2.MembershipRequest(job_id=self.job_id, active_workers=sorted(desired))
+            results = await asyncio.gather(
+                *(call(request, timeout=5.0) for call in self.calls), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                for error in failed:
+                    if (
+                        isinstance(error, grpc.aio.AioRpcError)
+                        and error.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    ):
+                        log.debug("servers not initialised yet: %s", error.details())
+                    else:
+                        log.warning("membership update failed: %s", error)
+                return False
+            self.confirmed = desired
+            log.info("servers' membership: %s", ", ".join(sorted(desired)) or "(none)")
+            return True
+
+    async def close(self) -> None:
+        for c in self.channels:
+            await c.close()
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, state: SchedulerState, now: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.now = now
+        spec = state.spec
+        self.membership = ServerMembership(spec.servers, spec.job_id)
+
+    async def _call(self, context, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except StateError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+            raise AssertionError("unreachable") from e
+
+    async def sync_membership(self) -> bool:
+        return await self.membership.sync(frozenset(self.state.active_workers()))
+
+    async def Register(self, request, context):
+        worker_id = await self._call(
+            context, lambda: self.state.register(request.host, request.device, self.now())
+        )
+        log.info("worker %s registered from %s (%s)", worker_id, request.host, request.device)
+        await self.sync_membership()
+        return scheduler_pb2.RegisterResponse(
+            worker_id=worker_id, job_spec_json=self.state.spec.to_json()
+        )
+
+    async def Heartbeat(self, request, context):
+        await self._call(
+            context,
+            lambda: self.state.heartbeat(
+                request.worker_id, request.clock, request.samples_per_s, self.now()
+            ),
+        )
+        return scheduler_pb2.HeartbeatResponse(finished=self.state.finished())
+
+    async def Lease(self, request, context):
+        def decide():
+            confirmed = self.membership.confirmed or frozenset()
+            return self.state.lease(request.worker_id, self.now(), confirmed)
+
+        decision = await self._call(context, decide)
+        # Keep the servers' count in step: this worker may have become idle or active.
+        synced = await self.sync_membership()
+        if synced and decision.task is None and "servers to count" in decision.reason:
+            decision = await self._call(context, decide)
+        response = scheduler_pb2.LeaseResponse(finished=decision.done, reason=decision.reason)
+        if decision.task is not None:
+            t = decision.task
+            response.has_task = True
+            response.task.CopyFrom(
+                scheduler_pb2.Task(epoch=t.epoch, shard=t.shard, lease_id=t.lease_id)
+            )
+        if decision.evaluate_epoch is not None:
+            response.has_evaluation = True
+            response.evaluate_epoch = decision.evaluate_epoch
+        return response
+
+    async def Complete(self, request, context):
+        c = Completion(
+            epoch=request.task.epoch,
+            shard=request.task.shard,
+            worker=request.worker_id,
+            lease_id=request.task.lease_id,
+            clock_start=request.clock_start,
+            clock_end=request.clock_end,
+            versions=[list(v.version) for v in request.versions],
+            samples=request.samples,
+        )
+        recorded = await self._call(context, lambda: self.state.complete(c, self.now()))
+        log.info(
+            "epoch %d shard %d %s by %s",
+            c.epoch,
+            c.shard,
+            "done" if recorded else "already done; reported again",
+            c.worker,
+        )
+        return scheduler_pb2.CompleteResponse(recorded=recorded)
+
+    async def ReportEvaluation(self, request, context):
+        await self._call(
+            context,
+            lambda: self.state.record_evaluation(
+                request.epoch, request.loss, request.accuracy, request.worker_id, self.now()
+            ),
+        )
+        log.info(
+            "epoch %d: test loss %.4f, accuracy %.4f", request.epoch, request.loss, request.accuracy
+        )
+        return scheduler_pb2.EvaluationResponse()
+
+    async def Leave(self, request, context):
+        await self._call(context, lambda: self.state.leave(request.worker_id, self.now()))
+        log.info("worker %s left", request.worker_id)
+        await self.sync_membership()
+        return scheduler_pb2.LeaveResponse()
+
+    async def Progress(self, request, context):
+        progress = self.state.progress(self.now())
+        return scheduler_pb2.ProgressResponse(
+            progress_json=json.dumps(dataclasses.asdict(progress))
+        )
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Expire silent workers and keep the servers' membership in step, until stopped."""
+        period = min(1.0, self.state.spec.lease_timeout_s / 4)
+        while not stop.is_set():
+            dead = self.state.expire(self.now())
+            for worker_id in dead:
+                log.warning(
+                    "worker %s missed its heartbeats: declared dead, its shards requeued", worker_id
+                )
+            await self.sync_membership()
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), period)
+
+
+Started = tuple[grpc.aio.Server, int, "SchedulerService", health.aio.HealthServicer]
+
+
+async def start_scheduler(state: SchedulerState, address: str) -> Started:
+    server = grpc.aio.server(options=[*rpc.channel_options(), ("grpc.so_reuseport", 0)])
+    service = SchedulerService(state)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    for name in ("", "ps.Scheduler"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, service, health_servicer

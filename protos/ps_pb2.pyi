@@ -206,14 +206,16 @@ class PullRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., min_version: _Optional[int] = ..., observe: _Optional[bool] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version", "worker_clock", "mode")
+    __slots__ = ("version", "worker_clock", "mode", "push")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_CLOCK_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
     version: int
     worker_clock: int
     mode: Mode
-    def __init__(self, version: _Optional[int] = ..., worker_clock: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+    push: PushResponse
+    def __init__(self, version: _Optional[int] = ..., worker_clock: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., push: _Optional[_Union[PushResponse, _Mapping]] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "chunks")
@@ -222,6 +224,22 @@ class PullResponse(_message.Message):
     header: PullHeader
     chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class StepHeader(_message.Message):
+    __slots__ = ("push", "pull")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    push: PushHeader
+    pull: PullRequest
+    def __init__(self, push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("header", "chunks")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    header: StepHeader
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, header: _Optional[_Union[StepHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class MembershipRequest(_message.Message):
     __slots__ = ("job_id", "active_workers")

@@ -49,6 +49,11 @@ class ParameterServerStub:
                 request_serializer=protos_dot_ps__pb2.PullRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/ps.ParameterServer/Step',
+                request_serializer=protos_dot_ps__pb2.StepRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__pb2.PullResponse.FromString,
+                _registered_method=True)
         self.SetMembership = channel.unary_unary(
                 '/ps.ParameterServer/SetMembership',
                 request_serializer=protos_dot_ps__pb2.MembershipRequest.SerializeToString,
@@ -82,6 +87,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Step(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetMembership(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -110,6 +121,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
             'Pull': grpc.unary_stream_rpc_method_handler(
                     servicer.Pull,
                     request_deserializer=protos_dot_ps__pb2.PullRequest.FromString,
+                    response_serializer=protos_dot_ps__pb2.PullResponse.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=protos_dot_ps__pb2.StepRequest.FromString,
                     response_serializer=protos_dot_ps__pb2.PullResponse.SerializeToString,
             ),
             'SetMembership': grpc.unary_unary_rpc_method_handler(
@@ -203,6 +219,33 @@ class ParameterServer:
             target,
             '/ps.ParameterServer/Pull',
             protos_dot_ps__pb2.PullRequest.SerializeToString,
+            protos_dot_ps__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.ParameterServer/Step',
+            protos_dot_ps__pb2.StepRequest.SerializeToString,
             protos_dot_ps__pb2.PullResponse.FromString,
             options,
             channel_credentials,

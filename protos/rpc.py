@@ -1,7 +1,7 @@
 """How the ParameterServer service is called: method paths, serializers, channel options.
 
-Status and SetMembership use the generated protobuf classes. Init, Push and
-Pull carry tensor data: their stream messages travel as raw bytes, written
+Status and SetMembership use the generated protobuf classes. Init, Push,
+Pull and Step carry tensor data: their stream messages travel as raw bytes, written
 and read by :func:`protos.codec.encode_frames` / :func:`protos.codec.decode_frame`
 (still valid protobuf for the same .proto, so any protobuf client can talk
 to the server), which saves the copies protobuf's ``bytes`` fields make.
@@ -38,6 +38,7 @@ class Calls:
     init: grpc.StreamUnaryMultiCallable
     push: grpc.StreamUnaryMultiCallable
     pull: grpc.UnaryStreamMultiCallable
+    step: grpc.UnaryUnaryMultiCallable
     set_membership: grpc.UnaryUnaryMultiCallable
     status: grpc.UnaryUnaryMultiCallable
 
@@ -57,6 +58,11 @@ def calls(channel: grpc.Channel) -> Calls:
         pull=channel.unary_stream(
             method("Pull"),
             request_serializer=ps_pb2.PullRequest.SerializeToString,
+            response_deserializer=None,
+        ),
+        step=channel.unary_unary(
+            method("Step"),
+            request_serializer=None,
             response_deserializer=None,
         ),
         set_membership=channel.unary_unary(
@@ -90,6 +96,9 @@ def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
             ),
             "Pull": grpc.unary_stream_rpc_method_handler(
                 s.Pull, request_deserializer=ps_pb2.PullRequest.FromString, response_serializer=None
+            ),
+            "Step": grpc.unary_unary_rpc_method_handler(
+                s.Step, request_deserializer=None, response_serializer=None
             ),
             "SetMembership": grpc.unary_unary_rpc_method_handler(
                 s.SetMembership,

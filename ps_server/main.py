@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=5.0,
         help="seconds in-flight calls get to finish on SIGTERM",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the optimizer (default: torch's choice)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536:

@@ -81,6 +81,11 @@ class ParameterService:
 
     async def Push(self, request_iterator: AsyncIterator[bytes], context) -> ps_pb2.PushResponse:
         h, chunks = await _collect(request_iterator, context, ps_pb2.PushHeader, "push")
+        return await self._push(h, chunks, context)
+
+    async def _push(
+        self, h: ps_pb2.PushHeader, chunks: list[RawChunk], context
+    ) -> ps_pb2.PushResponse:
         result = await self._call(
             context,
             lambda: self.store.push(h.job_id, h.worker_id, h.clock, h.pulled_version, chunks),
@@ -95,9 +100,31 @@ class ParameterService:
             lr=result.lr,
         )
 
-    async def Pull(
-        self, request: ps_pb2.PullRequest, context
-    ) -> AsyncIterator[ps_pb2.PullResponse]:
+    async def Pull(self, request: ps_pb2.PullRequest, context) -> AsyncIterator[bytes]:
+        for frame in await self._pull_frames(request, context, self.config.chunk_bytes):
+            yield frame
+
+    async def Step(self, message: bytes, context) -> bytes:
+        """A push, then the pull that follows it, answered as one message."""
+        try:
+            frame = decode_frame(message)
+            if frame.header is None:
+                raise CodecError("step: the message must carry the header")
+            header = ps_pb2.StepHeader.FromString(bytes(frame.header))
+        except (CodecError, DecodeError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step: {e}")
+        response = await self._push(header.push, frame.chunks, context)
+        (reply,) = await self._pull_frames(header.pull, context, None, response)
+        return reply
+
+    async def _pull_frames(
+        self,
+        request: ps_pb2.PullRequest,
+        context,
+        chunk_bytes: int | None,
+        push: ps_pb2.PushResponse | None = None,
+    ) -> list[bytes]:
+        """Wait as the mode requires, then encode the weights (chunk_bytes None: one message)."""
         store = self.store
 
         def decide() -> PullDecision:
@@ -110,14 +137,14 @@ class ParameterService:
         version, clock, pieces = await self._call(
             context, lambda: store.pull(request.job_id, request.worker_id, request.observe)
         )
-        # Encode everything before the first yield: a snapshot no push can tear.
+        # Encode everything before returning: a snapshot no push can tear.
         assert store.job is not None
         header = ps_pb2.PullHeader(
-            version=version, worker_clock=clock, mode=mode_to_proto(store.job.mode)
+            version=version, worker_clock=clock, mode=mode_to_proto(store.job.mode), push=push
         )
-        frames = list(encode_frames(header.SerializeToString(), pieces, self.config.chunk_bytes))
-        for frame in frames:
-            yield frame
+        if chunk_bytes is None:
+            chunk_bytes = max(1, sum(p.values.nbytes for p in pieces))
+        return list(encode_frames(header.SerializeToString(), pieces, chunk_bytes))
 
     async def _wait(
         self, request: ps_pb2.PullRequest, context, decide: Callable[[], PullDecision]

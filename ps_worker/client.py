@@ -122,6 +122,7 @@ class Client:
         )
         self._pool = ThreadPoolExecutor(4 * len(servers), thread_name_prefix="ps-client")
         self._job: Job | None = None
+        self._part_maps: dict[int, dict] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -221,6 +222,7 @@ class Client:
 
         created = self._each(init_one)
         self._job = job
+        self._part_maps = {}
         return any(created)
 
     def job(self) -> Job:
@@ -234,6 +236,7 @@ class Client:
                 )
             try:
                 self._job = job_from_proto(reply.config)
+                self._part_maps = {}
             except Exception as e:
                 raise PSError(f"cannot read the job from {self._servers[0].address}: {e}") from e
         return self._job
@@ -254,15 +257,27 @@ class Client:
         out = {
             s.name: torch.empty(s.numel, dtype=layout.dtypes[s.name].torch) for s in layout.specs
         }
-        self._pull_into_flat(out, observe)
+        self._run_pull(out, observe)
         return {s.name: out[s.name].reshape(s.shape) for s in layout.specs}
 
     def pull_into(self, module: torch.nn.Module, observe: bool = False) -> None:
         """Overwrite a module's parameters in place, on whatever device they live."""
+        dest, finish = self._module_destinations(module)
+        self._run_pull(dest, observe)
+        finish()
+
+    def _module_destinations(
+        self, module: torch.nn.Module
+    ) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
+        """Flat tensors to pull into, and a function that moves staged ones into the module.
+
+        A contiguous CPU parameter of the job's dtype is written in place; others
+        (on a GPU, say) are staged on the CPU and copied once each.
+        """
         params = dict(module.named_parameters())
         layout = self.layout
         _check_names(layout, params.keys())
-        direct = {}
+        dest = {}
         staged = {}
         for spec in layout.specs:
             p = params[spec.name].data
@@ -270,49 +285,67 @@ class Client:
                 raise InvalidRequestError(
                     f"parameter {spec.name!r} has shape {tuple(p.shape)}, the job's is {spec.shape}"
                 )
-            if (
-                p.device.type == "cpu"
-                and p.is_contiguous()
-                and p.dtype == layout.dtypes[spec.name].torch
-            ):
-                direct[spec.name] = p.view(-1)
+            wanted = layout.dtypes[spec.name].torch
+            if p.device.type == "cpu" and p.is_contiguous() and p.dtype == wanted:
+                dest[spec.name] = p.view(-1)
             else:
-                staged[spec.name] = torch.empty(spec.numel, dtype=layout.dtypes[spec.name].torch)
-        self._pull_into_flat({**direct, **staged}, observe)
-        with torch.no_grad():
-            for name, flat in staged.items():
-                params[name].data.copy_(flat.view(params[name].shape))
+                dest[spec.name] = staged[spec.name] = torch.empty(spec.numel, dtype=wanted)
 
-    def _pull_into_flat(self, dest: Mapping[str, torch.Tensor], observe: bool) -> None:
-        layout = self.layout
+        def finish() -> None:
+            with torch.no_grad():
+                for name, flat in staged.items():
+                    params[name].data.copy_(flat.view(params[name].shape))
 
-        def pull_one(i: int, s: _ServerState) -> ps_pb2.PullHeader:
-            parts = {(p.tensor, p.index): p for p in layout.parts_on(i)}
-            request = ps_pb2.PullRequest(
-                job_id=self.job_id,
-                worker_id=self.worker_id,
-                clock=self.clock,
-                min_version=s.min_version,
-                observe=observe,
+        return dest, finish
+
+    def _pull_request(
+        self, s: _ServerState, clock: int, min_version: int, observe: bool
+    ) -> ps_pb2.PullRequest:
+        return ps_pb2.PullRequest(
+            job_id=self.job_id,
+            worker_id=self.worker_id,
+            clock=clock,
+            min_version=min_version,
+            observe=observe,
+        )
+
+    def _run_pull(self, dest: Mapping[str, torch.Tensor], observe: bool) -> None:
+        headers = self._each(
+            lambda i, s: self._pull_one(
+                i, s, self._pull_request(s, self.clock, s.min_version, observe), dest
             )
+        )
+        if not observe:  # observing leaves the worker's own protocol state untouched
+            self._after_pull(headers)
 
-            def call(timeout: float) -> ps_pb2.PullHeader:
-                header = None
-                for message in s.calls.pull(request, timeout=timeout):
-                    frame = decode_frame(message)
-                    if frame.header is not None:
-                        header = ps_pb2.PullHeader.FromString(bytes(frame.header))
-                    for chunk in frame.chunks:
-                        _write_chunk(chunk, parts, layout, dest, s.address)
-                if header is None:
-                    raise PSError(f"server {s.address} sent no pull header")
-                return header
+    def _pull_one(
+        self, i: int, s: _ServerState, request: ps_pb2.PullRequest, dest: Mapping[str, torch.Tensor]
+    ) -> ps_pb2.PullHeader:
+        def call(timeout: float) -> ps_pb2.PullHeader:
+            header = None
+            for message in s.calls.pull(request, timeout=timeout):
+                header = self._read_frame(i, s, message, dest) or header
+            if header is None:
+                raise PSError(f"server {s.address} sent no pull header")
+            return header
 
-            return self._retry(s, "pull", call, self.config.pull_timeout_s)
+        return self._retry(s, "pull", call, self.config.pull_timeout_s)
 
-        headers = self._each(pull_one)
-        if observe:  # the worker's own protocol state is untouched
-            return
+    def _read_frame(
+        self, i: int, s: _ServerState, message: bytes, dest: Mapping[str, torch.Tensor]
+    ) -> ps_pb2.PullHeader | None:
+        """Write a pulled message's chunks into place; return its header, if it has one."""
+        frame = decode_frame(message)
+        for chunk in frame.chunks:
+            _write_chunk(chunk, self._parts_on(i), self.layout, dest, s.address)
+        return None if frame.header is None else ps_pb2.PullHeader.FromString(bytes(frame.header))
+
+    def _parts_on(self, i: int) -> dict:
+        if i not in self._part_maps:
+            self._part_maps[i] = {(p.tensor, p.index): p for p in self.layout.parts_on(i)}
+        return self._part_maps[i]
+
+    def _after_pull(self, headers: list[ps_pb2.PullHeader]) -> None:
         for s, h in zip(self._servers, headers, strict=True):
             s.pulled_version = s.min_version = h.version
         self.clock = max([self.clock, *(h.worker_clock for h in headers)])
@@ -321,6 +354,50 @@ class Client:
 
     def push(self, grads: Tensors) -> PushSummary:
         """Push one iteration's gradients for every tensor of the model."""
+        flat = self._flat_grads(grads)
+        clock = self.clock + 1
+        replies = self._each(lambda i, s: self._push_one(i, s, flat, clock))
+        return self._after_push(clock, replies)
+
+    def push_pull_into(self, module: torch.nn.Module) -> PushSummary:
+        """Push the module's gradients, then pull the weights that follow, in one go.
+
+        The same as ``push_from(module)`` then ``pull_into(module)``, but where a
+        server's share of the model fits one message it takes one round trip
+        instead of two.
+        """
+        flat = self._flat_grads(_module_grads(module))
+        dest, finish = self._module_destinations(module)
+        clock = self.clock + 1
+
+        def step_one(i: int, s: _ServerState) -> tuple[ps_pb2.PushResponse, ps_pb2.PullHeader]:
+            pull = self._pull_request(s, clock, s.pulled_version + 1, False)
+            if self._server_bytes(i) > self.config.chunk_bytes:  # streams for large shares
+                pushed = self._push_one(i, s, flat, clock)
+                return pushed, self._pull_one(i, s, pull, dest)
+            header = ps_pb2.StepHeader(push=self._push_header(s, clock), pull=pull)
+            (message,) = encode_frames(
+                header.SerializeToString(), server_pieces(self.layout, i, flat), 1 << 62
+            )
+            reply = self._retry(
+                s, "step", lambda t: s.calls.step(message, timeout=t), self.config.pull_timeout_s
+            )
+            pulled = self._read_frame(i, s, reply, dest)
+            if pulled is None:
+                raise PSError(f"server {s.address} sent no step header")
+            return pulled.push, pulled
+
+        results = self._each(step_one)
+        summary = self._after_push(clock, [pushed for pushed, _ in results])
+        self._after_pull([pulled for _, pulled in results])
+        finish()
+        return summary
+
+    def _server_bytes(self, i: int) -> int:
+        return sum(p.nbytes for p in self._parts_on(i).values())
+
+    def _flat_grads(self, grads: Tensors) -> dict[str, np.ndarray]:
+        """Raw flat gradients in the job's dtypes, checked against the model's tensors."""
         layout = self.layout
         _check_names(layout, grads.keys())
         flat = {}
@@ -335,24 +412,29 @@ class Client:
             if isinstance(g, np.ndarray):
                 g = torch.from_numpy(g)
             flat[spec.name] = to_raw(g if g.dtype == wanted else g.to(wanted))
-        clock = self.clock + 1
+        return flat
 
-        def push_one(i: int, s: _ServerState) -> ps_pb2.PushResponse:
-            header = ps_pb2.PushHeader(
-                job_id=self.job_id,
-                worker_id=self.worker_id,
-                clock=clock,
-                pulled_version=s.pulled_version,
-            ).SerializeToString()
-            pieces = server_pieces(layout, i, flat)
-            return self._retry(
-                s,
-                "push",
-                lambda t: s.calls.push(self._frames(header, pieces), timeout=t),
-                self.config.timeout_s,
-            )
+    def _push_header(self, s: _ServerState, clock: int) -> ps_pb2.PushHeader:
+        return ps_pb2.PushHeader(
+            job_id=self.job_id,
+            worker_id=self.worker_id,
+            clock=clock,
+            pulled_version=s.pulled_version,
+        )
 
-        replies = self._each(push_one)
+    def _push_one(
+        self, i: int, s: _ServerState, flat: Mapping[str, np.ndarray], clock: int
+    ) -> ps_pb2.PushResponse:
+        header = self._push_header(s, clock).SerializeToString()
+        pieces = server_pieces(self.layout, i, flat)
+        return self._retry(
+            s,
+            "push",
+            lambda t: s.calls.push(self._frames(header, pieces), timeout=t),
+            self.config.timeout_s,
+        )
+
+    def _after_push(self, clock: int, replies: list[ps_pb2.PushResponse]) -> PushSummary:
         self.clock = clock
         for s in self._servers:
             s.min_version = s.pulled_version + 1  # sync: the next pull waits for the next step
@@ -368,11 +450,7 @@ class Client:
 
     def push_from(self, module: torch.nn.Module) -> PushSummary:
         """Push a module's ``.grad``s; a parameter without a gradient pushes zeros."""
-        grads = {
-            name: p.grad if p.grad is not None else torch.zeros_like(p)
-            for name, p in module.named_parameters()
-        }
-        return self.push(grads)
+        return self.push(_module_grads(module))
 
     # ------------------------------------------------------ membership, status
 
@@ -415,6 +493,13 @@ class Client:
         return call_with_retry(
             call, timeout_s, self._policy, f"server {s.address}", what, decode_errors=(CodecError,)
         )
+
+
+def _module_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: p.grad if p.grad is not None else torch.zeros_like(p)
+        for name, p in module.named_parameters()
+    }
 
 
 def _named(tensors: Tensors | torch.nn.Module) -> dict[str, torch.Tensor | np.ndarray]:

@@ -75,6 +75,7 @@ class WorkerDaemon:
         self.stop = threading.Event()
         self.fatal: str | None = None
         self.samples_per_s = 0.0
+        self.has_weights = False  # the model holds the weights its next gradient needs
 
     def run(self) -> int:
         reply = self.link.call(
@@ -155,15 +156,18 @@ class WorkerDaemon:
             leave=False,
             disable=self._no_progress(),
         )
+        if not self.has_weights:
+            self.client.pull_into(self.model)
+            self.has_weights = True
         for index in bar:
             step_started = time.perf_counter()
-            self.client.pull_into(self.model)
             self.model.zero_grad(set_to_none=False)
             loss = torch.nn.functional.cross_entropy(self.model(x_t[index]), y_t[index])
             loss.backward()
             if self.options.slowdown:
                 self.stop.wait(self.options.slowdown * (time.perf_counter() - step_started))
-            versions.append(list(self.client.push_from(self.model).versions))
+            # The push returns the weights the next batch needs (one round trip when small).
+            versions.append(list(self.client.push_pull_into(self.model).versions))
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         elapsed = time.perf_counter() - started
         self.samples_per_s = len(y) / elapsed if elapsed > 0 else 0.0

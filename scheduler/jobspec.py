@@ -30,6 +30,10 @@ class JobSpec:
     staleness_aware_lr: bool = False
     optimizer: str = "adam"
     lr: float = 0.01
+    momentum: float = 0.0  # sgd
+    beta1: float = 0.9  # adam
+    beta2: float = 0.999  # adam
+    weight_decay: float = 0.0
     batch_size: int = 100
     epochs: int = 5
     expected_workers: int = 1  # leases wait until this many workers have registered
@@ -48,6 +52,10 @@ class JobSpec:
         for name in ("staleness", "backup_workers", "expected_workers", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            problems.append("beta1 and beta2 must lie in [0, 1)")
+        if self.momentum < 0 or self.weight_decay < 0:
+            problems.append("momentum and weight_decay must not be negative")
         if not self.lr > 0:
             problems.append("lr must be positive")
         if not self.lease_timeout_s > 0:
@@ -56,6 +64,16 @@ class JobSpec:
             problems.append("backup_workers applies to sync mode only")
         if problems:
             raise SpecError("; ".join(problems))
+
+    def make_optimizer(self):
+        """The server-side optimizer this spec names, with its options."""
+        from ps_server.optimizers import SGD, Adagrad, Adam
+
+        if self.optimizer == "sgd":
+            return SGD(momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.optimizer == "adam":
+            return Adam(beta1=self.beta1, beta2=self.beta2, weight_decay=self.weight_decay)
+        return Adagrad(weight_decay=self.weight_decay)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -6,6 +6,7 @@ the launcher reads it (with a deadline) to learn the port it bound.
 
 from __future__ import annotations
 
+import os
 import queue
 import subprocess
 import sys
@@ -21,10 +22,13 @@ START_TIMEOUT_S = 30.0
 class Daemon:
     """A child process whose first stdout line says where it listens."""
 
-    def __init__(self, argv: list[str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.name = Path(argv[0]).name
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        full_env = {**os.environ, **env} if env else None
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env
+        )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
         self._address: str | None = None

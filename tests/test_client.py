@@ -22,19 +22,30 @@ def addresses(tmp_path):
         yield [d.address for d in daemons]
 
 
-def test_training_loop_with_a_module(addresses):
-    """pull_into / push_from in a loop equals local SGD on the same gradients."""
+@pytest.mark.parametrize(
+    ("fused", "chunk_bytes"),
+    [(False, 1 << 20), (True, 1 << 20), (True, 64)],
+    ids=["push-then-pull", "fused-step", "fused-over-streams"],
+)
+def test_training_loop_with_a_module(addresses, fused, chunk_bytes):
+    """A training loop through the servers equals local SGD on the same gradients."""
     model = small_model()
     reference = small_model()
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, foreach=False)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    with Client(addresses, job_id="loop", worker_id="w0") as c:
+    config = ClientConfig(chunk_bytes=chunk_bytes)
+    with Client(addresses, job_id="loop", worker_id="w0", config=config) as c:
         assert c.init(model, mode="async", optimizer=SGD(momentum=0.9), lr=0.1, part_bytes=64)
+        c.pull_into(model)
         for _ in range(5):
-            c.pull_into(model)
             model.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
-            c.push_from(model)
+            if fused:
+                summary = c.push_pull_into(model)
+                assert summary.applied and c.versions == list(summary.versions)
+            else:
+                c.push_from(model)
+                c.pull_into(model)
             opt.zero_grad()
             torch.nn.functional.cross_entropy(reference(x), y).backward()
             opt.step()

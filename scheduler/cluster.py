@@ -49,6 +49,14 @@ class LocalCluster:
     _scheduler_port: str = "0"
 
     def start(self) -> LocalCluster:
+        """Start servers, the scheduler and the workers; on failure, stop what started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> LocalCluster:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         for i in range(self.num_servers):
             self.server_daemons.append(

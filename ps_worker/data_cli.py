@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ps_worker.data import DATASETS, DataError, prepare
+from ps_worker.data import DATASETS, MANIFEST, DataError, prepare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +23,15 @@ def main(argv: list[str] | None = None) -> int:
         help="samples to generate, train and test together (mnist1d default 25000)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--if-missing", action="store_true", help="do nothing if OUT already holds a manifest"
+    )
     args = parser.parse_args(argv)
     if args.samples is not None and args.samples < 10:
         parser.error("--samples must be at least 10")
+    if args.if_missing and (args.out / MANIFEST).exists():
+        print(f"{args.out} already holds prepared data")
+        return 0
     try:
         m = prepare(args.dataset, args.out, args.shards, args.samples, args.seed)
     except (DataError, OSError) as e:

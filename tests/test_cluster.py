@@ -23,8 +23,8 @@ pytestmark = pytest.mark.integration
 # arrive about 3 versions stale; this CNN then needs a smaller step without momentum.
 MNIST1D_MODES = {
     "sync": ["--epochs", "8", "--lr", "0.01"],
-    "async": ["--epochs", "10", "--lr", "0.003", "--beta1", "0"],
-    "ssp": ["--epochs", "10", "--lr", "0.003", "--beta1", "0", "--staleness", "1"],
+    "async": ["--epochs", "12", "--lr", "0.003", "--beta1", "0"],
+    "ssp": ["--epochs", "12", "--lr", "0.003", "--beta1", "0", "--staleness", "1"],
 }
 
 

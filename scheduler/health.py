@@ -1,0 +1,32 @@
+"""``ps-health HOST:PORT``: exit 0 if the daemon there answers SERVING (container health checks)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ps-health", description=__doc__.splitlines()[0])
+    parser.add_argument("address", help="HOST:PORT of a ps-server or ps-scheduler")
+    parser.add_argument("--service", default="", help="service name (default: the whole server)")
+    parser.add_argument("--timeout-s", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s
+            )
+    except grpc.RpcError as e:
+        print(f"ps-health: {args.address}: {e.code().name}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,10 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint protos protos-check clean
+# Where `make demo` keeps its data, logs and summary.
+DEMO_DIR ?= demo
+
+.PHONY: install test demo lint protos protos-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +25,14 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# MNIST-1D on a local cluster: 2 servers, 4 workers, bounded staleness; prints the accuracy.
+demo: $(STAMP)
+	$(BIN)/ps-data prepare --dataset mnist1d --out $(DEMO_DIR)/mnist1d --shards 16 --if-missing
+	$(BIN)/ps-cluster up --data-dir $(DEMO_DIR)/mnist1d --model mnist1d-cnn \
+		--mode ssp --staleness 1 --servers 2 --workers 4 --epochs 12 \
+		--optimizer adam --lr 0.003 --beta1 0 \
+		--work-dir $(DEMO_DIR)/run --summary-json $(DEMO_DIR)/summary.json
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -33,4 +44,4 @@ protos-check: $(STAMP)
 	$(BIN)/python -m protos.generate --check
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache $(DEMO_DIR)

@@ -18,14 +18,14 @@ from scheduler.jobspec import JobSpec
 from scheduler.state import SchedulerState
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
 
 # Per mode, settings that reach the target on MNIST-1D with 4 workers. Asynchronous updates
 # arrive about 3 versions stale; this CNN then needs a smaller step without momentum.
 MNIST1D_MODES = {
     "sync": ["--epochs", "8", "--lr", "0.01"],
     "async": ["--epochs", "12", "--lr", "0.003", "--beta1", "0"],
-    "ssp": ["--epochs", "12", "--lr", "0.003", "--beta1", "0", "--staleness", "1"],
-}
+}  # ssp: `make demo`, below
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +88,24 @@ def test_mnist1d_cnn_reaches_90_percent(tmp_path, mnist1d, mode):
     assert len(summary["accuracy_curve"]) == summary["epochs"]
     if mode == "sync":  # one update per step of 4 workers, on every server
         assert summary["updates_applied"][0] == summary["updates_applied"][1]
+
+
+@pytest.mark.timeout(480)
+def test_make_demo_trains_mnist1d_to_90_percent_in_ssp(tmp_path):
+    """The README's first command: MNIST-1D, 2 servers, 4 workers, ssp."""
+    venv = Path(sys.executable).parent.parent
+    result = subprocess.run(
+        ["make", "-s", "demo", f"VENV={venv}", f"DEMO_DIR={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=450,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "final test accuracy" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mode"] == "ssp" and summary["workers"] == 4 and summary["servers"] == 2
+    assert summary["final_accuracy"] >= 0.90, summary["accuracy_curve"]
 
 
 @pytest.mark.timeout(300)

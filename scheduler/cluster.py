@@ -250,20 +250,29 @@ def up(args: argparse.Namespace) -> int:
         )
         started = time.monotonic()
         total = spec.epochs
+        interactive = sys.stdout.isatty()
         bar = tqdm(
-            total=total, unit="shard", desc=f"{spec.mode}", file=sys.stdout, disable=args.quiet
+            total=total,
+            unit="shard",
+            desc=spec.mode,
+            file=sys.stdout,
+            disable=args.quiet or not interactive,
         )
+        printed = set()
 
         def show(p: dict) -> None:
-            bar.total = p["epochs"] * p["shards_per_epoch"]
-            bar.n = p["done"]
             acc = p["evaluations"][-1]["accuracy"] if p["evaluations"] else None
-            bar.set_postfix_str(
-                f"epoch {min(p['epoch'] + 1, p['epochs'])}/{p['epochs']}"
-                + (f", accuracy {acc:.3f}" if acc is not None else ""),
-                refresh=False,
-            )
-            bar.refresh()
+            where = f"epoch {min(p['epoch'] + 1, p['epochs'])}/{p['epochs']}"
+            accuracy = "" if acc is None else f", test accuracy {acc:.3f}"
+            if interactive:
+                bar.total = p["epochs"] * p["shards_per_epoch"]
+                bar.n = p["done"]
+                bar.set_postfix_str(where + accuracy, refresh=False)
+                bar.refresh()
+            elif not args.quiet and len(p["evaluations"]) not in printed:
+                printed.add(len(p["evaluations"]))  # a log, not a terminal: a line per epoch
+                total_shards = p["epochs"] * p["shards_per_epoch"]
+                print(f"{where}: {p['done']}/{total_shards} shards{accuracy}", flush=True)
 
         try:
             cluster.start()

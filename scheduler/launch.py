@@ -22,12 +22,18 @@ START_TIMEOUT_S = 30.0
 class Daemon:
     """A child process whose first stdout line says where it listens."""
 
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = Path(argv[0]).name
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, **env} if env else None
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env
+            argv, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env, cwd=cwd
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()

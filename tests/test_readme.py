@@ -1,4 +1,4 @@
-"""The README's example runs as written (servers on free ports instead of 7001/7002)."""
+"""The README's commands run as written (fixed ports become free ones)."""
 
 from __future__ import annotations
 
@@ -19,36 +19,95 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_starts_with_the_test_command():
-    first = blocks("sh")[0].strip().splitlines()[0]
-    assert first.startswith("make test")
+def block_with(text: str) -> list[str]:
+    (block,) = [b for b in blocks("sh") if text in b]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+
+
+class ShellBlock:
+    """Runs README lines: `&` lines as daemons on free ports, the rest to completion."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.addresses: dict[str, str] = {}  # the README's address -> the real one
+        self.daemons: list[Daemon] = []
+
+    def argv(self, line: str) -> list[str]:
+        for written, real in self.addresses.items():
+            line = line.replace(written, real)
+        argv = shlex.split(line.rstrip("&").strip())
+        argv[0] = str(BIN / Path(argv[0]).name)
+        return argv
+
+    def run(self, line: str) -> subprocess.CompletedProcess | Daemon:
+        argv = self.argv(line)
+        if not line.endswith("&"):
+            return subprocess.run(argv, cwd=self.cwd, capture_output=True, text=True, timeout=120)
+        port = argv[argv.index("--port") + 1] if "--port" in argv else None
+        if port:
+            argv[argv.index("--port") + 1] = "0"
+        daemon = Daemon(argv, self.cwd / f"daemon{len(self.daemons)}.log", cwd=self.cwd)
+        self.daemons.append(daemon)
+        if port:
+            self.addresses[f"127.0.0.1:{port}"] = daemon.address
+        return daemon
+
+    def stop(self) -> None:
+        for d in self.daemons:
+            d.stop()
+
+
+def test_readme_starts_with_the_two_commands():
+    first = [line.split("#")[0].strip() for line in blocks("sh")[0].strip().splitlines()]
+    assert first == ["make demo", "make test"]
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_readme_training_example(tmp_path):
-    server_lines = [
-        line for block in blocks("sh") for line in block.splitlines() if "ps-server --port" in line
-    ]
-    assert len(server_lines) == 2
-    daemons = []
+    shell = ShellBlock(tmp_path)
     try:
-        for i, line in enumerate(server_lines):
-            argv = shlex.split(line.rstrip("&").strip())
-            argv[0] = str(BIN / Path(argv[0]).name)
-            argv[argv.index("--port") + 1] = "0"
-            daemons.append(Daemon(argv, tmp_path / f"server{i}.log"))
+        for line in block_with("ps-server --port 7011"):
+            shell.run(line)
         example = next(b for b in blocks("python") if "SERVERS = " in b)
-        addresses = [d.address for d in daemons]
-        example = re.sub(r"SERVERS = \[.*?\]", f"SERVERS = {addresses!r}", example)
+        real = [shell.addresses["127.0.0.1:7011"], shell.addresses["127.0.0.1:7012"]]
+        example = re.sub(r"SERVERS = \[.*?\]", f"SERVERS = {real!r}", example)
         result = subprocess.run(
             [sys.executable, "-c", example], capture_output=True, text=True, timeout=150
         )
     finally:
-        for d in daemons:
-            d.stop()
+        shell.stop()
     assert result.returncode == 0, result.stderr
     match = re.search(r"accuracy ([\d.]+), server versions \[(\d+), (\d+)\]", result.stdout)
     assert match, result.stdout
     assert float(match.group(1)) >= 0.9  # a separable toy problem
     assert match.group(2) == match.group(3) == "100"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_readme_daemons_by_hand(tmp_path):
+    shell = ShellBlock(tmp_path)
+    try:
+        *start, status = block_with("ps-worker --scheduler")
+        for line in start:
+            outcome = shell.run(line)
+            if isinstance(outcome, subprocess.CompletedProcess):
+                assert outcome.returncode == 0, outcome.stderr
+        worker = shell.daemons[-1]
+        assert worker.proc.wait(180) == 0, worker.log.name
+        result = shell.run(status)
+    finally:
+        shell.stop()
+    assert result.returncode == 0, result.stderr
+    assert "shards 40/40 done" in result.stdout and "finished" in result.stdout
+    assert "test accuracy after epoch 5" in result.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_readme_local_cluster(tmp_path):
+    (line,) = block_with("ps-cluster up --dataset digits")
+    result = ShellBlock(tmp_path).run(line)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"final test accuracy 0\.9\d", result.stdout), result.stdout

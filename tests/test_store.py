@@ -261,3 +261,11 @@ def test_bad_init_changes_nothing():
         store.initialise(job, chunks[:-1])
     assert store.job is None
     assert store.initialise(job, chunks)
+
+
+def test_observing_pull_neither_joins_nor_waits():
+    store, job = new_store("sync", workers=["a", "b"])
+    push(store, job, "a", 1, 1.0)
+    version, clock, pieces = store.pull("job", "evaluator", observe=True)
+    assert version == 0 and clock == 0 and pieces
+    assert store.active_workers() == ["a", "b"]  # the sync barrier still counts two

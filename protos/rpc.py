@@ -112,3 +112,29 @@ def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
             ),
         },
     )
+
+
+def new_server(max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
+    """An asyncio server with explicit message limits and no SO_REUSEPORT.
+
+    Without SO_REUSEPORT a second daemon on a taken port fails instead of
+    silently sharing it.
+    """
+    return grpc.aio.server(options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
+
+
+async def start_with_health(server: grpc.aio.Server, address: str, service_name: str):
+    """Bind (port 0 picks one), serve the standard health service, start.
+
+    Returns (port, health servicer): the servicer reports SERVING for "" and
+    ``service_name`` until ``enter_graceful_shutdown()``.
+    """
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    for name in ("", service_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return port, health_servicer

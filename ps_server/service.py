@@ -16,11 +16,17 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 
 from protos import ps_pb2
 from protos.codec import DEFAULT_CHUNK_BYTES, CodecError, RawChunk, decode_frame, encode_frames
-from protos.rpc import MAX_MESSAGE_BYTES, channel_options, generic_handler
+from protos.rpc import (
+    MAX_MESSAGE_BYTES,
+    SERVICE,
+    generic_handler,
+    new_server,
+    start_with_health,
+)
 from ps_server.errors import StoreError
 from ps_server.job import job_from_proto, job_to_proto, mode_to_proto
 from ps_server.store import ParameterStore, PullDecision, Waiter
@@ -244,14 +250,7 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Create, bind and start a server; ``address`` may use port 0. Returns the bound port."""
     config = config or ServiceConfig()
-    # No SO_REUSEPORT: a second server on a taken port must fail, not share it silently.
-    options = [*channel_options(config.max_message_bytes), ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options)
+    server = new_server(config.max_message_bytes)
     server.add_generic_rpc_handlers([generic_handler(ParameterService(store, config))])
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
-    await server.start()
-    for service in ("", "ps.ParameterServer"):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    port, health_servicer = await start_with_health(server, address, SERVICE)
     return server, port, health_servicer

@@ -249,10 +249,9 @@ def up(args: argparse.Namespace) -> int:
             LocalCluster(spec, work_dir, args.workers, slowdown, args.servers)
         )
         started = time.monotonic()
-        total = spec.epochs
         interactive = sys.stdout.isatty()
         bar = tqdm(
-            total=total,
+            total=None,
             unit="shard",
             desc=spec.mode,
             file=sys.stdout,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 
 from protos import ps_pb2, rpc, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.state import Completion, SchedulerState, StateError
@@ -119,7 +119,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         decision = await self._call(context, decide)
         # Keep the servers' count in step: this worker may have become idle or active.
         synced = await self.sync_membership()
-        if synced and decision.task is None and "servers to count" in decision.reason:
+        if synced and decision.awaiting_membership:
             decision = await self._call(context, decide)
         response = scheduler_pb2.LeaseResponse(finished=decision.done, reason=decision.reason)
         if decision.task is not None:
@@ -196,13 +196,8 @@ Started = tuple[grpc.aio.Server, int, "SchedulerService", health.aio.HealthServi
 
 
 async def start_scheduler(state: SchedulerState, address: str) -> Started:
-    server = grpc.aio.server(options=[*rpc.channel_options(), ("grpc.so_reuseport", 0)])
+    server = rpc.new_server()
     service = SchedulerService(state)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
-    await server.start()
-    for name in ("", "ps.Scheduler"):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    port, health_servicer = await rpc.start_with_health(server, address, "ps.Scheduler")
     return server, port, service, health_servicer

@@ -74,6 +74,7 @@ class LeaseDecision:
     evaluate_epoch: int | None  # evaluate the weights for this finished epoch first
     done: bool
     reason: str  # why there is no task, for logs and progress output
+    awaiting_membership: bool = False  # a task waits until the servers count this worker
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ class SchedulerState:
         self._set_state(worker_id, "active")
         if members is not None and worker_id not in members:
             return LeaseDecision(
-                None, evaluate, False, "waiting for the servers to count this worker"
+                None, evaluate, False, "waiting for the servers to count this worker", True
             )
         lease_id = uuid.uuid4().hex[:12]
         deadline = now + spec.lease_timeout_s

@@ -96,7 +96,8 @@ def test_membership_gate_and_expected_workers():
     a = state.register("h", "cpu", 0.0)
     assert "1 of 2 registered" in state.lease(a, 0.0).reason
     b = state.register("h", "cpu", 0.0)
-    assert "servers to count" in state.lease(a, 0.0, members=frozenset({b})).reason
+    waiting = state.lease(a, 0.0, members=frozenset({b}))
+    assert waiting.awaiting_membership and "servers to count" in waiting.reason
     assert state.lease(a, 0.0, members=frozenset({a, b})).task is not None
 
 

@@ -163,9 +163,17 @@ class LocalCluster:
         self.close()
 
 
-def summarise(spec: JobSpec, progress: dict, statuses: list, wall_s: float) -> dict:
+def summarise(
+    spec: JobSpec, progress: dict, statuses: list, wall_s: float, started_at: float
+) -> dict:
+    """The job's outcome; ``started_at`` (time.time()) dates the accuracy curve."""
     curve = [
-        {"epoch": e["epoch"] + 1, "loss": e["loss"], "accuracy": e["accuracy"]}
+        {
+            "epoch": e["epoch"] + 1,
+            "loss": e["loss"],
+            "accuracy": e["accuracy"],
+            "wall_s": round(e["evaluated_at"] - started_at, 3),
+        }
         for e in progress["evaluations"]
     ]
     return {
@@ -248,7 +256,7 @@ def up(args: argparse.Namespace) -> int:
         cluster = stack.enter_context(
             LocalCluster(spec, work_dir, args.workers, slowdown, args.servers)
         )
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         interactive = sys.stdout.isatty()
         bar = tqdm(
             total=None,
@@ -292,7 +300,9 @@ def up(args: argparse.Namespace) -> int:
             print("ps-cluster: interrupted; stopping every process", file=sys.stderr)
             return 130
         bar.close()
-        summary = summarise(cluster.spec, progress, statuses, time.monotonic() - started)
+        summary = summarise(
+            cluster.spec, progress, statuses, time.monotonic() - started, started_at
+        )
         print(final_table(summary))
         if args.summary_json:
             args.summary_json.parent.mkdir(parents=True, exist_ok=True)

@@ -446,9 +446,15 @@ class SchedulerState:
                 )
             ],
             evaluations=[
-                {"epoch": r[0], "loss": r[1], "accuracy": r[2], "worker": r[3]}
+                {
+                    "epoch": r[0],
+                    "loss": r[1],
+                    "accuracy": r[2],
+                    "worker": r[3],
+                    "evaluated_at": r[4],
+                }
                 for r in self.db.execute(
-                    "SELECT epoch, loss, accuracy, worker FROM evaluations "
+                    "SELECT epoch, loss, accuracy, worker, evaluated_at FROM evaluations "
                     "WHERE accuracy IS NOT NULL ORDER BY epoch"
                 )
             ],

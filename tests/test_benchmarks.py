@@ -36,3 +36,25 @@ def test_transport_quick_writes_json(tmp_path):
         assert row["push_gbps"] > 0 and row["pull_gbps"] > 0
         assert row["ratio_vs_tcp"] == pytest.approx(row["push_pull_gbps"] / data["raw_tcp"]["gbps"])
     assert table.read_text().count("\n|") == 4  # header, rule, two rows
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_sync_vs_async_quick_writes_results_and_plots(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sync_vs_async", "--quick", "--out", str(tmp_path),
+         "--straggler", "0:2.0"],
+        capture_output=True, text=True, timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [m["label"] for m in data["modes"]] == ["sync", "async", "ssp:1"]
+    for mode in data["modes"]:
+        assert 0.0 <= mode["final_accuracy"] <= 1.0
+        assert mode["samples_per_s"] > 0 and mode["updates_per_s"] > 0
+        assert sum(mode["staleness_histogram"].values()) > 0
+        assert all(e["wall_s"] > 0 for e in mode["curves"][0])
+    assert data["straggler"] == "worker 0 x2.0"
+    assert (tmp_path / "results.md").read_text().count("\n| ") == 4
+    for png in ("accuracy.png", "staleness.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

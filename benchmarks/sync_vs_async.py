@@ -1,0 +1,258 @@
+"""Sync vs async vs ssp (and sync with backup workers) on a local cluster, with stragglers.
+
+    python -m benchmarks.sync_vs_async --out bench-out/modes --straggler 0:3.0
+    python -m benchmarks.sync_vs_async --quick --out bench-out/modes-quick
+
+Runs the same job once per mode (and per repeat) on real processes and reports, per
+mode: time to the target test accuracy, final accuracy, samples/s, updates applied/s,
+the staleness distribution (versions applied between a worker's pull and the push
+that used it) and stale gradients dropped. Writes results.json, results.md,
+accuracy.png (test accuracy against wall time) and staleness.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ps_worker.data import MANIFEST, prepare, read_manifest
+from scheduler.cluster import LocalCluster, parse_straggler, summarise
+from scheduler.jobspec import JobSpec
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the job: a mode and what it changes in the spec."""
+
+    label: str
+    overrides: dict
+
+    @classmethod
+    def parse(cls, text: str, async_lr: float) -> Variant:
+        """sync | async | ssp:S | backup:B | async-slr | ssp:S-slr (slr: lr / staleness)."""
+        name, _, arg = text.partition(":")
+        aware = arg.endswith("-slr") or name.endswith("-slr")
+        arg, name = arg.removesuffix("-slr"), name.removesuffix("-slr")
+        stale = {"lr": async_lr, "beta1": 0.0, "staleness_aware_lr": aware}
+        if name == "sync":
+            return cls(text, {"mode": "sync"})
+        if name == "backup":
+            return cls(text, {"mode": "sync", "backup_workers": int(arg or 1)})
+        if name == "async":
+            return cls(text, {"mode": "async", **stale})
+        if name == "ssp":
+            return cls(text, {"mode": "ssp", "staleness": int(arg or 1), **stale})
+        raise argparse.ArgumentTypeError(f"unknown mode {text!r}")
+
+
+def run_variant(
+    base: JobSpec,
+    variant: Variant,
+    workers: int,
+    servers: int,
+    slowdown: dict[int, float],
+    work: Path,
+) -> dict:
+    spec = JobSpec.from_dict(
+        {**json.loads(base.to_json()), **variant.overrides, "expected_workers": workers}
+    )
+    started, started_at = time.monotonic(), time.time()
+    with LocalCluster(spec, work, workers, slowdown, servers).start() as cluster:
+        progress = cluster.wait(3600)
+        statuses = cluster.server_status()
+        wall = time.monotonic() - started
+    summary = summarise(cluster.spec, progress, statuses, wall, started_at)
+    summary["label"] = variant.label
+    summary["samples_per_s"] = sum(s.samples for s in _completions(work)) / wall
+    summary["updates_per_s"] = max(summary["updates_applied"]) / wall
+    return summary
+
+
+def _completions(work: Path):
+    from scheduler.state import SchedulerState
+
+    state = SchedulerState(str(work / "scheduler.db"))
+    try:
+        return state.completions()
+    finally:
+        state.close()
+
+
+def aggregate(label: str, runs: list[dict], target: float) -> dict:
+    """Medians over repeats; the staleness histogram summed over servers and repeats."""
+
+    def to_target(run: dict) -> float | None:
+        return next((e["wall_s"] for e in run["accuracy_curve"] if e["accuracy"] >= target), None)
+
+    times = [to_target(r) for r in runs]
+    reached = [t for t in times if t is not None]
+    staleness: Counter[int] = Counter()
+    for run in runs:
+        for server in run["staleness_histogram"][:1]:  # every server sees every push
+            staleness.update({int(k): v for k, v in server.items()})
+    return {
+        "label": label,
+        "mode": runs[0]["mode"],
+        "repeats": len(runs),
+        "time_to_target_s": statistics.median(reached) if len(reached) == len(runs) else None,
+        "final_accuracy": statistics.median(r["final_accuracy"] for r in runs),
+        "wall_s": statistics.median(r["wall_s"] for r in runs),
+        "samples_per_s": statistics.median(r["samples_per_s"] for r in runs),
+        "updates_per_s": statistics.median(r["updates_per_s"] for r in runs),
+        "stale_dropped": statistics.median(max(r["stale_dropped"]) for r in runs),
+        "staleness_histogram": dict(sorted(staleness.items())),
+        "curves": [r["accuracy_curve"] for r in runs],
+    }
+
+
+def markdown(result: dict) -> str:
+    target = result["target_accuracy"]
+    lines = [
+        f"{result['model']} on {result['dataset']}, {result['workers']} workers, "
+        f"{result['servers']} servers, straggler {result['straggler'] or 'none'}; "
+        f"medians of {result['repeats']} run(s).",
+        "",
+        f"| mode | time to {target:.0%} (s) | final accuracy | samples/s | updates/s | "
+        "median staleness | stale dropped |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["modes"]:
+        hist = r["staleness_histogram"]
+        expanded = sorted(k for k, n in hist.items() for _ in range(n))
+        median = expanded[len(expanded) // 2] if expanded else 0
+        reached = "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
+        lines.append(
+            f"| {r['label']} | {reached} | {r['final_accuracy']:.3f} | "
+            f"{r['samples_per_s']:.0f} | {r['updates_per_s']:.1f} | {median} | "
+            f"{r['stale_dropped']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in result["modes"]:
+        curve = r["curves"][0]
+        ax.plot(
+            [e["wall_s"] for e in curve],
+            [e["accuracy"] for e in curve],
+            marker="o",
+            label=r["label"],
+        )
+    ax.axhline(result["target_accuracy"], color="grey", linestyle=":", label="target")
+    ax.set_xlabel("wall time since the cluster started (s)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{result['model']}: test accuracy against wall time")
+    ax.legend()
+    fig.tight_layout()
+    accuracy = out / "accuracy.png"
+    fig.savefig(accuracy, dpi=120)
+    plt.close(fig)
+
+    modes = result["modes"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(3 * len(modes), 3), squeeze=False)
+    for ax, r in zip(axes[0], modes, strict=True):
+        hist = r["staleness_histogram"]
+        ax.bar([int(k) for k in hist], list(hist.values()))
+        ax.set_title(r["label"])
+        ax.set_xlabel("staleness (versions)")
+    axes[0][0].set_ylabel("pushes")
+    fig.tight_layout()
+    staleness = out / "staleness.png"
+    fig.savefig(staleness, dpi=120)
+    plt.close(fig)
+    return [accuracy, staleness]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="where the outputs go")
+    parser.add_argument(
+        "--quick", action="store_true", help="digits MLP, 2 epochs, 3 modes: under a minute"
+    )
+    parser.add_argument("--dataset", default="mnist1d")
+    parser.add_argument("--model", default="mnist1d-cnn")
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument(
+        "--modes", nargs="+", default=["sync", "backup:1", "async", "ssp:1", "ssp:3"]
+    )
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.01, help="sync's learning rate")
+    parser.add_argument(
+        "--async-lr", type=float, default=0.003, help="async and ssp learning rate (Adam, beta1 0)"
+    )
+    parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--straggler", type=parse_straggler, action="append", default=[])
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.dataset, args.model, args.epochs, args.batch_size = "digits", "digits-mlp", 2, 32
+        args.modes, args.async_lr, args.lr = ["sync", "async", "ssp:1"], 0.003, 0.003
+        args.target = 0.8
+    variants = [Variant.parse(m, args.async_lr) for m in args.modes]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="modes-") as tmp:
+        data = args.data_dir or Path(tmp) / "data"
+        if not (data / MANIFEST).exists():
+            print(f"preparing {args.dataset} ...", flush=True)
+            prepare(args.dataset, data, shards=16)
+        base = JobSpec(
+            data_dir=str(data),
+            model=args.model,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            optimizer="adam",
+            lease_timeout_s=30.0,
+        )
+        slowdown = {i: f - 1.0 for i, f in args.straggler}
+        modes = []
+        for variant in variants:
+            runs = []
+            for repeat in range(args.repeats):
+                work = Path(tmp) / f"{variant.label.replace(':', '-')}-{repeat}"
+                runs.append(run_variant(base, variant, args.workers, args.servers, slowdown, work))
+                print(
+                    f"{variant.label} run {repeat + 1}: final accuracy "
+                    f"{runs[-1]['final_accuracy']:.3f} in {runs[-1]['wall_s']:.1f}s",
+                    flush=True,
+                )
+            modes.append(aggregate(variant.label, runs, args.target))
+        result = {
+            "benchmark": "sync_vs_async",
+            "dataset": args.dataset,
+            "model": args.model,
+            "workers": args.workers,
+            "servers": args.servers,
+            "epochs": args.epochs,
+            "target_accuracy": args.target,
+            "repeats": args.repeats,
+            "straggler": ", ".join(f"worker {i} x{f}" for i, f in args.straggler),
+            "train_samples": read_manifest(data).train_samples,
+            "modes": modes,
+        }
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    (args.out / "results.md").write_text(markdown(result))
+    written = [args.out / "results.json", args.out / "results.md", *plot(result, args.out)]
+    print(markdown(result))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

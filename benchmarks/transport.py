@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.rawtcp import measure_raw_tcp
-from ps_worker import Client
+from ps_worker import Client, ClientConfig
 from scheduler.launch import servers
 
 MIB = 1 << 20
@@ -39,37 +39,49 @@ def model_of(nbytes: int) -> torch.nn.Module:
     return model
 
 
-def measure_ps(num_servers: int, model: torch.nn.Module, repeats: int) -> dict:
-    """Push from and pull into the module, as a training loop does; medians of repeats."""
+def measure_ps(num_servers: int, model: torch.nn.Module, repeats: int) -> list[dict]:
+    """Push from and pull into the module, as a training loop does, over TCP and then over
+    the servers' Unix sockets (the same-host path); medians of repeats."""
     nbytes = sum(p.numel() * 4 for p in model.parameters())
     for p in model.parameters():
         p.grad = torch.full_like(p, 1e-3)
+    rows = []
     with ExitStack() as stack:
         daemons = stack.enter_context(
             servers(num_servers, Path(stack.enter_context(tempfile.TemporaryDirectory())))
         )
-        c = stack.enter_context(
-            Client([d.address for d in daemons], job_id="transport", worker_id="bench")
-        )
-        c.init(model, mode="async", optimizer="sgd", lr=0.1)
-        push_s, pull_s = [], []
-        for _ in range(repeats + 1):  # the first round warms up
-            start = time.perf_counter()
-            c.push_from(model)
-            mid = time.perf_counter()
-            c.pull_into(model)
-            push_s.append(mid - start)
-            pull_s.append(time.perf_counter() - mid)
-    push, pull = statistics.median(push_s[1:]), statistics.median(pull_s[1:])
-    both = statistics.median(a + b for a, b in zip(push_s[1:], pull_s[1:], strict=True))
-    return {
-        "servers": num_servers,
-        "push_s": push,
-        "pull_s": pull,
-        "push_gbps": nbytes / push / 1e9,
-        "pull_gbps": nbytes / pull / 1e9,
-        "push_pull_gbps": 2 * nbytes / both / 1e9,
-    }
+        for path in ("tcp", "unix"):
+            config = ClientConfig(same_host_unix_socket=path == "unix")
+            with Client(
+                [d.address for d in daemons],
+                job_id="transport",
+                worker_id=f"bench-{path}",
+                config=config,
+            ) as c:
+                c.init(model, mode="async", optimizer="sgd", lr=0.1)
+                assert c.transports == [path] * num_servers, c.transports
+                push_s, pull_s = [], []
+                for _ in range(repeats + 1):  # the first round warms up
+                    start = time.perf_counter()
+                    c.push_from(model)
+                    mid = time.perf_counter()
+                    c.pull_into(model)
+                    push_s.append(mid - start)
+                    pull_s.append(time.perf_counter() - mid)
+            push, pull = statistics.median(push_s[1:]), statistics.median(pull_s[1:])
+            both = statistics.median(a + b for a, b in zip(push_s[1:], pull_s[1:], strict=True))
+            rows.append(
+                {
+                    "servers": num_servers,
+                    "path": path,
+                    "push_s": push,
+                    "pull_s": pull,
+                    "push_gbps": nbytes / push / 1e9,
+                    "pull_gbps": nbytes / pull / 1e9,
+                    "push_pull_gbps": 2 * nbytes / both / 1e9,
+                }
+            )
+    return rows
 
 
 def run(size_mib: int, server_counts: list[int], repeats: int) -> dict:
@@ -79,15 +91,15 @@ def run(size_mib: int, server_counts: list[int], repeats: int) -> dict:
     print(f"raw loopback TCP, {size_mib} MiB there and back: {tcp['gbps']:.2f} GB/s", flush=True)
     rows = []
     for n in server_counts:
-        row = measure_ps(n, model, repeats)
-        row["ratio_vs_tcp"] = row["push_pull_gbps"] / tcp["gbps"]
-        rows.append(row)
-        print(
-            f"{n} server(s): push {row['push_gbps']:.2f} GB/s, pull {row['pull_gbps']:.2f} "
-            f"GB/s, push+pull {row['push_pull_gbps']:.2f} GB/s = "
-            f"{row['ratio_vs_tcp']:.2f} of raw TCP",
-            flush=True,
-        )
+        for row in measure_ps(n, model, repeats):
+            row["ratio_vs_tcp"] = row["push_pull_gbps"] / tcp["gbps"]
+            rows.append(row)
+            print(
+                f"{n} server(s) over {row['path']}: push {row['push_gbps']:.2f} GB/s, pull "
+                f"{row['pull_gbps']:.2f} GB/s, push+pull {row['push_pull_gbps']:.2f} GB/s = "
+                f"{row['ratio_vs_tcp']:.2f} of raw TCP",
+                flush=True,
+            )
     return {
         "benchmark": "transport",
         "model_bytes": nbytes,
@@ -114,12 +126,12 @@ def markdown(result: dict) -> str:
         f"Model {result['model_bytes'] / MIB:.0f} MiB float32; raw loopback TCP "
         f"{result['raw_tcp']['gbps']:.2f} GB/s (there and back).",
         "",
-        "| servers | push GB/s | pull GB/s | push+pull GB/s | vs raw TCP |",
-        "|---:|---:|---:|---:|---:|",
+        "| servers | path | push GB/s | pull GB/s | push+pull GB/s | vs raw TCP |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
         lines.append(
-            f"| {r['servers']} | {r['push_gbps']:.2f} | {r['pull_gbps']:.2f} | "
+            f"| {r['servers']} | {r['path']} | {r['push_gbps']:.2f} | {r['pull_gbps']:.2f} | "
             f"{r['push_pull_gbps']:.2f} | {r['ratio_vs_tcp']:.2f} |"
         )
     return "\n".join(lines) + "\n"

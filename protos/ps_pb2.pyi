@@ -284,7 +284,7 @@ class Waiter(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ..., waiting_for: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("initialised", "config", "version", "workers", "waiting", "updates_applied", "pushes_received", "stale_dropped", "duplicates", "staleness_histogram", "parameter_bytes", "contributions")
+    __slots__ = ("initialised", "config", "version", "workers", "waiting", "updates_applied", "pushes_received", "stale_dropped", "duplicates", "staleness_histogram", "parameter_bytes", "contributions", "hostname", "unix_socket")
     class StalenessHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +304,8 @@ class StatusResponse(_message.Message):
     STALENESS_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    UNIX_SOCKET_FIELD_NUMBER: _ClassVar[int]
     initialised: bool
     config: JobConfig
     version: int
@@ -316,4 +318,6 @@ class StatusResponse(_message.Message):
     staleness_histogram: _containers.ScalarMap[int, int]
     parameter_bytes: int
     contributions: int
-    def __init__(self, initialised: _Optional[bool] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., stale_dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., parameter_bytes: _Optional[int] = ..., contributions: _Optional[int] = ...) -> None: ...
+    hostname: str
+    unix_socket: str
+    def __init__(self, initialised: _Optional[bool] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., stale_dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., parameter_bytes: _Optional[int] = ..., contributions: _Optional[int] = ..., hostname: _Optional[str] = ..., unix_socket: _Optional[str] = ...) -> None: ...

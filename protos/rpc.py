@@ -123,8 +123,10 @@ def new_server(max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
     return grpc.aio.server(options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
 
 
-async def start_with_health(server: grpc.aio.Server, address: str, service_name: str):
-    """Bind (port 0 picks one), serve the standard health service, start.
+async def start_with_health(
+    server: grpc.aio.Server, address: str, service_name: str, extra: list[str] | None = None
+):
+    """Bind (port 0 picks one) and any ``extra`` addresses, serve the health service, start.
 
     Returns (port, health servicer): the servicer reports SERVING for "" and
     ``service_name`` until ``enter_graceful_shutdown()``.
@@ -134,6 +136,8 @@ async def start_with_health(server: grpc.aio.Server, address: str, service_name:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)
+    for other in extra or []:
+        server.add_insecure_port(other)
     await server.start()
     for name in ("", service_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -8,6 +8,9 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+import uuid
+from pathlib import Path
 
 from ps_server.service import ServiceConfig, start_server
 from ps_server.store import ParameterStore
@@ -50,16 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="accept NaN/Inf gradients (rejected by default)",
     )
     parser.add_argument(
+        "--unix-socket",
+        default=os.environ.get("PS_UNIX_SOCKET", "auto"),
+        help="also listen on this Unix socket, which clients on this host use instead of TCP; "
+        "'auto' (default) picks one in the temp directory, 'none' turns it off",
+    )
+    parser.add_argument(
         "--grace-s",
         type=float,
         default=5.0,
         help="seconds in-flight calls get to finish on SIGTERM",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads for the optimizer (default: torch's choice)",
     )
     parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
@@ -72,7 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> int:
     store = ParameterStore(reject_nonfinite=not args.allow_nonfinite)
-    config = ServiceConfig(chunk_bytes=args.chunk_bytes, max_wait_s=args.max_wait_s)
+    socket_path = unix_socket_path(args.unix_socket)
+    config = ServiceConfig(
+        chunk_bytes=args.chunk_bytes,
+        max_wait_s=args.max_wait_s,
+        unix_socket=f"unix:{socket_path}" if socket_path else "",
+    )
     address = f"{args.host}:{args.port}"
     try:
         server, port, health_servicer = await start_server(store, address, config)
@@ -89,7 +97,18 @@ async def serve(args: argparse.Namespace) -> int:
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(args.grace_s)
+    if socket_path:
+        socket_path.unlink(missing_ok=True)
     return 0
+
+
+def unix_socket_path(choice: str) -> Path | None:
+    """The socket to listen on: a fresh one in the temp directory for 'auto'."""
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return Path(tempfile.gettempdir()) / f"ps-server-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
+    return Path(choice)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -41,6 +42,7 @@ class ServiceConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_wait_s: float = 600.0  # a waiting pull without a deadline gives up after this
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    unix_socket: str = ""  # "unix:PATH" also served, advertised to same-host clients
 
 
 async def abort(context: grpc.aio.ServicerContext, error: StoreError) -> NoReturn:
@@ -191,8 +193,9 @@ class ParameterService:
 
     async def Status(self, request: ps_pb2.StatusRequest, context) -> ps_pb2.StatusResponse:
         store = self.store
+        where = {"hostname": socket.gethostname(), "unix_socket": self.config.unix_socket}
         if store.job is None:
-            return ps_pb2.StatusResponse(initialised=False)
+            return ps_pb2.StatusResponse(initialised=False, **where)
         if request.job_id and request.job_id != store.job.job_id:
             await self._call(context, lambda: store.check_job(request.job_id))
         c = store.counters
@@ -215,6 +218,7 @@ class ParameterService:
             staleness_histogram=dict(c.staleness),
             parameter_bytes=store.parameter_bytes(),
             contributions=len(store.contributors),
+            **where,
         )
 
 
@@ -252,5 +256,6 @@ async def start_server(
     config = config or ServiceConfig()
     server = new_server(config.max_message_bytes)
     server.add_generic_rpc_handlers([generic_handler(ParameterService(store, config))])
-    port, health_servicer = await start_with_health(server, address, SERVICE)
+    extra = [config.unix_socket] if config.unix_socket else []
+    port, health_servicer = await start_with_health(server, address, SERVICE, extra)
     return server, port, health_servicer

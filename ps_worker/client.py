@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -62,6 +63,7 @@ class ClientConfig:
     backoff_s: float = 0.05  # first retry delay; doubles up to max_backoff_s, with jitter
     max_backoff_s: float = 2.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    same_host_unix_socket: bool = True  # reach a server on this host over its Unix socket
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class _ServerState:
     calls: rpc.Calls
     pulled_version: int = 0
     min_version: int = 0  # sync: the step the next pull waits for
+    transport: str = "tcp"  # or "unix": the server's socket on this host
 
 
 def default_worker_id() -> str:
@@ -123,6 +126,8 @@ class Client:
         self._pool = ThreadPoolExecutor(4 * len(servers), thread_name_prefix="ps-client")
         self._job: Job | None = None
         self._part_maps: dict[int, dict] = {}
+        self._transport_lock = threading.Lock()
+        self._transport_chosen = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -141,6 +146,40 @@ class Client:
     @property
     def servers(self) -> list[str]:
         return [s.address for s in self._servers]
+
+    @property
+    def transports(self) -> list[str]:
+        """How each server is reached: "unix" (its socket, on this host) or "tcp"."""
+        self._choose_transport()
+        return [s.transport for s in self._servers]
+
+    def _choose_transport(self) -> None:
+        """Once: switch to the Unix socket of every reachable server on this host."""
+        if self._transport_chosen:
+            return
+        with self._transport_lock:
+            if self._transport_chosen:
+                return
+            self._transport_chosen = True
+            if not self.config.same_host_unix_socket:
+                return
+            host = socket.gethostname()
+            for s in self._servers:
+                try:
+                    reply = s.calls.status(ps_pb2.StatusRequest(), timeout=5.0)
+                except grpc.RpcError:
+                    continue  # not reachable now: stay on TCP, retried as usual
+                path = reply.unix_socket.removeprefix("unix:")
+                if reply.hostname != host or not path or not os.path.exists(path):
+                    continue
+                channel = grpc.insecure_channel(reply.unix_socket, options=rpc.channel_options())
+                old, s.channel, s.calls, s.transport = (
+                    s.channel,
+                    channel,
+                    rpc.calls(channel),
+                    "unix",
+                )
+                old.close()
 
     @property
     def versions(self) -> list[int]:
@@ -484,6 +523,7 @@ class Client:
 
     def _each(self, fn: Callable[[int, _ServerState], T]) -> list[T]:
         """Run fn on every server concurrently; raise the first server's error, if any."""
+        self._choose_transport()
         if len(self._servers) == 1:
             return [fn(0, self._servers[0])]
         futures = [self._pool.submit(fn, i, s) for i, s in enumerate(self._servers)]

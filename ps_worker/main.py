@@ -39,12 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="sleep this many times each step's compute (to simulate stragglers)",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: torch's choice; 1 when workers share cores)",
-    )
     progress = parser.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_const", const=True)
     progress.add_argument("--no-progress", dest="progress", action="store_const", const=False)

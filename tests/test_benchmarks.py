@@ -31,20 +31,35 @@ def test_transport_quick_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["model_bytes"] >= 64 << 20
     assert data["raw_tcp"]["gbps"] > 0
-    assert [r["servers"] for r in data["results"]] == [1, 2]
+    assert [(r["servers"], r["path"]) for r in data["results"]] == [
+        (1, "tcp"),
+        (1, "unix"),
+        (2, "tcp"),
+        (2, "unix"),
+    ]
     for row in data["results"]:
         assert row["push_gbps"] > 0 and row["pull_gbps"] > 0
         assert row["ratio_vs_tcp"] == pytest.approx(row["push_pull_gbps"] / data["raw_tcp"]["gbps"])
-    assert table.read_text().count("\n|") == 4  # header, rule, two rows
+    assert table.read_text().count("\n|") == 6  # header, rule, four rows
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_sync_vs_async_quick_writes_results_and_plots(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sync_vs_async", "--quick", "--out", str(tmp_path),
-         "--straggler", "0:2.0"],
-        capture_output=True, text=True, timeout=280,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.sync_vs_async",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--straggler",
+            "0:2.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())

@@ -125,3 +125,24 @@ def test_pull_into_and_push_from_a_cuda_module(addresses):
         for p, q in zip(model.parameters(), expected.parameters(), strict=True):
             assert p.is_cuda
             torch.testing.assert_close(p.cpu(), q.detach() - 1)
+
+
+def test_same_host_servers_are_reached_over_their_unix_sockets(addresses, tmp_path):
+    model = small_model()
+    with Client(addresses, job_id="uds", worker_id="w") as local:
+        assert local.transports == ["unix", "unix"]
+        local.init(model, optimizer="sgd", lr=1.0)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        local.push_pull_into(model)
+    config = ClientConfig(same_host_unix_socket=False)
+    with Client(addresses, job_id="uds", worker_id="r", config=config) as remote:
+        assert remote.transports == ["tcp", "tcp"]
+        weights = remote.pull()
+    for name, p in model.named_parameters():  # both paths see the same weights
+        assert torch.equal(weights[name], p.detach())
+    with (
+        servers(1, tmp_path, "--unix-socket", "none") as (daemon,),
+        Client([daemon.address], job_id="x") as c,
+    ):
+        assert c.transports == ["tcp"]

@@ -337,9 +337,7 @@ class Client:
 
         return dest, finish
 
-    def _pull_request(
-        self, s: _ServerState, clock: int, min_version: int, observe: bool
-    ) -> ps_pb2.PullRequest:
+    def _pull_request(self, clock: int, min_version: int, observe: bool) -> ps_pb2.PullRequest:
         return ps_pb2.PullRequest(
             job_id=self.job_id,
             worker_id=self.worker_id,
@@ -351,7 +349,7 @@ class Client:
     def _run_pull(self, dest: Mapping[str, torch.Tensor], observe: bool) -> None:
         headers = self._each(
             lambda i, s: self._pull_one(
-                i, s, self._pull_request(s, self.clock, s.min_version, observe), dest
+                i, s, self._pull_request(self.clock, s.min_version, observe), dest
             )
         )
         if not observe:  # observing leaves the worker's own protocol state untouched
@@ -410,7 +408,7 @@ class Client:
         clock = self.clock + 1
 
         def step_one(i: int, s: _ServerState) -> tuple[ps_pb2.PushResponse, ps_pb2.PullHeader]:
-            pull = self._pull_request(s, clock, s.pulled_version + 1, False)
+            pull = self._pull_request(clock, s.pulled_version + 1, False)
             if self._server_bytes(i) > self.config.chunk_bytes:  # streams for large shares
                 pushed = self._push_one(i, s, flat, clock)
                 return pushed, self._pull_one(i, s, pull, dest)

@@ -21,8 +21,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from grpc_health.v1 import health_pb2
 
 from benchmarks.rawtcp import measure_raw_tcp
+from benchmarks.torch_ref import measure_gloo, measure_rpc
 from ps_worker import Client, ClientConfig
 from scheduler.launch import servers
 
@@ -84,15 +86,60 @@ def measure_ps(num_servers: int, model: torch.nn.Module, repeats: int) -> list[d
     return rows
 
 
+def measure_latency(calls: int) -> dict:
+    """Median seconds of a tiny push (one float32) next to a bare gRPC round trip (a health
+    check) on the same server, over TCP and over its Unix socket."""
+    out = {}
+    with tempfile.TemporaryDirectory() as logs, servers(1, Path(logs)) as (daemon,):
+        for path in ("tcp", "unix"):
+            config = ClientConfig(same_host_unix_socket=path == "unix")
+            with Client(
+                [daemon.address], job_id="tiny", worker_id=f"lat-{path}", config=config
+            ) as c:
+                c.init({"w": torch.zeros(1)}, mode="async", optimizer="sgd", lr=0.1)
+                grads = {"w": torch.zeros(1)}
+                target = c._servers[0].channel  # the channel the client itself uses
+                check = target.unary_unary(
+                    "/grpc.health.v1.Health/Check",
+                    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                    response_deserializer=health_pb2.HealthCheckResponse.FromString,
+                )
+                push, rtt = [], []
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    c.push(grads)
+                    mid = time.perf_counter()
+                    check(health_pb2.HealthCheckRequest(), timeout=10)
+                    push.append(mid - start)
+                    rtt.append(time.perf_counter() - mid)
+            out[path] = {
+                "tiny_push_s": statistics.median(push),
+                "grpc_round_trip_s": statistics.median(rtt),
+            }
+            print(
+                f"over {path}: tiny push {out[path]['tiny_push_s'] * 1e6:.0f} us, bare gRPC "
+                f"round trip {out[path]['grpc_round_trip_s'] * 1e6:.0f} us",
+                flush=True,
+            )
+    return out
+
+
 def run(size_mib: int, server_counts: list[int], repeats: int) -> dict:
     model = model_of(size_mib * MIB)
     nbytes = sum(p.numel() * 4 for p in model.parameters())
     tcp = measure_raw_tcp(nbytes, repeats)
     print(f"raw loopback TCP, {size_mib} MiB there and back: {tcp['gbps']:.2f} GB/s", flush=True)
+    torch_rpc = measure_rpc(nbytes, repeats)
+    print(f"torch.distributed.rpc push+pull: {torch_rpc['push_pull_gbps']:.2f} GB/s", flush=True)
+    gloo = measure_gloo(nbytes, 2, repeats)
+    print(f"gloo all-reduce, 2 processes: {gloo['allreduce_s'] * 1e3:.1f} ms", flush=True)
     rows = []
     for n in server_counts:
         for row in measure_ps(n, model, repeats):
             row["ratio_vs_tcp"] = row["push_pull_gbps"] / tcp["gbps"]
+            row["ratio_vs_torch_rpc"] = row["push_pull_gbps"] / torch_rpc["push_pull_gbps"]
+            # A sync step moves the same bytes; 1 server + 1 worker are 2 processes.
+            row["step_vs_gloo_allreduce"] = (row["push_s"] + row["pull_s"]) / gloo["allreduce_s"]
             rows.append(row)
             print(
                 f"{n} server(s) over {row['path']}: push {row['push_gbps']:.2f} GB/s, pull "
@@ -111,6 +158,9 @@ def run(size_mib: int, server_counts: list[int], repeats: int) -> dict:
             "cpus": _cpus(),
         },
         "raw_tcp": tcp,
+        "torch_rpc": torch_rpc,
+        "gloo_allreduce": gloo,
+        "latency": measure_latency(repeats * 50),
         "results": rows,
     }
 
@@ -122,17 +172,27 @@ def _cpus() -> int:
 
 
 def markdown(result: dict) -> str:
+    lat = result["latency"]
     lines = [
         f"Model {result['model_bytes'] / MIB:.0f} MiB float32; raw loopback TCP "
-        f"{result['raw_tcp']['gbps']:.2f} GB/s (there and back).",
+        f"{result['raw_tcp']['gbps']:.2f} GB/s (there and back); torch.distributed.rpc "
+        f"push+pull {result['torch_rpc']['push_pull_gbps']:.2f} GB/s; gloo all-reduce "
+        f"(2 processes) {result['gloo_allreduce']['allreduce_s'] * 1e3:.1f} ms.",
         "",
-        "| servers | path | push GB/s | pull GB/s | push+pull GB/s | vs raw TCP |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| servers | path | push GB/s | pull GB/s | push+pull GB/s | vs raw TCP | vs torch rpc "
+        "| push+pull time / gloo all-reduce |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
         lines.append(
             f"| {r['servers']} | {r['path']} | {r['push_gbps']:.2f} | {r['pull_gbps']:.2f} | "
-            f"{r['push_pull_gbps']:.2f} | {r['ratio_vs_tcp']:.2f} |"
+            f"{r['push_pull_gbps']:.2f} | {r['ratio_vs_tcp']:.2f} | "
+            f"{r['ratio_vs_torch_rpc']:.2f} | {r['step_vs_gloo_allreduce']:.1f} |"
+        )
+    lines += ["", "| path | tiny push (us) | bare gRPC round trip (us) |", "|---|---:|---:|"]
+    for path, v in lat.items():
+        lines.append(
+            f"| {path} | {v['tiny_push_s'] * 1e6:.0f} | {v['grpc_round_trip_s'] * 1e6:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

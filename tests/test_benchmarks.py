@@ -37,10 +37,16 @@ def test_transport_quick_writes_json(tmp_path):
         (2, "tcp"),
         (2, "unix"),
     ]
+    assert data["torch_rpc"]["push_pull_gbps"] > 0
+    assert data["gloo_allreduce"]["processes"] == 2 and data["gloo_allreduce"]["allreduce_s"] > 0
     for row in data["results"]:
         assert row["push_gbps"] > 0 and row["pull_gbps"] > 0
         assert row["ratio_vs_tcp"] == pytest.approx(row["push_pull_gbps"] / data["raw_tcp"]["gbps"])
-    assert table.read_text().count("\n|") == 6  # header, rule, four rows
+        assert row["ratio_vs_torch_rpc"] > 0 and row["step_vs_gloo_allreduce"] > 0
+    for path in ("tcp", "unix"):
+        latency = data["latency"][path]
+        assert latency["tiny_push_s"] > 0 and latency["grpc_round_trip_s"] > 0
+    assert table.read_text().count("\n|") == 10  # two tables: 4 + 2 rows, headers and rules
 
 
 @pytest.mark.integration

@@ -29,6 +29,14 @@ from ps_worker import Client, ClientConfig
 from scheduler.launch import servers
 
 MIB = 1 << 20
+PATHS = ("tcp", "unix", "shm")
+
+
+def path_config(path: str) -> ClientConfig:
+    """A client that reaches same-host servers over TCP, their Unix socket, or shared memory."""
+    return ClientConfig(
+        same_host_unix_socket=path != "tcp", same_host_shared_memory=path == "shm"
+    )
 
 
 def model_of(nbytes: int) -> torch.nn.Module:
@@ -52,13 +60,12 @@ def measure_ps(num_servers: int, model: torch.nn.Module, repeats: int) -> list[d
         daemons = stack.enter_context(
             servers(num_servers, Path(stack.enter_context(tempfile.TemporaryDirectory())))
         )
-        for path in ("tcp", "unix"):
-            config = ClientConfig(same_host_unix_socket=path == "unix")
+        for path in PATHS:
             with Client(
                 [d.address for d in daemons],
                 job_id="transport",
                 worker_id=f"bench-{path}",
-                config=config,
+                config=path_config(path),
             ) as c:
                 c.init(model, mode="async", optimizer="sgd", lr=0.1)
                 assert c.transports == [path] * num_servers, c.transports
@@ -91,10 +98,9 @@ def measure_latency(calls: int) -> dict:
     check) on the same server, over TCP and over its Unix socket."""
     out = {}
     with tempfile.TemporaryDirectory() as logs, servers(1, Path(logs)) as (daemon,):
-        for path in ("tcp", "unix"):
-            config = ClientConfig(same_host_unix_socket=path == "unix")
+        for path in PATHS:
             with Client(
-                [daemon.address], job_id="tiny", worker_id=f"lat-{path}", config=config
+                [daemon.address], job_id="tiny", worker_id=f"lat-{path}", config=path_config(path)
             ) as c:
                 c.init({"w": torch.zeros(1)}, mode="async", optimizer="sgd", lr=0.1)
                 grads = {"w": torch.zeros(1)}

@@ -241,6 +241,16 @@ class StepRequest(_message.Message):
     chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
     def __init__(self, header: _Optional[_Union[StepHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
+class ShmStepRequest(_message.Message):
+    __slots__ = ("segment", "push", "pull")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    push: PushHeader
+    pull: PullRequest
+    def __init__(self, segment: _Optional[str] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+
 class MembershipRequest(_message.Message):
     __slots__ = ("job_id", "active_workers")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -284,7 +294,7 @@ class Waiter(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ..., waiting_for: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("initialised", "config", "version", "workers", "waiting", "updates_applied", "pushes_received", "stale_dropped", "duplicates", "staleness_histogram", "parameter_bytes", "contributions", "hostname", "unix_socket")
+    __slots__ = ("initialised", "config", "version", "workers", "waiting", "updates_applied", "pushes_received", "stale_dropped", "duplicates", "staleness_histogram", "parameter_bytes", "contributions", "hostname", "unix_socket", "shm_dir")
     class StalenessHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +316,7 @@ class StatusResponse(_message.Message):
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     UNIX_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
     initialised: bool
     config: JobConfig
     version: int
@@ -320,4 +331,5 @@ class StatusResponse(_message.Message):
     contributions: int
     hostname: str
     unix_socket: str
-    def __init__(self, initialised: _Optional[bool] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., stale_dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., parameter_bytes: _Optional[int] = ..., contributions: _Optional[int] = ..., hostname: _Optional[str] = ..., unix_socket: _Optional[str] = ...) -> None: ...
+    shm_dir: str
+    def __init__(self, initialised: _Optional[bool] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., stale_dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., parameter_bytes: _Optional[int] = ..., contributions: _Optional[int] = ..., hostname: _Optional[str] = ..., unix_socket: _Optional[str] = ..., shm_dir: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,11 @@ class ParameterServerStub:
                 request_serializer=protos_dot_ps__pb2.StepRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.ShmStep = channel.unary_unary(
+                '/ps.ParameterServer/ShmStep',
+                request_serializer=protos_dot_ps__pb2.ShmStepRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__pb2.PullHeader.FromString,
+                _registered_method=True)
         self.SetMembership = channel.unary_unary(
                 '/ps.ParameterServer/SetMembership',
                 request_serializer=protos_dot_ps__pb2.MembershipRequest.SerializeToString,
@@ -93,6 +98,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShmStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetMembership(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -127,6 +138,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=protos_dot_ps__pb2.StepRequest.FromString,
                     response_serializer=protos_dot_ps__pb2.PullResponse.SerializeToString,
+            ),
+            'ShmStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShmStep,
+                    request_deserializer=protos_dot_ps__pb2.ShmStepRequest.FromString,
+                    response_serializer=protos_dot_ps__pb2.PullHeader.SerializeToString,
             ),
             'SetMembership': grpc.unary_unary_rpc_method_handler(
                     servicer.SetMembership,
@@ -247,6 +263,33 @@ class ParameterServer:
             '/ps.ParameterServer/Step',
             protos_dot_ps__pb2.StepRequest.SerializeToString,
             protos_dot_ps__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShmStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.ParameterServer/ShmStep',
+            protos_dot_ps__pb2.ShmStepRequest.SerializeToString,
+            protos_dot_ps__pb2.PullHeader.FromString,
             options,
             channel_credentials,
             insecure,

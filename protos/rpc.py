@@ -39,6 +39,7 @@ class Calls:
     push: grpc.StreamUnaryMultiCallable
     pull: grpc.UnaryStreamMultiCallable
     step: grpc.UnaryUnaryMultiCallable
+    shm_step: grpc.UnaryUnaryMultiCallable
     set_membership: grpc.UnaryUnaryMultiCallable
     status: grpc.UnaryUnaryMultiCallable
 
@@ -65,6 +66,11 @@ def calls(channel: grpc.Channel) -> Calls:
             request_serializer=None,
             response_deserializer=None,
         ),
+        shm_step=channel.unary_unary(
+            method("ShmStep"),
+            request_serializer=ps_pb2.ShmStepRequest.SerializeToString,
+            response_deserializer=ps_pb2.PullHeader.FromString,
+        ),
         set_membership=channel.unary_unary(
             method("SetMembership"),
             request_serializer=ps_pb2.MembershipRequest.SerializeToString,
@@ -79,7 +85,7 @@ def calls(channel: grpc.Channel) -> Calls:
 
 
 def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
-    """Server-side handlers for a servicer with Init, Push, Pull, SetMembership, Status."""
+    """Server-side handlers for a servicer with every method of the service."""
     s = servicer
     return grpc.method_handlers_generic_handler(
         SERVICE,
@@ -99,6 +105,11 @@ def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
             ),
             "Step": grpc.unary_unary_rpc_method_handler(
                 s.Step, request_deserializer=None, response_serializer=None
+            ),
+            "ShmStep": grpc.unary_unary_rpc_method_handler(
+                s.ShmStep,
+                request_deserializer=ps_pb2.ShmStepRequest.FromString,
+                response_serializer=ps_pb2.PullHeader.SerializeToString,
             ),
             "SetMembership": grpc.unary_unary_rpc_method_handler(
                 s.SetMembership,

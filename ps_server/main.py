@@ -12,6 +12,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from protos.shm import default_dir
 from ps_server.service import ServiceConfig, start_server
 from ps_server.store import ParameterStore
 
@@ -59,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "'auto' (default) picks one in the temp directory, 'none' turns it off",
     )
     parser.add_argument(
+        "--shm-dir",
+        default=os.environ.get("PS_SHM_DIR", "auto"),
+        help="directory where clients on this host put shared-memory segments, so tensor data "
+        "skips the socket; 'auto' (default) uses /dev/shm, 'none' turns it off",
+    )
+    parser.add_argument(
         "--grace-s",
         type=float,
         default=5.0,
@@ -80,6 +87,7 @@ async def serve(args: argparse.Namespace) -> int:
         chunk_bytes=args.chunk_bytes,
         max_wait_s=args.max_wait_s,
         unix_socket=f"unix:{socket_path}" if socket_path else "",
+        shm_dir=shm_dir(args.shm_dir),
     )
     address = f"{args.host}:{args.port}"
     try:
@@ -109,6 +117,17 @@ def unix_socket_path(choice: str) -> Path | None:
     if choice == "auto":
         return Path(tempfile.gettempdir()) / f"ps-server-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
     return Path(choice)
+
+
+def shm_dir(choice: str) -> str:
+    """The shared-memory directory to offer: /dev/shm (or the temp directory) for 'auto'."""
+    if choice == "none":
+        return ""
+    if choice == "auto":
+        return default_dir()
+    if not os.path.isdir(choice):
+        raise SystemExit(f"ps-server: --shm-dir {choice} is not a directory")
+    return os.path.abspath(choice)
 
 
 def main(argv: list[str] | None = None) -> int:

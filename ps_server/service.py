@@ -16,11 +16,19 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health
 
 from protos import ps_pb2
-from protos.codec import DEFAULT_CHUNK_BYTES, CodecError, RawChunk, decode_frame, encode_frames
+from protos.codec import (
+    DEFAULT_CHUNK_BYTES,
+    CodecError,
+    Piece,
+    RawChunk,
+    decode_frame,
+    encode_frames,
+)
 from protos.rpc import (
     MAX_MESSAGE_BYTES,
     SERVICE,
@@ -28,6 +36,7 @@ from protos.rpc import (
     new_server,
     start_with_health,
 )
+from protos.shm import SegmentCache, SegmentError, segment_slots
 from ps_server.errors import StoreError
 from ps_server.job import job_from_proto, job_to_proto, mode_to_proto
 from ps_server.store import ParameterStore, PullDecision, Waiter
@@ -43,6 +52,7 @@ class ServiceConfig:
     max_wait_s: float = 600.0  # a waiting pull without a deadline gives up after this
     max_message_bytes: int = MAX_MESSAGE_BYTES
     unix_socket: str = ""  # "unix:PATH" also served, advertised to same-host clients
+    shm_dir: str = ""  # directory of same-host clients' ShmStep segments; empty: off
 
 
 async def abort(context: grpc.aio.ServicerContext, error: StoreError) -> NoReturn:
@@ -61,6 +71,7 @@ class ParameterService:
         self.config = config or ServiceConfig()
         self.changed = asyncio.Condition()
         self._tokens = itertools.count()
+        self.segments = SegmentCache(self.config.shm_dir) if self.config.shm_dir else None
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -125,14 +136,62 @@ class ParameterService:
         (reply,) = await self._pull_frames(header.pull, context, None, response)
         return reply
 
-    async def _pull_frames(
+    async def ShmStep(self, request: ps_pb2.ShmStepRequest, context) -> ps_pb2.PullHeader:
+        """A push and/or a pull whose tensor data is in a same-host client's segment."""
+        if self.segments is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this server has no shared-memory path"
+            )
+        has_push, has_pull = request.HasField("push"), request.HasField("pull")
+        if not has_push and not has_pull:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "shm step: neither push nor pull")
+        job = await self._call(
+            context,
+            lambda: self.store.check_job(request.push.job_id if has_push else request.pull.job_id),
+        )
+        slots, size = segment_slots(job.layout, job.server_index)
+        try:
+            segment = self.segments.get(request.segment, size)
+        except SegmentError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"shm step: {e}")
+        push = None
+        if has_push:
+            chunks = [
+                RawChunk(
+                    slot.part.tensor,
+                    slot.part.index,
+                    0,
+                    job.layout.dtypes[slot.part.tensor].proto,
+                    segment.buffer[slot.offset : slot.offset + slot.part.nbytes],
+                )
+                for slot in slots
+            ]
+            push = await self._push(request.push, chunks, context)
+            del chunks
+        if not has_pull:
+            return ps_pb2.PullHeader(
+                version=self.store.version, mode=mode_to_proto(job.mode), push=push
+            )
+        header, pieces = await self._pulled(request.pull, context, push)
+        offsets = {(slot.part.tensor, slot.part.index): slot.offset for slot in slots}
+        segment = self.segments.get(request.segment, size)  # the same one, unless it went away
+        for piece in pieces:
+            raw = piece.values
+            start = offsets[piece.tensor, piece.part] + piece.offset * raw.itemsize
+            np.frombuffer(segment.buffer, raw.dtype, raw.size, start)[:] = raw
+        return header
+
+    async def _pulled(
         self,
         request: ps_pb2.PullRequest,
         context,
-        chunk_bytes: int | None,
         push: ps_pb2.PushResponse | None = None,
-    ) -> list[bytes]:
-        """Wait as the mode requires, then encode the weights (chunk_bytes None: one message)."""
+    ) -> tuple[ps_pb2.PullHeader, list[Piece]]:
+        """Wait as the mode requires; the header and views of the weights to send.
+
+        The views share memory with the parameters: copy or encode them before
+        the next await, so no push can tear them.
+        """
         store = self.store
 
         def decide() -> PullDecision:
@@ -145,11 +204,21 @@ class ParameterService:
         version, clock, pieces = await self._call(
             context, lambda: store.pull(request.job_id, request.worker_id, request.observe)
         )
-        # Encode everything before returning: a snapshot no push can tear.
         assert store.job is not None
         header = ps_pb2.PullHeader(
             version=version, worker_clock=clock, mode=mode_to_proto(store.job.mode), push=push
         )
+        return header, pieces
+
+    async def _pull_frames(
+        self,
+        request: ps_pb2.PullRequest,
+        context,
+        chunk_bytes: int | None,
+        push: ps_pb2.PushResponse | None = None,
+    ) -> list[bytes]:
+        """Wait as the mode requires, then encode the weights (chunk_bytes None: one message)."""
+        header, pieces = await self._pulled(request, context, push)
         if chunk_bytes is None:
             chunk_bytes = max(1, sum(p.values.nbytes for p in pieces))
         return list(encode_frames(header.SerializeToString(), pieces, chunk_bytes))
@@ -193,7 +262,11 @@ class ParameterService:
 
     async def Status(self, request: ps_pb2.StatusRequest, context) -> ps_pb2.StatusResponse:
         store = self.store
-        where = {"hostname": socket.gethostname(), "unix_socket": self.config.unix_socket}
+        where = {
+            "hostname": socket.gethostname(),
+            "unix_socket": self.config.unix_socket,
+            "shm_dir": self.config.shm_dir,
+        }
         if store.job is None:
             return ps_pb2.StatusResponse(initialised=False, **where)
         if request.job_id and request.job_id != store.job.job_id:

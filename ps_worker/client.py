@@ -41,7 +41,15 @@ from protos.codec import (
     to_raw,
     to_torch,
 )
-from protos.layout import DEFAULT_PART_BYTES, Layout, TensorSpec, plan_layout, server_pieces
+from protos.layout import (
+    DEFAULT_PART_BYTES,
+    Layout,
+    Part,
+    TensorSpec,
+    plan_layout,
+    server_pieces,
+)
+from protos.shm import Segment, segment_slots
 from ps_server.job import Job, Mode, job_from_proto, job_to_proto
 from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
 from ps_worker.errors import InvalidRequestError, PSError, ServerUnavailableError
@@ -64,6 +72,7 @@ class ClientConfig:
     max_backoff_s: float = 2.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     same_host_unix_socket: bool = True  # reach a server on this host over its Unix socket
+    same_host_shared_memory: bool = True  # and move tensor data through shared memory
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,38 @@ class _ServerState:
     pulled_version: int = 0
     min_version: int = 0  # sync: the step the next pull waits for
     transport: str = "tcp"  # or "unix": the server's socket on this host
+    shm_dir: str = ""  # the server is on this host and takes segments here
+    shm: _SharedBuffers | None = None
+    shm_verified: bool = False  # the server has opened one of this client's segments
+
+
+@dataclass
+class _SharedBuffers:
+    """This client's segment for one server, with a torch view of every part in it."""
+
+    segment: Segment
+    views: dict[Part, torch.Tensor]
+
+    @classmethod
+    def create(cls, directory: str, layout: Layout, server: int) -> _SharedBuffers:
+        slots, size = segment_slots(layout, server)
+        segment = Segment.create(directory, size)
+        views = {}
+        for slot in slots:
+            dtype = layout.dtypes[slot.part.tensor].torch
+            views[slot.part] = (
+                torch.frombuffer(
+                    segment.buffer, dtype=dtype, count=slot.part.count, offset=slot.offset
+                )
+                if slot.part.count
+                else torch.empty(0, dtype=dtype)
+            )
+        return cls(segment, views)
+
+    def close(self) -> None:
+        self.views.clear()
+        self.segment.unlink()
+        self.segment.close()
 
 
 def default_worker_id() -> str:
@@ -136,6 +177,8 @@ class Client:
         for s in self._servers:
             s.channel.close()  # cancels in-flight calls, so the pool's threads finish
         self._pool.shutdown(wait=True)
+        for s in self._servers:
+            self._drop_shm(s)
 
     def __enter__(self) -> Client:
         return self
@@ -149,9 +192,10 @@ class Client:
 
     @property
     def transports(self) -> list[str]:
-        """How each server is reached: "unix" (its socket, on this host) or "tcp"."""
+        """How each server is reached: "shm" (tensor data through shared memory, control
+        over the Unix socket or TCP), "unix" (its socket, on this host) or "tcp"."""
         self._choose_transport()
-        return [s.transport for s in self._servers]
+        return ["shm" if s.shm_dir else s.transport for s in self._servers]
 
     def _choose_transport(self) -> None:
         """Once: switch to the Unix socket of every reachable server on this host."""
@@ -161,7 +205,8 @@ class Client:
             if self._transport_chosen:
                 return
             self._transport_chosen = True
-            if not self.config.same_host_unix_socket:
+            config = self.config
+            if not (config.same_host_unix_socket or config.same_host_shared_memory):
                 return
             host = socket.gethostname()
             for s in self._servers:
@@ -169,6 +214,12 @@ class Client:
                     reply = s.calls.status(ps_pb2.StatusRequest(), timeout=5.0)
                 except grpc.RpcError:
                     continue  # not reachable now: stay on TCP, retried as usual
+                if reply.hostname != host:
+                    continue
+                if config.same_host_shared_memory and os.path.isdir(reply.shm_dir):
+                    s.shm_dir = reply.shm_dir  # given up if the server cannot open our segment
+                if not config.same_host_unix_socket:
+                    continue
                 path = reply.unix_socket.removeprefix("unix:")
                 if reply.hostname != host or not path or not os.path.exists(path):
                     continue
@@ -260,8 +311,7 @@ class Client:
             return reply.created
 
         created = self._each(init_one)
-        self._job = job
-        self._part_maps = {}
+        self._set_job(job)
         return any(created)
 
     def job(self) -> Job:
@@ -274,11 +324,16 @@ class Client:
                     "some worker must call init() first"
                 )
             try:
-                self._job = job_from_proto(reply.config)
-                self._part_maps = {}
+                self._set_job(job_from_proto(reply.config))
             except Exception as e:
                 raise PSError(f"cannot read the job from {self._servers[0].address}: {e}") from e
         return self._job
+
+    def _set_job(self, job: Job) -> None:
+        self._job = job
+        self._part_maps = {}
+        for s in self._servers:  # segments are laid out by the job's layout
+            self._drop_shm(s)
 
     @property
     def layout(self) -> Layout:
@@ -347,11 +402,15 @@ class Client:
         )
 
     def _run_pull(self, dest: Mapping[str, torch.Tensor], observe: bool) -> None:
-        headers = self._each(
-            lambda i, s: self._pull_one(
-                i, s, self._pull_request(self.clock, s.min_version, observe), dest
-            )
-        )
+        def pull_one(i: int, s: _ServerState) -> ps_pb2.PullHeader:
+            request = self._pull_request(self.clock, s.min_version, observe)
+            if s.shm_dir:
+                header = self._shm_step(i, s, None, 0, request, dest)
+                if header is not None:
+                    return header
+            return self._pull_one(i, s, request, dest)
+
+        headers = self._each(pull_one)
         if not observe:  # observing leaves the worker's own protocol state untouched
             self._after_pull(headers)
 
@@ -391,10 +450,18 @@ class Client:
 
     def push(self, grads: Tensors) -> PushSummary:
         """Push one iteration's gradients for every tensor of the model."""
-        flat = self._flat_grads(grads)
+        checked = self._checked_grads(grads)
         clock = self.clock + 1
-        replies = self._each(lambda i, s: self._push_one(i, s, flat, clock))
-        return self._after_push(clock, replies)
+        flat = _raw_grads(checked) if not all(s.shm_dir for s in self._servers) else None
+
+        def push_one(i: int, s: _ServerState) -> ps_pb2.PushResponse:
+            if s.shm_dir:
+                header = self._shm_step(i, s, checked, clock, None, {})
+                if header is not None:
+                    return header.push
+            return self._push_one(i, s, flat or _raw_grads(checked), clock)
+
+        return self._after_push(clock, self._each(push_one))
 
     def push_pull_into(self, module: torch.nn.Module) -> PushSummary:
         """Push the module's gradients, then pull the weights that follow, in one go.
@@ -403,12 +470,19 @@ class Client:
         server's share of the model fits one message it takes one round trip
         instead of two.
         """
-        flat = self._flat_grads(_module_grads(module))
+        checked = self._checked_grads(_module_grads(module))
         dest, finish = self._module_destinations(module)
         clock = self.clock + 1
+        flat = _raw_grads(checked) if not all(s.shm_dir for s in self._servers) else None
 
         def step_one(i: int, s: _ServerState) -> tuple[ps_pb2.PushResponse, ps_pb2.PullHeader]:
             pull = self._pull_request(clock, s.pulled_version + 1, False)
+            if s.shm_dir:
+                header = self._shm_step(i, s, checked, clock, pull, dest)
+                if header is not None:
+                    return header.push, header
+            nonlocal flat
+            flat = flat or _raw_grads(checked)
             if self._server_bytes(i) > self.config.chunk_bytes:  # streams for large shares
                 pushed = self._push_one(i, s, flat, clock)
                 return pushed, self._pull_one(i, s, pull, dest)
@@ -433,8 +507,8 @@ class Client:
     def _server_bytes(self, i: int) -> int:
         return sum(p.nbytes for p in self._parts_on(i).values())
 
-    def _flat_grads(self, grads: Tensors) -> dict[str, np.ndarray]:
-        """Raw flat gradients in the job's dtypes, checked against the model's tensors."""
+    def _checked_grads(self, grads: Tensors) -> dict[str, torch.Tensor]:
+        """Flat gradients (on their own device) in the job's dtypes, checked against the model."""
         layout = self.layout
         _check_names(layout, grads.keys())
         flat = {}
@@ -448,8 +522,63 @@ class Client:
             wanted = layout.dtypes[spec.name].torch
             if isinstance(g, np.ndarray):
                 g = torch.from_numpy(g)
-            flat[spec.name] = to_raw(g if g.dtype == wanted else g.to(wanted))
+            flat[spec.name] = (g if g.dtype == wanted else g.to(wanted)).reshape(-1)
         return flat
+
+    def _shm_step(
+        self,
+        i: int,
+        s: _ServerState,
+        grads: Mapping[str, torch.Tensor] | None,
+        clock: int,
+        pull: ps_pb2.PullRequest | None,
+        dest: Mapping[str, torch.Tensor],
+    ) -> ps_pb2.PullHeader | None:
+        """Push and/or pull through this client's shared-memory segment for server i.
+
+        None when the server cannot open the segment though it never could (it is
+        not on this machine after all): the caller then uses the stream path, and
+        so does every later call. A segment the server has dropped is made anew.
+        """
+        request = ps_pb2.ShmStepRequest()
+        if grads is not None:
+            request.push.CopyFrom(self._push_header(s, clock))
+        if pull is not None:
+            request.pull.CopyFrom(pull)
+        timeout = self.config.pull_timeout_s if pull is not None else self.config.timeout_s
+        for _ in range(2):
+            if s.shm is None:
+                s.shm = _SharedBuffers.create(s.shm_dir, self.layout, i)
+            shm = s.shm
+            if grads is not None:
+                for part, view in shm.views.items():
+                    view.copy_(grads[part.tensor][part.start : part.stop])
+            request.segment = shm.segment.name
+            try:
+                header = self._retry(
+                    s, "shm step", lambda t: s.calls.shm_step(request, timeout=t), timeout
+                )
+            except InvalidRequestError as e:
+                if "shm step: cannot open segment" not in str(e):
+                    raise
+                self._drop_shm(s)
+                if not s.shm_verified:
+                    s.shm_dir = ""
+                    return None
+                continue  # the server dropped it (idle, or restarted): make a new one
+            if not s.shm_verified:
+                s.shm_verified = True
+            shm.segment.unlink()  # mapped on both sides: nothing is left behind by a crash
+            if pull is not None:
+                for part, view in shm.views.items():
+                    dest[part.tensor][part.start : part.stop].copy_(view)
+            return header
+        raise PSError(f"server {s.address} cannot open this client's shared-memory segment")
+
+    def _drop_shm(self, s: _ServerState) -> None:
+        if s.shm is not None:
+            s.shm.close()
+            s.shm = None
 
     def _push_header(self, s: _ServerState, clock: int) -> ps_pb2.PushHeader:
         return ps_pb2.PushHeader(
@@ -531,6 +660,11 @@ class Client:
         return call_with_retry(
             call, timeout_s, self._policy, f"server {s.address}", what, decode_errors=(CodecError,)
         )
+
+
+def _raw_grads(checked: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Raw CPU values of checked gradients, as the stream path sends them."""
+    return {name: to_raw(g) for name, g in checked.items()}
 
 
 def _module_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -23,18 +23,26 @@ def addresses(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("fused", "chunk_bytes"),
-    [(False, 1 << 20), (True, 1 << 20), (True, 64)],
-    ids=["push-then-pull", "fused-step", "fused-over-streams"],
+    ("fused", "chunk_bytes", "shm"),
+    [
+        (False, 1 << 20, False),
+        (True, 1 << 20, False),
+        (True, 64, False),
+        (False, 1 << 20, True),
+        (True, 1 << 20, True),
+    ],
+    ids=["push-then-pull", "fused-step", "fused-over-streams", "shm-push-then-pull", "shm-fused"],
 )
-def test_training_loop_with_a_module(addresses, fused, chunk_bytes):
-    """A training loop through the servers equals local SGD on the same gradients."""
+def test_training_loop_with_a_module(addresses, fused, chunk_bytes, shm):
+    """A training loop through the servers equals local SGD on the same gradients, over
+    gRPC streams, the fused Step call and the shared-memory path alike."""
     model = small_model()
     reference = small_model()
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, foreach=False)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    config = ClientConfig(chunk_bytes=chunk_bytes)
+    config = ClientConfig(chunk_bytes=chunk_bytes, same_host_shared_memory=shm)
     with Client(addresses, job_id="loop", worker_id="w0", config=config) as c:
+        assert c.transports == (["shm"] * 2 if shm else ["unix"] * 2)
         assert c.init(model, mode="async", optimizer=SGD(momentum=0.9), lr=0.1, part_bytes=64)
         c.pull_into(model)
         for _ in range(5):
@@ -129,20 +137,21 @@ def test_pull_into_and_push_from_a_cuda_module(addresses):
 
 def test_same_host_servers_are_reached_over_their_unix_sockets(addresses, tmp_path):
     model = small_model()
-    with Client(addresses, job_id="uds", worker_id="w") as local:
+    config = ClientConfig(same_host_shared_memory=False)
+    with Client(addresses, job_id="uds", worker_id="w", config=config) as local:
         assert local.transports == ["unix", "unix"]
         local.init(model, optimizer="sgd", lr=1.0)
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         local.push_pull_into(model)
-    config = ClientConfig(same_host_unix_socket=False)
+    config = ClientConfig(same_host_unix_socket=False, same_host_shared_memory=False)
     with Client(addresses, job_id="uds", worker_id="r", config=config) as remote:
         assert remote.transports == ["tcp", "tcp"]
         weights = remote.pull()
     for name, p in model.named_parameters():  # both paths see the same weights
         assert torch.equal(weights[name], p.detach())
     with (
-        servers(1, tmp_path, "--unix-socket", "none") as (daemon,),
+        servers(1, tmp_path, "--unix-socket", "none", "--shm-dir", "none") as (daemon,),
         Client([daemon.address], job_id="x") as c,
     ):
         assert c.transports == ["tcp"]

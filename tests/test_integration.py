@@ -47,7 +47,11 @@ def test_health_service_reports_serving(two_servers):
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_async_loses_no_update(two_servers):
+PATHS = pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "streams"])
+
+
+@PATHS
+def test_async_loses_no_update(two_servers, shm):
     """Four threads, 50 integer-valued pushes each, SGD lr=1: weights = init - exact sum."""
     init = model_tensors()
     with client(two_servers, "async-sum", "init") as c:
@@ -59,7 +63,7 @@ def test_async_loses_no_update(two_servers):
 
     def worker(w: int) -> None:
         try:
-            with client(two_servers, "async-sum", f"w{w}") as c:
+            with client(two_servers, "async-sum", f"w{w}", same_host_shared_memory=shm) as c:
                 for i in range(50):
                     c.pull()
                     grads = {
@@ -88,11 +92,12 @@ def test_async_loses_no_update(two_servers):
     assert sum(sum(s.staleness_histogram.values()) for s in statuses) == 400
 
 
-def test_sync_applies_exact_mean_once_per_step(two_servers):
+@PATHS
+def test_sync_applies_exact_mean_once_per_step(two_servers, shm):
     """Three clients, five steps: each step applies the mean of the three gradients once."""
     init = model_tensors()
     workers = ["a", "b", "c"]
-    clients = [client(two_servers, "sync-mean", w) for w in workers]
+    clients = [client(two_servers, "sync-mean", w, same_host_shared_memory=shm) for w in workers]
     try:
         clients[0].init(
             init, mode="sync", optimizer="sgd", lr=1.0, workers=workers, part_bytes=PART_BYTES

@@ -5,21 +5,34 @@ from __future__ import annotations
 import multiprocessing as mp
 import socket
 import statistics
+import struct
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
+_LENGTH = struct.Struct("<Q")
 
-def _echo_server(port_queue: mp.Queue, nbytes: int, repeats: int) -> None:
-    """Receive nbytes, then send them back, repeats times (a push then a pull)."""
+
+def _echo_server(port_queue: mp.Queue) -> None:
+    """Per round: read a length, receive that many bytes, send them back (a push, a pull)."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port_queue.put(listener.getsockname()[1])
         conn, _ = listener.accept()
         with conn:
-            buf = memoryview(bytearray(nbytes))
-            for _ in range(repeats):
-                _recv_exact(conn, buf)
-                conn.sendall(buf)
+            buf = bytearray()
+            head = memoryview(bytearray(_LENGTH.size))
+            while True:
+                try:
+                    _recv_exact(conn, head)
+                except ConnectionError:
+                    return
+                (n,) = _LENGTH.unpack(head)
+                if len(buf) < n:
+                    buf = bytearray(n)
+                view = memoryview(buf)[:n]
+                _recv_exact(conn, view)
+                conn.sendall(view)
 
 
 def _recv_exact(conn: socket.socket, buf: memoryview) -> None:
@@ -31,26 +44,31 @@ def _recv_exact(conn: socket.socket, buf: memoryview) -> None:
         got += n
 
 
-def measure_raw_tcp(nbytes: int, repeats: int) -> dict[str, float]:
-    """Seconds for nbytes one way and back over loopback TCP; median of repeats."""
+def measure_raw_tcp(rounds: Sequence[tuple[int, int]]) -> dict[int, dict[str, float]]:
+    """For each (nbytes, repeats): the median seconds to send nbytes over loopback TCP and
+    receive them back, and the GB/s that makes (both directions counted)."""
     ctx = mp.get_context("spawn")
     ports: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_echo_server, args=(ports, nbytes, repeats + 1), daemon=True)
+    proc = ctx.Process(target=_echo_server, args=(ports,), daemon=True)
     proc.start()
+    out = {}
     try:
         port = ports.get(timeout=60)
-        payload = memoryview(np.random.default_rng(0).bytes(nbytes))
-        back = memoryview(bytearray(nbytes))
-        times = []
         with socket.create_connection(("127.0.0.1", port)) as conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for _ in range(repeats + 1):  # the first round warms up
-                start = time.perf_counter()
-                conn.sendall(payload)
-                _recv_exact(conn, back)
-                times.append(time.perf_counter() - start)
-        median = statistics.median(times[1:])
-        return {"round_trip_s": median, "gbps": 2 * nbytes / median / 1e9}
+            for nbytes, repeats in rounds:
+                payload = memoryview(np.random.default_rng(0).bytes(nbytes))
+                back = memoryview(bytearray(nbytes))
+                times = []
+                for _ in range(repeats + 1):  # the first round warms up
+                    start = time.perf_counter()
+                    conn.sendall(_LENGTH.pack(nbytes))
+                    conn.sendall(payload)
+                    _recv_exact(conn, back)
+                    times.append(time.perf_counter() - start)
+                median = statistics.median(times[1:])
+                out[nbytes] = {"round_trip_s": median, "gbps": 2 * nbytes / median / 1e9}
+        return out
     finally:
         proc.join(timeout=30)
         if proc.is_alive():

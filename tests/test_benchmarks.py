@@ -6,47 +6,48 @@ import sys
 
 import pytest
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_transport_quick_writes_json(tmp_path):
-    out = tmp_path / "transport.json"
-    table = tmp_path / "transport.md"
+def test_transport_quick_writes_json_markdown_and_plot(tmp_path):
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.transport",
-            "--quick",
-            "--json",
-            str(out),
-            "--markdown",
-            str(table),
-        ],
+        [sys.executable, "-m", "benchmarks.transport", "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=280,
     )
-    assert result.returncode == 0, result.stderr
-    data = json.loads(out.read_text())
-    assert data["model_bytes"] >= 64 << 20
-    assert data["raw_tcp"]["gbps"] > 0
-    assert [(r["servers"], r["path"]) for r in data["results"]] == [
-        (1, "tcp"),
-        (1, "unix"),
-        (2, "tcp"),
-        (2, "unix"),
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "transport.json").read_text())
+    sizes, counts = data["sizes"], data["servers"]
+    assert sizes == [64 << 10, 16 << 20] and counts == [1, 2]
+    assert [(r["bytes"], r["servers"], r["path"]) for r in data["results"]] == [
+        (n, c, p) for n in sizes for c in counts for p in ("tcp", "unix", "shm")
     ]
-    assert data["torch_rpc"]["push_pull_gbps"] > 0
-    assert data["gloo_allreduce"]["processes"] == 2 and data["gloo_allreduce"]["allreduce_s"] > 0
+    for n in sizes:
+        assert data["raw_tcp"][str(n)]["gbps"] > 0
+        assert data["torch_rpc"][str(n)]["push_pull_gbps"] > 0
+        for c in counts:  # the servers and the client: c + 1 processes
+            assert data["gloo_allreduce"][str(c + 1)][str(n)]["processes"] == c + 1
     for row in data["results"]:
         assert row["push_gbps"] > 0 and row["pull_gbps"] > 0
-        assert row["ratio_vs_tcp"] == pytest.approx(row["push_pull_gbps"] / data["raw_tcp"]["gbps"])
+        tcp = data["raw_tcp"][str(row["bytes"])]["gbps"]
+        assert row["ratio_vs_tcp"] == pytest.approx(row["push_pull_gbps"] / tcp)
         assert row["ratio_vs_torch_rpc"] > 0 and row["step_vs_gloo_allreduce"] > 0
-    for path in ("tcp", "unix"):
+    for path in ("tcp", "unix", "shm"):
         latency = data["latency"][path]
         assert latency["tiny_push_s"] > 0 and latency["grpc_round_trip_s"] > 0
-    assert table.read_text().count("\n|") == 10  # two tables: 4 + 2 rows, headers and rules
+    assert set(data["targets"]) == {
+        "tcp_vs_raw_tcp",
+        "tcp_vs_torch_rpc",
+        "same_host_vs_raw_tcp",
+        "step_vs_gloo_allreduce",
+    }
+    assert data["machine"]["cpus"] >= 1
+    # three tables: 12 + 2 + 3 rows, each with a header and a rule
+    assert (tmp_path / "transport.md").read_text().count("\n|") + 1 == 12 + 2 + 3 + 6
+    assert (tmp_path / "transport.png").read_bytes()[:8] == PNG
 
 
 @pytest.mark.integration
@@ -78,4 +79,4 @@ def test_sync_vs_async_quick_writes_results_and_plots(tmp_path):
     assert data["straggler"] == "worker 0 x2.0"
     assert (tmp_path / "results.md").read_text().count("\n| ") == 4
     for png in ("accuracy.png", "staleness.png"):
-        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / png).read_bytes()[:8] == PNG

@@ -52,3 +52,12 @@ def _memory_gib() -> int | None:
         return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30))
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How to rerun a benchmark exactly: 'python -m MODULE ARGS'."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", module, *args])

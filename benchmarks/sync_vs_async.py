@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.machine import command_line, machine
 from ps_worker.data import MANIFEST, prepare, read_manifest
 from scheduler.cluster import LocalCluster, parse_straggler, summarise
 from scheduler.jobspec import JobSpec
@@ -116,22 +117,24 @@ def markdown(result: dict) -> str:
     target = result["target_accuracy"]
     lines = [
         f"{result['model']} on {result['dataset']}, {result['workers']} workers, "
-        f"{result['servers']} servers, straggler {result['straggler'] or 'none'}; "
-        f"medians of {result['repeats']} run(s).",
+        f"{result['servers']} servers, {result['epochs']} epochs, straggler "
+        f"{result['straggler'] or 'none'}; medians of {result['repeats']} run(s).",
         "",
-        f"| mode | time to {target:.0%} (s) | final accuracy | samples/s | updates/s | "
+        f"| mode | time to {target:.0%} (s) | vs sync | final accuracy | samples/s | updates/s | "
         "median staleness | stale dropped |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    sync = next((m["time_to_target_s"] for m in result["modes"] if m["label"] == "sync"), None)
     for r in result["modes"]:
         hist = r["staleness_histogram"]
-        expanded = sorted(k for k, n in hist.items() for _ in range(n))
+        expanded = sorted(int(k) for k, n in hist.items() for _ in range(n))
         median = expanded[len(expanded) // 2] if expanded else 0
-        reached = "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
+        t = r["time_to_target_s"]
         lines.append(
-            f"| {r['label']} | {reached} | {r['final_accuracy']:.3f} | "
-            f"{r['samples_per_s']:.0f} | {r['updates_per_s']:.1f} | {median} | "
-            f"{r['stale_dropped']:.0f} |"
+            f"| {r['label']} | {'not reached' if t is None else f'{t:.1f}'} | "
+            f"{f'{t / sync:.2f}' if t is not None and sync else '-'} | "
+            f"{r['final_accuracy']:.3f} | {r['samples_per_s']:.0f} | {r['updates_per_s']:.1f} | "
+            f"{median} | {r['stale_dropped']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -176,6 +179,23 @@ def plot(result: dict, out: Path) -> list[Path]:
     return [accuracy, staleness]
 
 
+def base_spec(args: argparse.Namespace, tmp: Path) -> JobSpec:
+    """The job every run shares (Adam at args.lr), on args.data_dir or data prepared in tmp."""
+    data = args.data_dir or tmp / "data"
+    if not (data / MANIFEST).exists():
+        print(f"preparing {args.dataset} ...", flush=True)
+        prepare(args.dataset, data, shards=16)
+    return JobSpec(
+        data_dir=str(data),
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer="adam",
+        lease_timeout_s=30.0,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where the outputs go")
@@ -207,19 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [Variant.parse(m, args.async_lr) for m in args.modes]
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="modes-") as tmp:
-        data = args.data_dir or Path(tmp) / "data"
-        if not (data / MANIFEST).exists():
-            print(f"preparing {args.dataset} ...", flush=True)
-            prepare(args.dataset, data, shards=16)
-        base = JobSpec(
-            data_dir=str(data),
-            model=args.model,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            optimizer="adam",
-            lease_timeout_s=30.0,
-        )
+        base = base_spec(args, Path(tmp))
+        data = Path(base.data_dir)
         slowdown = {i: f - 1.0 for i, f in args.straggler}
         modes = []
         for variant in variants:
@@ -235,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             modes.append(aggregate(variant.label, runs, args.target))
         result = {
             "benchmark": "sync_vs_async",
+            "command": command_line("benchmarks.sync_vs_async", argv),
+            "machine": machine(),
             "dataset": args.dataset,
             "model": args.model,
             "workers": args.workers,

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from grpc_health.v1 import health_pb2
 
-from benchmarks.machine import machine
+from benchmarks.machine import command_line, machine
 from benchmarks.rawtcp import measure_raw_tcp
 from benchmarks.torch_ref import measure_gloo, measure_rpc
 from ps_worker import Client, ClientConfig
@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 10)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many processes share the cores
     result = run(sizes, counts, repeats)
+    result["command"] = command_line("benchmarks.transport", argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "transport.json").write_text(json.dumps(result, indent=2))
     (args.out / "transport.md").write_text(markdown(result))

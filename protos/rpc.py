@@ -9,6 +9,8 @@ to the server), which saves the copies protobuf's ``bytes`` fields make.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -125,19 +127,29 @@ def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
     )
 
 
-def new_server(max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
+def new_server(
+    max_message_bytes: int = MAX_MESSAGE_BYTES, interceptors: Sequence = ()
+) -> grpc.aio.Server:
     """An asyncio server with explicit message limits and no SO_REUSEPORT.
 
     Without SO_REUSEPORT a second daemon on a taken port fails instead of
     silently sharing it.
     """
-    return grpc.aio.server(options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)])
+    return grpc.aio.server(
+        interceptors=list(interceptors),
+        options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)],
+    )
 
 
 async def start_with_health(
-    server: grpc.aio.Server, address: str, service_name: str, extra: list[str] | None = None
+    server: grpc.aio.Server,
+    address: str,
+    service_name: str,
+    extra: list[str] | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ):
-    """Bind (port 0 picks one) and any ``extra`` addresses, serve the health service, start.
+    """Bind (port 0 picks one; TLS with ``credentials``) and any ``extra`` Unix socket
+    addresses (plain, readable by this user only), serve the health service, start.
 
     Returns (port, health servicer): the servicer reports SERVING for "" and
     ``service_name`` until ``enter_graceful_shutdown()``.
@@ -146,9 +158,15 @@ async def start_with_health(
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     for other in extra or []:
         server.add_insecure_port(other)
+        path = other.removeprefix("unix:")
+        if os.path.exists(path):
+            os.chmod(path, 0o600)
     await server.start()
     for name in ("", service_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -120,10 +120,27 @@ def job_to_proto(job: Job) -> ps_pb2.JobConfig:
     )
 
 
-def job_from_proto(config: ps_pb2.JobConfig) -> Job:
+@dataclass(frozen=True)
+class Limits:
+    """What one job may ask of a server: a hostile or mistaken Init is refused up front."""
+
+    max_tensors: int = 100_000
+    max_rank: int = 8
+    max_model_bytes: int = 64 << 30  # the whole model, every server's share together
+    max_parts: int = 1_000_000
+    max_servers: int = 1024
+
+
+def job_from_proto(config: ps_pb2.JobConfig, limits: Limits = Limits()) -> Job:
     """Validate a JobConfig and recompute its layout; raises InvalidArgument."""
     if not config.job_id:
         raise InvalidArgument("job_id is empty")
+    if len(config.tensors) > limits.max_tensors:
+        raise InvalidArgument(
+            f"the model has {len(config.tensors)} tensors; the limit is {limits.max_tensors}"
+        )
+    if config.num_servers > limits.max_servers:
+        raise InvalidArgument(f"num_servers {config.num_servers} is over {limits.max_servers}")
     if config.mode not in _MODE_FROM_PROTO:
         raise InvalidArgument(f"mode {config.mode} is not sync, async or ssp")
     if config.num_servers < 1 or config.server_index >= config.num_servers:
@@ -140,9 +157,24 @@ def job_from_proto(config: ps_pb2.JobConfig) -> Job:
             dtype = wire_dtype(t.dtype).name
         except CodecError as e:
             raise InvalidArgument(f"tensor {t.name!r}: {e}") from None
+        if len(t.shape) > limits.max_rank:
+            raise InvalidArgument(
+                f"tensor {t.name!r} has rank {len(t.shape)}; the limit is {limits.max_rank}"
+            )
         specs.append(TensorSpec(t.name, dtype, tuple(t.shape)))
     if not specs:
         raise InvalidArgument("the model has no tensors")
+    total = sum(s.numel * wire_dtype(s.dtype).itemsize for s in specs)
+    if total > limits.max_model_bytes:
+        raise InvalidArgument(
+            f"the model needs {total} bytes; this server takes at most {limits.max_model_bytes}"
+        )
+    parts = sum(-(-s.numel * wire_dtype(s.dtype).itemsize // config.part_bytes) for s in specs)
+    if parts > limits.max_parts:
+        raise InvalidArgument(
+            f"part_bytes {config.part_bytes} cuts the model into {parts} parts; "
+            f"the limit is {limits.max_parts}"
+        )
     try:
         layout = plan_layout(specs, config.num_servers, config.part_bytes)
     except ValueError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -12,7 +13,10 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from protos import security
 from protos.shm import default_dir
+from ps_server.checkpoint import Checkpointer, CheckpointError, Every, snapshot
+from ps_server.job import Limits
 from ps_server.service import ServiceConfig, start_server
 from ps_server.store import ParameterStore
 
@@ -54,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="accept NaN/Inf gradients (rejected by default)",
     )
     parser.add_argument(
+        "--max-model-bytes",
+        type=int,
+        default=Limits.max_model_bytes,
+        help="refuse jobs whose model is larger (default 64 GiB)",
+    )
+    parser.add_argument(
         "--unix-socket",
         default=os.environ.get("PS_UNIX_SOCKET", "auto"),
         help="also listen on this Unix socket, which clients on this host use instead of TCP; "
@@ -66,32 +76,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "skips the socket; 'auto' (default) uses /dev/shm, 'none' turns it off",
     )
     parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=os.environ.get("PS_CHECKPOINT_DIR") or None,
+        help="write checkpoints here (and on SIGTERM), and restore the latest one on start",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        default=os.environ.get("PS_CHECKPOINT_EVERY", "30s"),
+        help="how often: seconds ('30s'), versions applied ('500'), or both ('30s,500'); "
+        "default 30s",
+    )
+    parser.add_argument(
         "--grace-s",
         type=float,
         default=5.0,
         help="seconds in-flight calls get to finish on SIGTERM",
     )
+    security.add_arguments(parser, serves=True, connects=False)
     parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536:
         parser.error(f"--port {args.port} is not a port number")
     if args.chunk_bytes < 1024:
         parser.error("--chunk-bytes must be at least 1024")
+    try:
+        args.checkpoint_every = Every.parse(args.checkpoint_every)
+    except ValueError as e:
+        parser.error(f"--checkpoint-every: {e}")
+    try:
+        args.security = security.server_security(args)
+    except security.SecurityError as e:
+        parser.error(str(e))
     return args
 
 
 async def serve(args: argparse.Namespace) -> int:
     store = ParameterStore(reject_nonfinite=not args.allow_nonfinite)
+    checkpointer = None
+    if args.checkpoint_dir:
+        checkpointer = Checkpointer(store, args.checkpoint_dir, args.checkpoint_every)
+        try:
+            restored = checkpointer.restore_if_any()
+        except CheckpointError as e:
+            print(f"ps-server: {e}", file=sys.stderr)
+            return 1
+        if restored is not None:
+            log.info(
+                "restored job %s at version %d from %s",
+                restored.manifest["job_id"],
+                restored.version,
+                args.checkpoint_dir,
+            )
     socket_path = unix_socket_path(args.unix_socket)
     config = ServiceConfig(
         chunk_bytes=args.chunk_bytes,
         max_wait_s=args.max_wait_s,
         unix_socket=f"unix:{socket_path}" if socket_path else "",
         shm_dir=shm_dir(args.shm_dir),
+        limits=Limits(max_model_bytes=args.max_model_bytes),
     )
     address = f"{args.host}:{args.port}"
     try:
-        server, port, health_servicer = await start_server(store, address, config)
+        server, port, health_servicer = await start_server(store, address, config, args.security)
     except RuntimeError as e:
         print(f"ps-server: cannot listen on {address}: {e}", file=sys.stderr)
         return 1
@@ -101,13 +148,42 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(f"ps-server listening on {args.host}:{port}", flush=True)
     log.info("serving on %s:%d (pid %d)", args.host, port, os.getpid())
+    periodic = asyncio.create_task(checkpoint_loop(checkpointer, stop)) if checkpointer else None
     await stop.wait()
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(args.grace_s)
+    if checkpointer is not None:
+        assert periodic is not None
+        await periodic
+        snap = snapshot(store)  # every acknowledged push is in it: no call runs any more
+        if snap is not None:
+            log.info("checkpoint at version %d: %s", snap.version, checkpointer.save(snap))
     if socket_path:
         socket_path.unlink(missing_ok=True)
     return 0
+
+
+async def checkpoint_loop(checkpointer: Checkpointer, stop: asyncio.Event) -> None:
+    """Write a checkpoint whenever one is due, until stopped.
+
+    The snapshot is taken on the event loop, between two requests, so it is
+    consistent; the file is written on a thread while the server goes on.
+    """
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        if stop.is_set() or not checkpointer.due():
+            continue
+        snap = snapshot(checkpointer.store)
+        if snap is None:
+            continue
+        try:
+            path = await asyncio.to_thread(checkpointer.save, snap)
+        except OSError as e:
+            log.error("checkpoint failed: %s", e)
+            continue
+        log.info("checkpoint at version %d: %s", snap.version, path)
 
 
 def unix_socket_path(choice: str) -> Path | None:

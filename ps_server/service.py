@@ -12,7 +12,7 @@ import itertools
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -36,9 +36,10 @@ from protos.rpc import (
     new_server,
     start_with_health,
 )
+from protos.security import ServerSecurity
 from protos.shm import SegmentCache, SegmentError, segment_slots
 from ps_server.errors import StoreError
-from ps_server.job import job_from_proto, job_to_proto, mode_to_proto
+from ps_server.job import Limits, job_from_proto, job_to_proto, mode_to_proto
 from ps_server.store import ParameterStore, PullDecision, Waiter
 
 log = logging.getLogger("ps_server")
@@ -53,6 +54,7 @@ class ServiceConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     unix_socket: str = ""  # "unix:PATH" also served, advertised to same-host clients
     shm_dir: str = ""  # directory of same-host clients' ShmStep segments; empty: off
+    limits: Limits = field(default_factory=Limits)  # what one job may ask of this server
 
 
 async def abort(context: grpc.aio.ServicerContext, error: StoreError) -> NoReturn:
@@ -85,7 +87,7 @@ class ParameterService:
 
     async def Init(self, request_iterator: AsyncIterator[bytes], context) -> ps_pb2.InitResponse:
         header, chunks = await _collect(request_iterator, context, ps_pb2.InitHeader, "init")
-        job = await self._call(context, lambda: job_from_proto(header.config))
+        job = await self._call(context, lambda: job_from_proto(header.config, self.config.limits))
         created = await self._call(context, lambda: self.store.initialise(job, chunks))
         if created:
             log.info(
@@ -324,11 +326,15 @@ async def start_server(
     store: ParameterStore,
     address: str,
     config: ServiceConfig | None = None,
+    security: ServerSecurity | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Create, bind and start a server; ``address`` may use port 0. Returns the bound port."""
     config = config or ServiceConfig()
-    server = new_server(config.max_message_bytes)
+    security = security or ServerSecurity()
+    server = new_server(config.max_message_bytes, security.interceptors())
     server.add_generic_rpc_handlers([generic_handler(ParameterService(store, config))])
     extra = [config.unix_socket] if config.unix_socket else []
-    port, health_servicer = await start_with_health(server, address, SERVICE, extra)
+    port, health_servicer = await start_with_health(
+        server, address, SERVICE, extra, security.credentials()
+    )
     return server, port, health_servicer

@@ -129,6 +129,7 @@ class ParameterStore:
         self.contributors: list[str] = []  # sync: workers whose gradient is in the accumulators
         self.counters = Counters()
         self.waiters: dict[object, Waiter] = {}
+        self.restored = False  # holds a checkpoint's state: workers may have seen newer weights
 
     # ----------------------------------------------------------------- init
 
@@ -144,7 +145,7 @@ class ParameterStore:
             raise AlreadyExists(
                 f"job {self.job.job_id!r} is already initialised here and differs in: {diff}"
             )
-        slots, groups = _allocate(job)
+        slots, groups = allocate(job)
         decoded = self._decode(job, slots, chunks, what="initial value")
         for key_chunks in decoded.values():
             for slot, offset, values in key_chunks:
@@ -182,6 +183,11 @@ class ParameterStore:
         if record is not None and clock <= record.clock:
             self.counters.duplicates += 1
             return PushResult(False, True, False, self.version, 0, 0.0)
+        if pulled_version > self.version and self.restored:
+            # Weights this server lost when it came back from an older checkpoint: drop the
+            # gradient; the reply's version sends the worker back to the current weights.
+            self.counters.stale_dropped += 1
+            return PushResult(False, False, True, self.version, 0, 0.0)
         if pulled_version > self.version:
             raise InvalidArgument(
                 f"worker {worker_id!r}: pulled_version {pulled_version} is ahead of this "
@@ -338,7 +344,9 @@ class ParameterStore:
                 f"worker {worker_id!r} has left the job; it must be made a member again"
             )
         if job.mode is Mode.SYNC:
-            if self.version >= min_version:
+            if self.version >= min_version or (self.restored and min_version > self.version + 1):
+                # (the second case: a worker that saw steps lost in a restore gets the current
+                # weights at once instead of waiting for a step no one will push for)
                 return PullDecision(True)
             required = self.required_workers()
             missing = tuple(w for w in self.active_workers() if w not in self.contributors)
@@ -453,7 +461,7 @@ class ParameterStore:
         return out
 
 
-def _allocate(job: Job) -> tuple[dict[PartKey, Slot], dict[str, FlatGroup]]:
+def allocate(job: Job) -> tuple[dict[PartKey, Slot], dict[str, FlatGroup]]:
     """Lay this server's parts out back to back, one flat group per dtype."""
     dtypes = job.layout.dtypes
     sizes: dict[str, int] = {}

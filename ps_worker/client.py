@@ -8,7 +8,8 @@
         client.push_from(model)          # every server at once
 
 Every call contacts all servers concurrently, carries a deadline, and is
-retried (only on UNAVAILABLE, with backoff and jitter) until it runs out.
+retried (on UNAVAILABLE, or CANCELLED by a server shutting down, with backoff and
+jitter) until it runs out.
 Pushes are idempotent per ``(worker_id, clock)``, so retries are safe.
 """
 
@@ -49,11 +50,12 @@ from protos.layout import (
     plan_layout,
     server_pieces,
 )
+from protos.security import ClientSecurity
 from protos.shm import Segment, segment_slots
 from ps_server.job import Job, Mode, job_from_proto, job_to_proto
 from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
 from ps_worker.errors import InvalidRequestError, PSError, ServerUnavailableError
-from ps_worker.retry import RetryPolicy, call_with_retry
+from ps_worker.retry import RETRYABLE, RetryPolicy, call_with_retry
 
 T = TypeVar("T")
 Tensors = Mapping[str, torch.Tensor | np.ndarray]
@@ -67,12 +69,13 @@ class ClientConfig:
 
     timeout_s: float = 60.0  # deadline of init, push, status and membership calls
     pull_timeout_s: float = 300.0  # a pull may wait for the sync barrier or the ssp bound
-    retries: int = 8  # attempts after the first, on UNAVAILABLE only
+    retries: int = 8  # attempts after the first, on UNAVAILABLE or CANCELLED
     backoff_s: float = 0.05  # first retry delay; doubles up to max_backoff_s, with jitter
     max_backoff_s: float = 2.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     same_host_unix_socket: bool = True  # reach a server on this host over its Unix socket
     same_host_shared_memory: bool = True  # and move tensor data through shared memory
+    security: ClientSecurity | None = None  # the job's token and TLS, when it has them
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ class Client:
         self.clock = 0  # iterations this worker has pushed
         self._servers = []
         for address in servers:
-            channel = grpc.insecure_channel(address, options=rpc.channel_options())
+            channel = self._channel(address)
             self._servers.append(_ServerState(address, channel, rpc.calls(channel)))
         # Headroom for a status() or set_membership() from another thread while a pull waits.
         self._policy = RetryPolicy(
@@ -171,6 +174,10 @@ class Client:
         self._transport_chosen = False
 
     # ------------------------------------------------------------ lifecycle
+
+    def _channel(self, address: str) -> grpc.Channel:
+        security = self.config.security or ClientSecurity()
+        return security.channel(address, rpc.channel_options())
 
     def close(self) -> None:
         """Cancel calls in flight and release the connections."""
@@ -205,32 +212,28 @@ class Client:
             if self._transport_chosen:
                 return
             self._transport_chosen = True
-            config = self.config
-            if not (config.same_host_unix_socket or config.same_host_shared_memory):
-                return
-            host = socket.gethostname()
             for s in self._servers:
-                try:
-                    reply = s.calls.status(ps_pb2.StatusRequest(), timeout=5.0)
-                except grpc.RpcError:
-                    continue  # not reachable now: stay on TCP, retried as usual
-                if reply.hostname != host:
-                    continue
-                if config.same_host_shared_memory and os.path.isdir(reply.shm_dir):
-                    s.shm_dir = reply.shm_dir  # given up if the server cannot open our segment
-                if not config.same_host_unix_socket:
-                    continue
-                path = reply.unix_socket.removeprefix("unix:")
-                if reply.hostname != host or not path or not os.path.exists(path):
-                    continue
-                channel = grpc.insecure_channel(reply.unix_socket, options=rpc.channel_options())
-                old, s.channel, s.calls, s.transport = (
-                    s.channel,
-                    channel,
-                    rpc.calls(channel),
-                    "unix",
-                )
-                old.close()
+                self._choose_for(s)
+
+    def _choose_for(self, s: _ServerState) -> None:
+        """Use shared memory and the Unix socket of a reachable server on this host."""
+        config = self.config
+        if not (config.same_host_unix_socket or config.same_host_shared_memory):
+            return
+        try:
+            reply = s.calls.status(ps_pb2.StatusRequest(), timeout=5.0)
+        except grpc.RpcError:
+            return  # not reachable now: stay on TCP, retried as usual
+        if reply.hostname != socket.gethostname():
+            return
+        if config.same_host_shared_memory and os.path.isdir(reply.shm_dir):
+            s.shm_dir = reply.shm_dir  # given up if the server cannot open our segment
+        path = reply.unix_socket.removeprefix("unix:")
+        if not config.same_host_unix_socket or not path or not os.path.exists(path):
+            return
+        channel = self._channel(reply.unix_socket)
+        old, s.channel, s.calls, s.transport = s.channel, channel, rpc.calls(channel), "unix"
+        old.close()
 
     @property
     def versions(self) -> list[int]:
@@ -657,9 +660,33 @@ class Client:
         return [f.result() for f in futures]
 
     def _retry(self, s: _ServerState, what: str, call: Callable[[float], T], timeout_s: float) -> T:
-        return call_with_retry(
-            call, timeout_s, self._policy, f"server {s.address}", what, decode_errors=(CodecError,)
-        )
+        def attempt() -> T:
+            return call_with_retry(
+                call,
+                timeout_s,
+                self._policy,
+                f"server {s.address}",
+                what,
+                decode_errors=(CodecError,),
+            )
+
+        try:
+            return attempt()
+        except PSError as e:
+            if s.transport != "unix" or e.code not in RETRYABLE:
+                raise
+        # A restarted server listens on a new Unix socket: find it again through TCP.
+        self._reconnect(s)
+        return attempt()
+
+    def _reconnect(self, s: _ServerState) -> None:
+        """Go back to the server's TCP address and choose its transport anew."""
+        with self._transport_lock:
+            old = s.channel
+            s.channel = self._channel(s.address)
+            s.calls, s.transport = rpc.calls(s.channel), "tcp"
+            old.close()
+            self._choose_for(s)
 
 
 def _raw_grads(checked: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from protos import security
 from ps_worker.data import DataError
 from ps_worker.errors import PSError
 from ps_worker.models import ModelError
@@ -42,12 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     progress = parser.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_const", const=True)
     progress.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    security.add_arguments(parser, serves=False, connects=True)
     parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     if not args.scheduler:
         parser.error("--scheduler is required (or set PS_SCHEDULER)")
     if args.slowdown < 0:
         parser.error("--slowdown must not be negative")
+    try:
+        credentials = security.client_security(args)
+    except security.SecurityError as e:
+        parser.error(str(e))
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler_timeout_s=args.scheduler_timeout_s,
                 progress=args.progress,
                 slowdown=args.slowdown,
+                security=credentials,
             )
         )
         return daemon.run()

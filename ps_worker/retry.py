@@ -1,4 +1,10 @@
-"""Deadlines and retries in one place: only UNAVAILABLE is retried, with backoff and jitter."""
+"""Deadlines and retries in one place, with backoff and jitter.
+
+Retried: UNAVAILABLE (no server), and CANCELLED, which a call racing with a
+server's shutdown gets (this client cancels calls only when it closes its
+channels, and then no retry can start). Every call of the parameter server
+is safe to repeat: pushes are idempotent per (worker, clock).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import grpc
 from ps_worker.errors import PSError, from_rpc_error
 
 T = TypeVar("T")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ def call_with_retry(
         try:
             return call(max(remaining, 0.001))
         except grpc.RpcError as e:
-            retryable = e.code() == grpc.StatusCode.UNAVAILABLE
+            retryable = e.code() in RETRYABLE
             if not retryable or attempt >= policy.retries or remaining <= delay:
                 raise from_rpc_error(e, peer, what) from None
         except decode_errors as e:

@@ -22,6 +22,7 @@ import grpc
 from tqdm import tqdm
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
+from protos.security import TOKEN_ENV, ClientSecurity, SecurityError, read_token
 from ps_worker import Client, ClientConfig, PSError
 from ps_worker.data import DATASETS, MANIFEST, DataError, prepare
 from scheduler.jobspec import JobSpec, SpecError
@@ -46,6 +47,10 @@ class LocalCluster:
     server_daemons: list[Daemon] = field(default_factory=list)
     scheduler: Daemon | None = None
     worker_daemons: list[Daemon] = field(default_factory=list)
+    token: str | None = None  # the job's shared token, given to every process
+    restart_on_failure: bool = True  # restart a crashed server (on its checkpoint) or scheduler
+    checkpoint_every: str = "5s"
+    restarts: list[str] = field(default_factory=list)  # what was restarted, and why
     _scheduler_port: str = "0"
 
     def start(self) -> LocalCluster:
@@ -59,15 +64,61 @@ class LocalCluster:
     def _start(self) -> LocalCluster:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         for i in range(self.num_servers):
-            self.server_daemons.append(
-                Daemon([str(BIN / "ps-server"), "--port", "0"], self.work_dir / f"server{i}.log")
-            )
+            self.server_daemons.append(self._server(i, "0"))
         servers = tuple(d.address for d in self.server_daemons)
         self.spec = JobSpec.from_dict({**json.loads(self.spec.to_json()), "servers": servers})
         self.start_scheduler()
         for _ in range(self.workers):
             self.add_worker()
         return self
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What every process of the cluster gets in its environment."""
+        return {**SHARED_CORES_ENV, **({TOKEN_ENV: self.token} if self.token else {})}
+
+    @property
+    def security(self) -> ClientSecurity:
+        return ClientSecurity(token=self.token)
+
+    def _server(self, i: int, port: str) -> Daemon:
+        """Server i on port (0: any), checkpointing into its own directory."""
+        argv = [
+            str(BIN / "ps-server"),
+            "--port",
+            port,
+            "--checkpoint-dir",
+            str(self.work_dir / "checkpoints" / f"server{i}"),
+            "--checkpoint-every",
+            self.checkpoint_every,
+        ]
+        n = sum(1 for _ in self.work_dir.glob(f"server{i}*.log"))
+        return Daemon(argv, self.work_dir / f"server{i}{f'-{n}' if n else ''}.log", env=self.env)
+
+    def _supervise(self) -> None:
+        """Restart a server or the scheduler that exited, or raise if that is off."""
+        for i, d in enumerate(self.server_daemons):
+            if d.proc.poll() is None:
+                continue
+            what = f"parameter server {i} exited with code {d.proc.returncode}"
+            if not self.restart_on_failure:
+                raise RuntimeError(f"{what}; see {d.log.name}")
+            d.stop()
+            port = d.address.rsplit(":", 1)[1]
+            self.server_daemons[i] = self._server(i, port)
+            assert self.server_daemons[i].address == d.address
+            self._restarted(f"{what}; restarted on its checkpoint")
+        if self.scheduler is not None and self.scheduler.proc.poll() is not None:
+            what = f"the scheduler exited with code {self.scheduler.proc.returncode}"
+            if not self.restart_on_failure:
+                raise RuntimeError(f"{what}; see {self.scheduler.log.name}")
+            self.scheduler.stop()
+            self.start_scheduler()
+            self._restarted(f"{what}; restarted on its state file")
+
+    def _restarted(self, message: str) -> None:
+        self.restarts.append(message)
+        print(f"ps-cluster: {message}", file=sys.stderr, flush=True)
 
     def start_scheduler(self) -> Daemon:
         """(Re)start the scheduler on its state file (and, after the first start, its port)."""
@@ -83,7 +134,7 @@ class LocalCluster:
             str(self.work_dir / "scheduler.db"),
         ]
         n = sum(1 for _ in self.work_dir.glob("scheduler*.log"))
-        self.scheduler = Daemon(argv, self.work_dir / f"scheduler{n}.log")
+        self.scheduler = Daemon(argv, self.work_dir / f"scheduler{n}.log", env=self.env)
         self._scheduler_port = self.scheduler.address.rsplit(":", 1)[1]
         return self.scheduler
 
@@ -100,7 +151,7 @@ class LocalCluster:
         ]
         if self.slowdown.get(i):
             argv += ["--slowdown", str(self.slowdown[i])]
-        daemon = Daemon(argv, self.work_dir / f"worker{i}.log", env=SHARED_CORES_ENV)
+        daemon = Daemon(argv, self.work_dir / f"worker{i}.log", env=self.env)
         self.worker_daemons.append(daemon)
         return daemon
 
@@ -108,7 +159,7 @@ class LocalCluster:
         """The scheduler's progress, or None while it cannot be reached."""
         assert self.scheduler is not None
         try:
-            with grpc.insecure_channel(self.scheduler.address) as channel:
+            with self.security.channel(self.scheduler.address, []) as channel:
                 reply = scheduler_pb2_grpc.SchedulerStub(channel).Progress(
                     scheduler_pb2.ProgressRequest(), timeout=5
                 )
@@ -118,7 +169,9 @@ class LocalCluster:
 
     def server_status(self) -> list:
         with Client(
-            list(self.spec.servers), job_id=self.spec.job_id, config=ClientConfig(timeout_s=10)
+            list(self.spec.servers),
+            job_id=self.spec.job_id,
+            config=ClientConfig(timeout_s=10, security=self.security),
         ) as client:
             return client.status()
 
@@ -138,11 +191,7 @@ class LocalCluster:
                     f"every worker exited (codes {codes}) before the job "
                     f"finished; see the logs in {self.work_dir}"
                 )
-            for d in self.server_daemons:
-                if d.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"a parameter server exited with code {d.proc.returncode}; see {d.log.name}"
-                    )
+            self._supervise()
             time.sleep(POLL_S)  # polling the job's progress, not synchronising
         raise RuntimeError(
             f"the job did not finish within {timeout_s:.0f}s; see the logs in {self.work_dir}"
@@ -253,8 +302,21 @@ def up(args: argparse.Namespace) -> int:
             print(f"ps-cluster: {e}", file=sys.stderr)
             return 2
         slowdown = {i: f - 1.0 for i, f in args.straggler}
+        try:
+            token = read_token(args.token_file)
+        except SecurityError as e:
+            print(f"ps-cluster: {e}", file=sys.stderr)
+            return 2
         cluster = stack.enter_context(
-            LocalCluster(spec, work_dir, args.workers, slowdown, args.servers)
+            LocalCluster(
+                spec,
+                work_dir,
+                args.workers,
+                slowdown,
+                args.servers,
+                token=token,
+                restart_on_failure=args.restart_on_failure,
+            )
         )
         started, started_at = time.monotonic(), time.time()
         interactive = sys.stdout.isatty()
@@ -336,6 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lease-timeout-s", type=float, default=None)
     p.add_argument("--servers", type=int, default=2)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="require this shared token on every call (or set $PS_TOKEN)",
+    )
+    p.add_argument(
+        "--restart-on-failure",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="restart a crashed server (on its checkpoint) or scheduler (default on)",
+    )
     p.add_argument(
         "--straggler",
         type=parse_straggler,

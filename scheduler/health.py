@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.security import ClientSecurity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,9 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("address", help="HOST:PORT of a ps-server or ps-scheduler")
     parser.add_argument("--service", default="", help="service name (default: the whole server)")
     parser.add_argument("--timeout-s", type=float, default=3.0)
+    parser.add_argument(
+        "--tls-ca", type=Path, help="CA to verify a daemon that serves TLS (the check is open)"
+    )
     args = parser.parse_args(argv)
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        with ClientSecurity(tls_ca=args.tls_ca).channel(args.address, []) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s
             )

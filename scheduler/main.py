@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from protos import rpc, scheduler_pb2, scheduler_pb2_grpc
+from protos import rpc, scheduler_pb2, scheduler_pb2_grpc, security
 from ps_worker.data import DataError, read_manifest
 from scheduler.jobspec import JobSpec, SpecError
 from scheduler.state import SchedulerState, StateError
@@ -76,7 +76,9 @@ async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
         )
     address = f"{args.host}:{args.port}"
     try:
-        server, port, service, health_servicer = await start_scheduler(state, address)
+        server, port, service, health_servicer = await start_scheduler(
+            state, address, args.serving, args.connecting
+        )
     except RuntimeError as e:
         print(f"ps-scheduler: cannot listen on {address}: {e}", file=sys.stderr)
         return 1
@@ -95,9 +97,9 @@ async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
     return 0
 
 
-def status(address: str, as_json: bool) -> int:
+def status(address: str, as_json: bool, credentials: security.ClientSecurity) -> int:
     try:
-        with grpc.insecure_channel(address, options=rpc.channel_options()) as channel:
+        with credentials.channel(address, rpc.channel_options()) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             reply = stub.Progress(scheduler_pb2.ProgressRequest(), timeout=10)
     except grpc.RpcError as e:
@@ -144,8 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         parser.add_argument("--scheduler", required=True, help="scheduler address HOST:PORT")
         parser.add_argument("--json", action="store_true")
+        security.add_arguments(parser, serves=False, connects=True)
         args = parser.parse_args(argv[1:])
-        return status(args.scheduler, args.json)
+        try:
+            credentials = security.client_security(args)
+        except security.SecurityError as e:
+            parser.error(str(e))
+        return status(args.scheduler, args.json, credentials)
 
     parser = argparse.ArgumentParser(
         prog="ps-scheduler",
@@ -162,8 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         help="SQLite file holding the job's state (default scheduler.db)",
     )
     parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
+    security.add_arguments(parser, serves=True, connects=True)
     add_job_flags(parser)
     args = parser.parse_args(argv)
+    try:
+        args.serving = security.server_security(args)
+        args.connecting = security.client_security(args)
+    except security.SecurityError as e:
+        parser.error(str(e))
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health
 
 from protos import ps_pb2, rpc, scheduler_pb2, scheduler_pb2_grpc
+from protos.security import ClientSecurity, ServerSecurity
 from scheduler.state import Completion, SchedulerState, StateError
 
 log = logging.getLogger("scheduler")
@@ -30,11 +31,10 @@ T = TypeVar("T")
 class ServerMembership:
     """Pushes the active worker set to every parameter server; remembers what they confirmed."""
 
-    def __init__(self, servers: tuple[str, ...], job_id: str) -> None:
+    def __init__(self, servers: tuple[str, ...], job_id: str, security: ClientSecurity) -> None:
         self.job_id = job_id
-        self.channels = [
-            grpc.aio.insecure_channel(a, options=rpc.channel_options()) for a in servers
-        ]
+        self.metadata = security.metadata()
+        self.channels = [security.aio_channel(a, rpc.channel_options()) for a in servers]
         self.calls = [
             c.unary_unary(
                 rpc.method("SetMembership"),
@@ -53,7 +53,8 @@ class ServerMembership:
                 return True
             request = ps_pb2.MembershipRequest(job_id=self.job_id, active_workers=sorted(desired))
             results = await asyncio.gather(
-                *(call(request, timeout=5.0) for call in self.calls), return_exceptions=True
+                *(call(request, timeout=5.0, metadata=self.metadata) for call in self.calls),
+                return_exceptions=True,
             )
             failed = [r for r in results if isinstance(r, BaseException)]
             if failed:
@@ -76,11 +77,16 @@ class ServerMembership:
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, state: SchedulerState, now: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        state: SchedulerState,
+        now: Callable[[], float] = time.time,
+        security: ClientSecurity | None = None,
+    ) -> None:
         self.state = state
         self.now = now
         spec = state.spec
-        self.membership = ServerMembership(spec.servers, spec.job_id)
+        self.membership = ServerMembership(spec.servers, spec.job_id, security or ClientSecurity())
 
     async def _call(self, context, fn: Callable[[], T]) -> T:
         try:
@@ -195,9 +201,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 Started = tuple[grpc.aio.Server, int, "SchedulerService", health.aio.HealthServicer]
 
 
-async def start_scheduler(state: SchedulerState, address: str) -> Started:
-    server = rpc.new_server()
-    service = SchedulerService(state)
+async def start_scheduler(
+    state: SchedulerState,
+    address: str,
+    serving: ServerSecurity | None = None,
+    connecting: ClientSecurity | None = None,
+) -> Started:
+    """Serve the scheduler (with ``serving``'s token and TLS); it reaches the parameter
+    servers with ``connecting``'s."""
+    serving = serving or ServerSecurity()
+    server = rpc.new_server(interceptors=serving.interceptors())
+    service = SchedulerService(state, security=connecting)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
-    port, health_servicer = await rpc.start_with_health(server, address, "ps.Scheduler")
+    port, health_servicer = await rpc.start_with_health(
+        server, address, "ps.Scheduler", credentials=serving.credentials()
+    )
     return server, port, service, health_servicer

@@ -1,23 +1,47 @@
-"""The benchmarks run and write well-formed output (their speeds are not asserted)."""
+"""The benchmarks run and write well-formed output (their speeds are not asserted).
+
+Each runs as the README's Benchmarks block writes it, with ``--out`` pointed
+at a temporary directory.
+"""
 
 import json
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from benchmarks import report
+
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def readme_run(module: str, out: Path, *extra: str, flag: str = "--quick"):
+    """Run the README's command line for a module (the one with flag), writing to out."""
+    text = (report.ROOT / "README.md").read_text()
+    lines = [
+        line.strip()
+        for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+        for line in block.splitlines()
+        if f" -m {module} " in f"{line} " and flag in line.split()
+    ]
+    assert lines, f"the README shows no {flag} command for {module}"
+    argv = shlex.split(lines[0])
+    assert argv[0] == ".venv/bin/python", argv
+    argv[0] = sys.executable
+    if "--out" in argv:
+        argv[argv.index("--out") + 1] = str(out)
+    return subprocess.run(
+        [*argv, *extra], capture_output=True, text=True, timeout=280, cwd=report.ROOT
+    )
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_transport_quick_writes_json_markdown_and_plot(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.transport", "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
+    result = readme_run("benchmarks.transport", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "transport.json").read_text())
     sizes, counts = data["sizes"], data["servers"]
@@ -53,21 +77,7 @@ def test_transport_quick_writes_json_markdown_and_plot(tmp_path):
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_sync_vs_async_quick_writes_results_and_plots(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.sync_vs_async",
-            "--quick",
-            "--out",
-            str(tmp_path),
-            "--straggler",
-            "0:2.0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
+    result = readme_run("benchmarks.sync_vs_async", tmp_path, "--straggler", "0:2.0")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     assert [m["label"] for m in data["modes"]] == ["sync", "async", "ssp:1"]
@@ -80,3 +90,44 @@ def test_sync_vs_async_quick_writes_results_and_plots(tmp_path):
     assert (tmp_path / "results.md").read_text().count("\n| ") == 4
     for png in ("accuracy.png", "staleness.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_vs_ddp_quick_writes_ratios_and_the_report_reads_them(tmp_path):
+    out = tmp_path / "vs-ddp"
+    result = readme_run("benchmarks.vs_ddp", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "vs_ddp.json").read_text())
+    assert [r["label"] for r in data["runs"]] == ["ddp", "sync", "async"]
+    ddp = data["runs"][0]
+    assert [e["epoch"] for e in ddp["curve"]] == [0, 1, 2]  # DDP scored after every epoch
+    for run in data["runs"]:
+        assert 0.0 <= run["final_accuracy"] <= 1.0 and run["wall_s"] > 0
+        if run["time_to_target_s"] is not None and ddp["time_to_target_s"]:
+            assert run["ratio_vs_ddp"] == pytest.approx(
+                run["time_to_target_s"] / ddp["time_to_target_s"]
+            )
+    assert data["command"].startswith("python -m benchmarks.vs_ddp --quick")
+    assert (out / "vs_ddp.png").read_bytes()[:8] == PNG
+    section = report.section(tmp_path)
+    assert "### Against DistributedDataParallel" in section
+    assert section.count("\n| ") == 1 + len(data["runs"])  # the header, one row per run
+
+
+def test_readme_results_section_is_generated_from_the_committed_json(tmp_path):
+    result = readme_run("benchmarks.report", tmp_path, flag="--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Results section is current" in result.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(200)
+def test_load_quick_reports_an_exact_sum_and_memory(tmp_path):
+    result = readme_run("benchmarks.load", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "load.json").read_text())["result"]
+    assert data["exact"] and data["updates_applied"] == [8 * 50] * 2
+    assert data["pushes_per_s"] > 0 and len(data["peak_rss_mib"]) == 2
+    assert all(p >= r for p, r in zip(data["peak_rss_mib"], data["rss_end_mib"], strict=True))
+    assert (tmp_path / "load.md").read_text().count("\n| ") == 3  # header and two servers

@@ -10,8 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
+from protos import scheduler_pb2, scheduler_pb2_grpc
+from ps_worker import Client, PSError
 from ps_worker.data import prepare
 from scheduler.cluster import LocalCluster
 from scheduler.jobspec import JobSpec
@@ -222,11 +225,49 @@ def attempts(work_dir: Path) -> dict:
 
 @pytest.mark.timeout(240)
 def test_worker_joining_mid_job_completes_shards(tmp_path, digits):
-    spec = small_job(digits, "sync", epochs=4, expected_workers=1)
-    with LocalCluster(spec, tmp_path, workers=1).start() as cluster:
+    # Long enough (12 epochs, the first worker 3x slower) that the late one is in before the end.
+    spec = small_job(digits, "sync", epochs=12, expected_workers=1)
+    with LocalCluster(spec, tmp_path, workers=1, slowdown={0: 2.0}).start() as cluster:
         wait_for(cluster, lambda p: p["done"] >= 3)
         cluster.add_worker()
         progress = cluster.wait(180)
+    assert len(progress["workers"]) == 2, "the job ended before the late worker registered"
     late = progress["workers"][1]["worker_id"]
     done = assert_every_shard_once(tmp_path, spec, 8)
     assert any(c.worker == late for c in done)
+
+
+@pytest.mark.timeout(300)
+def test_server_killed_mid_job_is_restarted_on_its_checkpoint(tmp_path, digits):
+    """SIGKILL a server mid-job (sync, the strictest mode): the cluster restarts it on its
+    checkpoint directory, the workers carry on (those that saw lost steps are sent back), and
+    the job reaches its accuracy target. (Async and ssp: tests/test_recovery.py.)"""
+    spec = small_job(digits, "sync", epochs=12, batch_size=32, expected_workers=2)
+    cluster = LocalCluster(spec, tmp_path, workers=2, checkpoint_every="1")
+    with cluster.start():
+        manifest = tmp_path / "checkpoints" / "server0" / "manifest.json"
+        wait_for(cluster, lambda p: p["done"] >= 20 and manifest.exists())
+        victim = cluster.server_daemons[0]
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(10)
+        progress = cluster.wait(240)
+        assert progress["finished"]
+        assert cluster.restarts and "parameter server 0 exited" in cluster.restarts[0]
+        assert cluster.server_daemons[0] is not victim
+    assert progress["evaluations"][-1]["accuracy"] >= 0.9, progress["evaluations"]
+
+
+@pytest.mark.timeout(240)
+def test_a_cluster_with_a_token_trains_and_refuses_calls_without_it(tmp_path, digits):
+    spec = small_job(digits, "async", epochs=2, expected_workers=2)
+    with LocalCluster(spec, tmp_path, workers=2, token="cluster-secret").start() as cluster:
+        with pytest.raises(PSError) as info, Client(list(cluster.spec.servers), job_id="x") as c:
+            c.status()
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with grpc.insecure_channel(cluster.scheduler.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Register(scheduler_pb2.RegisterRequest(host="intruder"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        progress = cluster.wait(180)
+    assert progress["finished"] and len(progress["workers"]) == 2  # the intruder never got in

@@ -26,6 +26,7 @@ ENV = {
     "PS_BATCH_SIZE": "32",
     "PS_SAMPLES": "1000",
     "PS_EXPECTED_WORKERS": "2",
+    "PS_TOKEN": "compose-secret",  # as if from .env: every daemon demands it
 }
 
 
@@ -44,10 +45,17 @@ def test_compose_file_is_valid():
     worker = services["worker"]
     assert "container_name" not in worker and "ports" not in worker  # --scale worker=N works
     assert all(s["volumes"] == ["data:/data"] for s in services.values())
+    for name, service in services.items():  # the token reaches every daemon from .env
+        assert service["environment"]["PS_TOKEN"] == "${PS_TOKEN:-}", name
 
 
 def interpolate(arg: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1), m.group(2)), arg)
+
+
+def service_env(service: dict, env: dict[str, str]) -> dict[str, str]:
+    """A service's environment as compose would give it (interpolated from env)."""
+    return {k: interpolate(v, env) for k, v in service.get("environment", {}).items()}
 
 
 def localise(
@@ -85,7 +93,7 @@ def test_compose_commands_run_a_job_as_local_processes(tmp_path):
             d = Daemon(
                 localise(services[name]["command"], env, data, addresses),
                 tmp_path / f"{name}.log",
-                env=ENV,
+                env={**ENV, **service_env(services[name], env)},
             )
             daemons.append(d)
             addresses[name] = d.address
@@ -96,7 +104,7 @@ def test_compose_commands_run_a_job_as_local_processes(tmp_path):
             Daemon(
                 localise(services["worker"]["command"], env, data, addresses),
                 tmp_path / f"worker{i}.log",
-                env={**ENV, **services["worker"]["environment"], **SHARED_CORES_ENV},
+                env={**ENV, **service_env(services["worker"], env), **SHARED_CORES_ENV},
             )
             for i in range(2)  # docker compose up --scale worker=2
         ]
@@ -108,6 +116,7 @@ def test_compose_commands_run_a_job_as_local_processes(tmp_path):
             capture_output=True,
             text=True,
             timeout=60,
+            env=env,
         )
         progress = json.loads(status.stdout)
         assert progress["finished"] and progress["done"] == 2 * 16

@@ -1,0 +1,199 @@
+"""Write the README's Results section from the benchmarks' JSON files.
+
+    python -m benchmarks.report              # rewrite README.md between the markers
+    python -m benchmarks.report --check      # fail if README.md is not what the JSON says
+
+Reads benchmarks/results/{transport,modes,slr,vs-ddp}/ (written by the
+benchmarks with ``--out``); a section whose file is missing is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import benchmarks.vs_ddp
+from benchmarks import sync_vs_async
+from benchmarks.machine import describe
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+KIB, MIB = 1 << 10, 1 << 20
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes // MIB} MiB" if nbytes >= MIB else f"{nbytes // KIB} KiB"
+
+
+def _gbps(value: float) -> str:
+    return f"{value:.3f}" if value < 0.1 else f"{value:.2f}"
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _rel(path: Path) -> str:
+    """A path as the README links it: relative to the repository when inside it."""
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.as_posix()
+
+
+def _provenance(result: dict) -> list[str]:
+    return [
+        f"Measured on {describe(result['machine'])}. Reproduce with:",
+        "",
+        "```sh",
+        f".venv/bin/{result['command']}",
+        "```",
+        "",
+    ]
+
+
+def _met(measured: float | None, goal: float, lower_is_better: bool = False) -> str:
+    if measured is None:
+        return "not measured"
+    ok = measured <= goal if lower_is_better else measured >= goal
+    return "met" if ok else "**missed**"
+
+
+def transport(result: dict, directory: Path) -> list[str]:
+    sizes, counts = result["sizes"], result["servers"]
+    rows = {(r["bytes"], r["servers"], r["path"]): r for r in result["results"]}
+    lines = [
+        "### Transport",
+        "",
+        *_provenance(result),
+        "Push plus pull of one float32 model from one client, GB/s (both directions "
+        "counted), through "
+        + ", ".join(str(c) for c in counts)
+        + " servers; raw TCP and torch rpc move the same bytes between two processes:",
+        "",
+        "| size | raw TCP | torch rpc | "
+        + " | ".join(f"{p} ({'/'.join(map(str, counts))} servers)" for p in ("tcp", "unix", "shm"))
+        + " |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in sizes:
+        cells = [
+            "/".join(_gbps(rows[n, c, p]["push_pull_gbps"]) for c in counts)
+            for p in ("tcp", "unix", "shm")
+        ]
+        lines.append(
+            f"| {_size(n)} | {_gbps(result['raw_tcp'][str(n)]['gbps'])} | "
+            f"{_gbps(result['torch_rpc'][str(n)]['push_pull_gbps'])} | " + " | ".join(cells) + " |"
+        )
+    t = result["targets"]
+    step = t["step_vs_gloo_allreduce"]["measured"]
+    lines += [
+        "",
+        "Targets, worst case over tensors of 16 MiB and more:",
+        "",
+        "| target | goal | measured | |",
+        "|---|---:|---:|---|",
+        _target_row("TCP push+pull / raw TCP", t["tcp_vs_raw_tcp"]),
+        _target_row("TCP push+pull / torch rpc", t["tcp_vs_torch_rpc"]),
+        _target_row("same-host (shm) push+pull / raw TCP", t["same_host_vs_raw_tcp"]),
+    ]
+    for path in ("tcp", "unix", "shm"):
+        lines.append(
+            _target_row(
+                f"step over {path} / gloo all-reduce (as many processes)",
+                {"goal": t["step_vs_gloo_allreduce"]["goal"], "measured": step[path]},
+                lower_is_better=True,
+            )
+        )
+    lat = result["latency"]
+    lines += [
+        "",
+        "A tiny push (one float) takes "
+        + ", ".join(f"{v['tiny_push_s'] * 1e6:.0f} us over {p}" for p, v in lat.items())
+        + f"; a bare gRPC round trip {lat['tcp']['grpc_round_trip_s'] * 1e6:.0f} us.",
+        "",
+        f"![transport]({_rel(directory / 'transport.png')})",
+        "",
+    ]
+    return lines
+
+
+def _target_row(name: str, target: dict, lower_is_better: bool = False) -> str:
+    measured, goal = target["measured"], target["goal"]
+    sign = "<=" if lower_is_better else ">="
+    shown = "-" if measured is None else f"{measured:.2f}"
+    return f"| {name} | {sign} {goal} | {shown} | {_met(measured, goal, lower_is_better)} |"
+
+
+def modes(result: dict, directory: Path, title: str) -> list[str]:
+    return [
+        f"### {title}",
+        "",
+        *_provenance(result),
+        sync_vs_async.markdown(result),
+        f"![accuracy]({_rel(directory / 'accuracy.png')}) "
+        f"![staleness]({_rel(directory / 'staleness.png')})",
+        "",
+    ]
+
+
+def vs_ddp(result: dict, directory: Path) -> list[str]:
+    return [
+        "### Against DistributedDataParallel",
+        "",
+        *_provenance(result),
+        benchmarks.vs_ddp.markdown(result),
+        f"![vs DDP]({_rel(directory / 'vs_ddp.png')})",
+        "",
+    ]
+
+
+def section(results: Path = RESULTS) -> str:
+    """The Results section's body, from whatever JSON files exist."""
+    parts: list[str] = [
+        "Generated by `python -m benchmarks.report` from the JSON files in "
+        f"`{_rel(results)}/`; each benchmark's `--quick` form runs in the tests.",
+        "",
+    ]
+    found = [
+        (transport, results / "transport", "transport.json", ()),
+        (modes, results / "modes", "results.json", ("Sync, async and ssp with a straggler",)),
+        (modes, results / "slr", "results.json", ("Staleness-aware learning rate, 16 workers",)),
+        (vs_ddp, results / "vs-ddp", "vs_ddp.json", ()),
+    ]
+    for fn, directory, name, extra in found:
+        data = _load(directory / name)
+        if data is not None:
+            parts += fn(data, directory, *extra)
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def render(readme: str, body: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"README has no {BEGIN} ... {END} markers")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{body}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--check", action="store_true", help="only check the README is current")
+    args = parser.parse_args(argv)
+    current = args.readme.read_text()
+    wanted = render(current, section(args.results.resolve()))
+    if args.check:
+        if wanted != current:
+            print(f"{args.readme}: the Results section is stale; run python -m benchmarks.report")
+            return 1
+        print(f"{args.readme}: Results section is current")
+        return 0
+    args.readme.write_text(wanted)
+    print(f"wrote the Results section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

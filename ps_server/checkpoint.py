@@ -1,0 +1,250 @@
+"""Server checkpoints: safetensors files plus a JSON manifest, written atomically.
+
+A checkpoint holds everything a server needs to carry on: the job, the
+parameters and optimizer state of each dtype group, a sync step's partial
+sum and contributors, the step and version counters, and every worker's
+clock (the record that makes a retried push a duplicate). No pickle: a
+checkpoint is data and can never execute code.
+
+Layout of a checkpoint directory::
+
+    manifest.json                     the commit point: names the tensor file
+    state-<version>-<token>.safetensors
+
+A checkpoint is written as a new tensor file, then a new manifest (write,
+fsync, rename), so a crash at any moment leaves the previous checkpoint or
+the new one, never a torn file. Older tensor files are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from protos import ps_pb2
+from ps_server.job import job_from_proto, job_to_proto
+from ps_server.store import Counters, ParameterStore, WorkerRecord, allocate
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit."""
+
+
+@dataclass
+class Snapshot:
+    """A consistent copy of a store's state, taken between two requests."""
+
+    manifest: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def version(self) -> int:
+        return self.manifest["version"]
+
+
+def snapshot(store: ParameterStore) -> Snapshot | None:
+    """Copy the store's state (None before the model is initialised)."""
+    if store.job is None:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    for name, group in store.groups.items():
+        tensors[f"{name}/param"] = group.param.clone()
+        for key, value in group.state.items():
+            tensors[f"{name}/state/{key}"] = value.clone()
+        if store.contributors and group.accumulator is not None:
+            tensors[f"{name}/accumulator"] = group.accumulator.clone()
+    c = store.counters
+    manifest = {
+        "format": FORMAT,
+        "job": base64.b64encode(job_to_proto(store.job).SerializeToString()).decode(),
+        "job_id": store.job.job_id,
+        "steps": store.steps,
+        "version": store.version,
+        "workers": [[w.worker_id, w.clock, w.active] for w in store.workers.values()],
+        "contributors": list(store.contributors),
+        "counters": {
+            "updates_applied": c.updates_applied,
+            "pushes_received": c.pushes_received,
+            "stale_dropped": c.stale_dropped,
+            "duplicates": c.duplicates,
+            "staleness": {str(k): v for k, v in c.staleness.items()},
+        },
+        "written_at": time.time(),
+    }
+    return Snapshot(manifest, tensors)
+
+
+def write(snap: Snapshot, directory: Path) -> Path:
+    """Write a snapshot as the directory's current checkpoint; returns the manifest path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"state-{snap.version:012d}-{uuid.uuid4().hex[:8]}.safetensors"
+    tensor_path = directory / name
+    partial = directory / f".{name}.partial"
+    save_file({k: v.contiguous() for k, v in snap.tensors.items()}, str(partial))
+    _fsync(partial)
+    os.replace(partial, tensor_path)
+    manifest = {**snap.manifest, "tensors": name, "sha256": _sha256(tensor_path)}
+    staged = directory / f".{MANIFEST}.partial"
+    staged.write_text(json.dumps(manifest, indent=1))
+    _fsync(staged)
+    os.replace(staged, directory / MANIFEST)
+    _fsync(directory)
+    for old in directory.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return directory / MANIFEST
+
+
+def read(directory: Path) -> Snapshot | None:
+    """The directory's current checkpoint, checked; None when there is none."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"unknown checkpoint format {manifest.get('format')!r}")
+        tensor_path = directory / Path(manifest["tensors"]).name
+        if _sha256(tensor_path) != manifest["sha256"]:
+            raise CheckpointError(f"{tensor_path.name} does not match its checksum")
+        return Snapshot(manifest, load_file(str(tensor_path)))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read the checkpoint in {directory}: {e}") from e
+
+
+def restore(store: ParameterStore, snap: Snapshot) -> None:
+    """Make an empty store hold the checkpointed state."""
+    if store.job is not None:
+        raise CheckpointError("the store already holds a job")
+    m = snap.manifest
+    try:
+        job = job_from_proto(ps_pb2.JobConfig.FromString(base64.b64decode(m["job"])))
+        slots, groups = allocate(job)
+        for name, group in groups.items():
+            group.param.copy_(_tensor(snap, f"{name}/param", group.param))
+            group.state = job.optimizer.init_state(group.param)
+            for key, value in group.state.items():
+                value.copy_(_tensor(snap, f"{name}/state/{key}", value))
+            if m["contributors"]:
+                group.accumulator = _tensor(snap, f"{name}/accumulator", group.param).clone()
+        counters = m["counters"]
+        restored = Counters(
+            counters["updates_applied"],
+            counters["pushes_received"],
+            counters["stale_dropped"],
+            counters["duplicates"],
+            Counter({int(k): v for k, v in counters["staleness"].items()}),
+        )
+        workers = {
+            w: WorkerRecord(w, int(clock), bool(active)) for w, clock, active in m["workers"]
+        }
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"the checkpoint does not describe a valid job: {e}") from e
+    store.job, store.parts, store.groups = job, slots, groups
+    store.steps, store.version = int(m["steps"]), int(m["version"])
+    store.workers, store.contributors = workers, list(m["contributors"])
+    store.counters = restored
+    store.restored = True
+
+
+def _tensor(snap: Snapshot, key: str, like: torch.Tensor) -> torch.Tensor:
+    value = snap.tensors.get(key)
+    if value is None or value.shape != like.shape or value.dtype != like.dtype:
+        raise CheckpointError(f"tensor {key!r} is missing or does not fit the job")
+    return value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Every:
+    """How often to checkpoint: after so many seconds or so many versions, whichever first."""
+
+    seconds: float | None = None
+    versions: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Every:
+        """'30s' (seconds), '500' (versions: updates applied), or both: '30s,500'."""
+        seconds = versions = None
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            try:
+                if item.endswith("s"):
+                    seconds = float(item[:-1])
+                else:
+                    versions = int(item)
+            except ValueError:
+                raise ValueError(f"bad checkpoint interval {item!r}: use e.g. 30s or 500") from None
+        if (seconds is not None and seconds <= 0) or (versions is not None and versions < 1):
+            raise ValueError("checkpoint intervals must be positive")
+        if seconds is None and versions is None:
+            raise ValueError("give a checkpoint interval, e.g. 30s or 500")
+        return cls(seconds, versions)
+
+    def due(self, since_s: float, versions: int) -> bool:
+        return versions > 0 and (
+            (self.seconds is not None and since_s >= self.seconds)
+            or (self.versions is not None and versions >= self.versions)
+        )
+
+
+class Checkpointer:
+    """Writes a store's checkpoints into one directory: when due, and on demand."""
+
+    def __init__(self, store: ParameterStore, directory: Path, every: Every) -> None:
+        self.store = store
+        self.directory = directory
+        self.every = every
+        self.written_version: int | None = None
+        self.written_at = time.monotonic()
+
+    def restore_if_any(self) -> Snapshot | None:
+        """Load the directory's checkpoint into the (empty) store, if there is one."""
+        snap = read(self.directory)
+        if snap is not None:
+            restore(self.store, snap)
+            self.written_version = snap.version
+        return snap
+
+    def due(self) -> bool:
+        version = self.store.version
+        done = self.written_version or 0
+        return self.store.job is not None and self.every.due(
+            time.monotonic() - self.written_at, version - done
+        )
+
+    def save(self, snap: Snapshot) -> Path:
+        path = write(snap, self.directory)
+        self.written_version = snap.version
+        self.written_at = time.monotonic()
+        return path

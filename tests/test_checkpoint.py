@@ -1,0 +1,113 @@
+"""Checkpoints of the parameter store: exact round trips, atomic writes, bad files refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ps_server import checkpoint
+from ps_server.checkpoint import CheckpointError
+from ps_server.optimizers import Adam
+from ps_server.store import ParameterStore
+from tests.storekit import new_store, push, weights
+
+
+def restored(tmp_path, store) -> ParameterStore:
+    checkpoint.write(checkpoint.snapshot(store), tmp_path)
+    fresh = ParameterStore()
+    checkpoint.restore(fresh, checkpoint.read(tmp_path))
+    return fresh
+
+
+def assert_same(a: ParameterStore, b: ParameterStore) -> None:
+    for name, w in weights(a).items():
+        assert torch.equal(w, weights(b)[name]), name
+    for name, group in a.groups.items():
+        for key, value in group.state.items():
+            assert torch.equal(value, b.groups[name].state[key]), (name, key)
+    assert (a.steps, a.version, a.contributors) == (b.steps, b.version, b.contributors)
+    assert {w: (r.clock, r.active) for w, r in a.workers.items()} == {
+        w: (r.clock, r.active) for w, r in b.workers.items()
+    }
+    assert a.counters == b.counters
+    assert a.job == b.job
+
+
+def test_async_adam_state_round_trips_and_training_continues_identically(tmp_path):
+    store, job = new_store("async", optimizer=Adam(), lr=0.1)
+    for clock in range(1, 4):
+        push(store, job, "w0", clock, 0.5 * clock)
+    copy = restored(tmp_path, store)
+    assert_same(store, copy)
+    for s in (store, copy):  # the same next step on both
+        push(s, job, "w0", 4, -1.0)
+    assert_same(store, copy)
+    # a retried push the checkpoint already holds is still a duplicate
+    assert push(copy, job, "w0", 3, 9.0).duplicate
+
+
+def test_a_sync_step_in_progress_keeps_its_partial_sum(tmp_path):
+    store, job = new_store("sync", workers=["a", "b"])
+    push(store, job, "a", 1, 2.0)  # b has not pushed: step 0 is half done
+    copy = restored(tmp_path, store)
+    assert copy.contributors == ["a"] and copy.version == 0
+    push(copy, job, "b", 1, 4.0, pulled=0)
+    push(store, job, "b", 1, 4.0, pulled=0)
+    assert copy.version == 1
+    assert_same(store, copy)
+
+
+def test_a_checkpoint_replaces_the_previous_one_atomically(tmp_path):
+    store, job = new_store("async")
+    checkpoint.write(checkpoint.snapshot(store), tmp_path)
+    push(store, job, "w", 1, 1.0)
+    checkpoint.write(checkpoint.snapshot(store), tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0] == "manifest.json"  # the old tensor file is gone
+    assert checkpoint.read(tmp_path).version == 1
+    # leftovers of a write that crashed before its rename change nothing
+    (tmp_path / ".state-x.safetensors.partial").write_bytes(b"torn")
+    (tmp_path / ".manifest.json.partial").write_text("{")
+    assert checkpoint.read(tmp_path).version == 1
+
+
+def test_no_checkpoint_is_none_and_a_damaged_one_is_refused(tmp_path):
+    assert checkpoint.read(tmp_path) is None
+    store, _ = new_store("async")
+    manifest = checkpoint.write(checkpoint.snapshot(store), tmp_path)
+    data = json.loads(manifest.read_text())
+    tensors = tmp_path / data["tensors"]
+    blob = tensors.read_bytes()
+    tensors.write_bytes(blob[:-8] + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="checksum"):
+        checkpoint.read(tmp_path)
+    tensors.write_bytes(blob)
+    manifest.write_text(json.dumps({**data, "format": 99}))
+    with pytest.raises(CheckpointError, match="format"):
+        checkpoint.read(tmp_path)
+    manifest.write_text(json.dumps({**data, "job": "bm90IGEgam9i"}))
+    with pytest.raises(CheckpointError, match="valid job"):
+        checkpoint.restore(ParameterStore(), checkpoint.read(tmp_path))
+
+
+def test_restore_needs_an_empty_store_and_snapshot_needs_a_model(tmp_path):
+    assert checkpoint.snapshot(ParameterStore()) is None
+    store, _ = new_store("async")
+    checkpoint.write(checkpoint.snapshot(store), tmp_path)
+    with pytest.raises(CheckpointError, match="already holds"):
+        checkpoint.restore(store, checkpoint.read(tmp_path))
+
+
+def test_workers_ahead_of_a_restored_sync_server_are_sent_back_not_stuck(tmp_path):
+    store, job = new_store("sync", workers=["a"])
+    checkpoint.write(checkpoint.snapshot(store), tmp_path)  # at step 0
+    push(store, job, "a", 1, 1.0)  # step 1 happens, then the server dies
+    copy = ParameterStore()
+    checkpoint.restore(copy, checkpoint.read(tmp_path))
+    result = push(copy, job, "a", 2, 1.0, pulled=1)  # computed on weights the server lost
+    assert result.dropped and result.version == 0 and copy.counters.stale_dropped == 1
+    assert copy.pull_decision("job", "a", 2, min_version=2).ready  # no wait for a lost step
+    assert not copy.pull_decision("job", "a", 2, min_version=1).ready  # the next one is normal
+    assert push(copy, job, "a", 3, 1.0, pulled=0).applied and copy.version == 1

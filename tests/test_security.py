@@ -1,0 +1,169 @@
+"""Tokens and TLS: refused without them (and nothing changes), trains with them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import ps_pb2, rpc
+from protos.security import ClientSecurity, SecurityError, ServerSecurity, read_token
+from ps_worker import Client, ClientConfig, PSError
+from scheduler.launch import BIN, servers
+
+TOKEN = "s3cret-token"
+
+
+def test_token_comes_from_the_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("PS_TOKEN", raising=False)
+    assert read_token(None) is None
+    monkeypatch.setenv("PS_TOKEN", "from-env")
+    assert read_token(None) == "from-env"
+    (tmp_path / "t").write_text("from-file\n")
+    assert read_token(tmp_path / "t") == "from-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SecurityError, match="empty"):
+        read_token(tmp_path / "empty")
+    with pytest.raises(SecurityError, match="cannot read"):
+        read_token(tmp_path / "missing")
+
+
+def test_half_configured_tls_is_refused(tmp_path):
+    with pytest.raises(SecurityError, match="both"):
+        ServerSecurity(tls_cert=tmp_path / "c")
+    with pytest.raises(SecurityError, match="server's own"):
+        ServerSecurity(tls_client_ca=tmp_path / "ca")
+    with pytest.raises(SecurityError, match="--tls-ca"):
+        ClientSecurity(tls_cert=tmp_path / "c", tls_key=tmp_path / "k")
+
+
+def model() -> dict[str, torch.Tensor]:
+    return {"w": torch.ones(10), "b": torch.zeros(3)}
+
+
+def config(**kw) -> ClientConfig:
+    return ClientConfig(retries=1, timeout_s=10, **kw)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_calls_without_the_token_are_refused_and_change_nothing(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    with servers(1, tmp_path, "--token-file", str(token_file)) as (daemon,):
+        good = config(security=ClientSecurity(token=TOKEN))
+        with Client([daemon.address], job_id="j", worker_id="w", config=good) as c:
+            c.init(model(), optimizer="sgd", lr=1.0)
+            c.push({k: torch.ones_like(v) for k, v in model().items()})
+            before = c.pull(observe=True)
+        for name, security in [("no token", None), ("a wrong token", ClientSecurity("nope"))]:
+            bad = config(security=security) if security else config()
+            with Client([daemon.address], job_id="j", worker_id="x", config=bad) as c:
+                for call in (
+                    lambda: c.status(),
+                    lambda: c.push({k: torch.ones_like(v) for k, v in model().items()}),
+                    lambda: c.pull(),
+                    lambda: c.init(model(), optimizer="sgd", lr=5.0),
+                ):
+                    with pytest.raises(PSError) as info:
+                        call()
+                    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+                    assert name in str(info.value)
+        # raw calls of every shape are refused too, and the health service stays open
+        with grpc.insecure_channel(daemon.address) as channel:
+            calls = rpc.calls(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                list(calls.pull(ps_pb2.PullRequest(job_id="j", worker_id="x"), timeout=5))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as info:
+                calls.step(b"garbage", timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        with Client([daemon.address], job_id="j", worker_id="r", config=good) as c:
+            after = c.pull(observe=True)
+            assert c.status()[0].pushes_received == 1
+    for k in before:
+        assert torch.equal(before[k], after[k])
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(directory: Path, name: str) -> None:
+    """A CA and a certificate it signs for 127.0.0.1 and localhost (server and client use)."""
+    directory.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            f"/CN={name} CA", "-keyout", "ca.key", "-out", "ca.pem", cwd=directory)  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+            "-keyout", "node.key", "-out", "node.csr", cwd=directory)  # fmt: skip
+    (directory / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "node.pem",
+            cwd=directory)  # fmt: skip
+
+
+@pytest.fixture
+def pki(tmp_path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make certificates")
+    good, other = tmp_path / "pki", tmp_path / "other-pki"
+    make_ca(good, "good")
+    make_ca(other, "other")
+    return good, other
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_tls_and_mutual_tls_refuse_the_wrong_ca_and_train_with_the_right_one(tmp_path, pki):
+    good, other = pki
+    tls = ["--tls-cert", str(good / "node.pem"), "--tls-key", str(good / "node.key")]
+    plain = config(same_host_unix_socket=False, same_host_shared_memory=False)
+    with servers(1, tmp_path, *tls, "--unix-socket", "none", "--shm-dir", "none") as (daemon,):
+        health = [str(BIN / "ps-health"), daemon.address, "--tls-ca", str(good / "ca.pem")]
+        assert subprocess.run(health, capture_output=True, timeout=60).returncode == 0
+        trusted = config(security=ClientSecurity(tls_ca=good / "ca.pem"))
+        with Client([daemon.address], job_id="t", worker_id="w", config=trusted) as c:
+            c.init(model(), optimizer="sgd", lr=1.0)
+            c.push({k: torch.ones_like(v) for k, v in model().items()})
+            assert torch.equal(c.pull()["w"], torch.zeros(10))
+        for security in (ClientSecurity(tls_ca=other / "ca.pem"), None):  # wrong CA; no TLS
+            bad = config(security=security) if security else plain
+            with Client([daemon.address], job_id="t", worker_id="x", config=bad) as c:
+                with pytest.raises(PSError) as info:
+                    c.status()
+                assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    mutual = [*tls, "--tls-client-ca", str(good / "ca.pem")]
+    with servers(1, tmp_path, *mutual, "--unix-socket", "none", "--shm-dir", "none") as (daemon,):
+        no_cert = config(security=ClientSecurity(tls_ca=good / "ca.pem"))
+        with Client([daemon.address], job_id="m", worker_id="x", config=no_cert) as c:
+            with pytest.raises(PSError) as info:
+                c.status()
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        foreign = ClientSecurity(
+            tls_ca=other / "ca.pem", tls_cert=other / "node.pem", tls_key=other / "node.key"
+        )
+        with (
+            Client(
+                [daemon.address], job_id="m", worker_id="x", config=config(security=foreign)
+            ) as c,
+            pytest.raises(PSError),
+        ):
+            c.status()  # a certificate the server's CA did not sign
+        cert = ClientSecurity(
+            tls_ca=good / "ca.pem", tls_cert=good / "node.pem", tls_key=good / "node.key"
+        )
+        with Client([daemon.address], job_id="m", worker_id="w", config=config(security=cert)) as c:
+            c.init(model(), optimizer="sgd", lr=1.0)
+            c.push({k: torch.ones_like(v) for k, v in model().items()})
+            assert torch.equal(c.pull()["w"], torch.zeros(10))

@@ -3,7 +3,7 @@
     python -m benchmarks.report              # rewrite README.md between the markers
     python -m benchmarks.report --check      # fail if README.md is not what the JSON says
 
-Reads benchmarks/results/{transport,modes,slr,vs-ddp}/ (written by the
+Reads benchmarks/results/{transport,modes,slr,vs-ddp,load}/ (written by the
 benchmarks with ``--out``); a section whose file is missing is left out.
 """
 
@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import benchmarks.load
 import benchmarks.vs_ddp
 from benchmarks import sync_vs_async
 from benchmarks.machine import describe
@@ -148,6 +149,15 @@ def vs_ddp(result: dict, directory: Path) -> list[str]:
     ]
 
 
+def load(result: dict, directory: Path) -> list[str]:
+    return [
+        "### Many clients at once",
+        "",
+        *_provenance(result),
+        benchmarks.load.markdown(result),
+    ]
+
+
 def section(results: Path = RESULTS) -> str:
     """The Results section's body, from whatever JSON files exist."""
     parts: list[str] = [
@@ -160,6 +170,7 @@ def section(results: Path = RESULTS) -> str:
         (modes, results / "modes", "results.json", ("Sync, async and ssp with a straggler",)),
         (modes, results / "slr", "results.json", ("Staleness-aware learning rate, 16 workers",)),
         (vs_ddp, results / "vs-ddp", "vs_ddp.json", ()),
+        (load, results / "load", "load.json", ()),
     ]
     for fn, directory, name, extra in found:
         data = _load(directory / name)

@@ -122,6 +122,8 @@ class WorkerDaemon:
             return 0
         finally:
             self.stop.set()
+            if heartbeats.is_alive():  # never leave a thread inside gRPC as the process exits
+                heartbeats.join(self.spec.lease_timeout_s)
             self.client.close()
             self.link.close()
 

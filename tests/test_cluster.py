@@ -4,6 +4,7 @@ scheduler, a late joiner."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from ps_worker import Client, PSError
 from ps_worker.data import prepare
 from scheduler.cluster import LocalCluster
 from scheduler.jobspec import JobSpec
+from scheduler.launch import Daemon
 from scheduler.state import SchedulerState
 
 pytestmark = pytest.mark.integration
@@ -169,6 +171,19 @@ def completions(work_dir: Path) -> list:
         state.close()
 
 
+def holds_lease(work_dir: Path, worker: Daemon) -> bool:
+    """Whether the scheduler shows this worker process holding a lease now."""
+    match = re.search(r"registered as (\S+);", Path(worker.log.name).read_text())
+    if match is None:
+        return False
+    state = SchedulerState(str(work_dir / "scheduler.db"))
+    try:
+        query = "SELECT COUNT(*) FROM tasks WHERE state='leased' AND worker=?"
+        return state.db.execute(query, (match.group(1),)).fetchone()[0] > 0
+    finally:
+        state.close()
+
+
 def assert_every_shard_once(work_dir: Path, spec: JobSpec, shards: int) -> list:
     done = completions(work_dir)
     keys = [(c.epoch, c.shard) for c in done]
@@ -180,10 +195,11 @@ def assert_every_shard_once(work_dir: Path, spec: JobSpec, shards: int) -> list:
 @pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
 def test_killed_worker_mid_epoch_loses_no_shard(tmp_path, digits, mode):
     spec = small_job(digits, mode, expected_workers=3)
-    with LocalCluster(spec, tmp_path, workers=3).start() as cluster:
-        # Kill a worker while it holds a lease in the first epoch.
-        wait_for(cluster, lambda p: p["done"] >= 2 and p["leased"] >= 2)
+    # Worker 0 is slow, so that it is mid-shard when it is killed.
+    with LocalCluster(spec, tmp_path, workers=3, slowdown={0: 9.0}).start() as cluster:
         victim = cluster.worker_daemons[0]
+        # Kill it while it holds a lease in the first epoch.
+        wait_for(cluster, lambda p: p["done"] >= 2 and holds_lease(tmp_path, victim))
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(10)
         progress = cluster.wait(180)

@@ -290,16 +290,15 @@ def _chunk_frame(piece: Piece, position: int) -> list[bytes | memoryview]:
     ).SerializeToString()
     data = memoryview(piece.values).cast("B") if piece.values.size else memoryview(b"")
     data_head = _TAG_DATA + _varint(len(data))
-    pad = 0
-    for _ in range(3):  # the padding changes the length prefix, which may change the padding
-        body_len = len(meta) + pad + len(data_head) + len(data)
-        head = _TAG_CHUNK + _varint(body_len)
-        start = position + len(head) + len(meta) + pad + len(data_head)
-        wanted = (pad + (-start) % ALIGN) % ALIGN
-        wanted = wanted + ALIGN if 0 < wanted < 2 else wanted  # a padding field takes >= 2
-        if wanted == pad:
+    # The padding changes the chunk's length prefix, whose size moves the data again (and
+    # may oscillate near a varint boundary): take the smallest padding that lands the data
+    # on the boundary with the prefix it produces. A padding field takes at least 2 bytes.
+    for pad in (0, *range(2, 2 + 2 * ALIGN)):
+        head = _TAG_CHUNK + _varint(len(meta) + pad + len(data_head) + len(data))
+        if (position + len(head) + len(meta) + pad + len(data_head)) % ALIGN == 0:
             break
-        pad = wanted
+    else:  # unreachable: 2 * ALIGN consecutive paddings cover every residue
+        raise AssertionError("no padding aligns the chunk")
     padding = _padding(pad) if pad else b""
     return [head, meta, padding, data_head, data]
 

@@ -164,3 +164,15 @@ def test_empty_stream_still_sends_the_header():
 def test_malformed_frames_raise_codec_errors(garbage):
     with pytest.raises(CodecError, match="malformed"):
         decode_frame(garbage)
+
+
+@pytest.mark.parametrize("numel", [56, 57, 58, 59, 60, 8185, 8186])
+def test_chunks_whose_length_prefix_crosses_a_varint_boundary_decode(numel):
+    """Found by hypothesis: padding that grows a chunk's length prefix by a byte (near 128 or
+    16,384 bytes) once produced a message whose chunk ran past its end."""
+    values = to_raw(torch.randn(numel).to(torch.bfloat16))
+    for shift in range(8):  # the header's length moves where the chunk starts
+        piece = Piece("t", 0, 0, values, wire_dtype("bfloat16"))
+        (message,) = encode_frames(b"h" * shift, [piece])
+        (chunk,) = decode_frame(message).chunks
+        assert bytes(chunk.data) == values.tobytes()

@@ -1,8 +1,10 @@
 """Client library and worker daemon of the parameter server.
 
-The public API: :class:`Client` with ``init``, ``pull``, ``pull_into``,
-``push``, ``push_from``, ``set_membership`` and ``status``; the optimizers
-:class:`SGD`, :class:`Adam` and :class:`Adagrad`; typed errors.
+The public API: :class:`DistributedOptimizer`, which puts the servers in
+place of a training loop's ``torch.optim`` optimizer; :class:`Client` with
+``init``, ``pull``, ``pull_into``, ``push``, ``push_from``, ``set_membership``
+and ``status``; the optimizers :class:`SGD`, :class:`Adam` and
+:class:`Adagrad`; typed errors.
 """
 
 from ps_server.optimizers import SGD, Adagrad, Adam
@@ -16,6 +18,7 @@ from ps_worker.errors import (
     UnknownJobError,
     WaitTimeoutError,
 )
+from ps_worker.torch_api import DistributedOptimizer
 
 __all__ = [
     "SGD",
@@ -24,6 +27,7 @@ __all__ = [
     "Client",
     "ClientConfig",
     "ConflictError",
+    "DistributedOptimizer",
     "InvalidRequestError",
     "PSError",
     "PushSummary",

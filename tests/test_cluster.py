@@ -219,9 +219,11 @@ def test_restarted_scheduler_resumes_without_redoing_shards(tmp_path, digits):
         cluster.scheduler.proc.wait(10)
         before = {(c.epoch, c.shard): c for c in completions(tmp_path)}
         attempts_before = attempts(tmp_path)
-        cluster.start_scheduler()  # same state file, same port
-        progress = cluster.wait(180)
+        progress = cluster.wait(180)  # which restarts it: same state file, same port
         assert progress["finished"]
+        assert cluster.restarts == [
+            "the scheduler exited with code -9; restarted on its state file"
+        ]
     done = assert_every_shard_once(tmp_path, spec, 8)
     after = {(c.epoch, c.shard): c for c in done}
     for key, c in before.items():  # nothing completed before the crash was handed out again

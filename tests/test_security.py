@@ -167,3 +167,47 @@ def test_tls_and_mutual_tls_refuse_the_wrong_ca_and_train_with_the_right_one(tmp
             c.init(model(), optimizer="sgd", lr=1.0)
             c.push({k: torch.ones_like(v) for k, v in model().items()})
             assert torch.equal(c.pull()["w"], torch.zeros(10))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_a_secured_cluster_of_daemons_trains_with_token_and_tls(tmp_path, pki):
+    """ps-server, ps-scheduler and ps-worker with the flags the README gives, end to end."""
+    from ps_worker.data import prepare
+    from scheduler.launch import Daemon
+
+    good, _ = pki
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    data = tmp_path / "data"
+    prepare("digits", data, shards=4, samples=400)
+    secret = ["--token-file", str(token)]
+    serve = ["--tls-cert", str(good / "node.pem"), "--tls-key", str(good / "node.key")]
+    ca = ["--tls-ca", str(good / "ca.pem")]
+    daemons = []
+    try:
+        with servers(1, tmp_path, *secret, *serve) as (server,):
+            scheduler = Daemon(
+                [str(BIN / "ps-scheduler"), "--port", "0", "--state", str(tmp_path / "s.db"),
+                 "--data-dir", str(data), "--servers", server.address, "--model", "digits-mlp",
+                 "--epochs", "1", *secret, *serve, *ca],
+                tmp_path / "scheduler.log",
+            )  # fmt: skip
+            daemons.append(scheduler)
+            worker = Daemon(
+                [str(BIN / "ps-worker"), "--scheduler", scheduler.address, "--no-progress",
+                 *secret, *ca],
+                tmp_path / "worker.log",
+            )  # fmt: skip
+            daemons.append(worker)
+            assert worker.proc.wait(180) == 0, (tmp_path / "worker.log").read_text()[-2000:]
+            status = [str(BIN / "ps-scheduler"), "status", "--scheduler", scheduler.address]
+            secured = subprocess.run(
+                [*status, *secret, *ca], capture_output=True, text=True, timeout=60
+            )
+            assert secured.returncode == 0 and "finished" in secured.stdout, secured.stderr
+            plain = subprocess.run(status, capture_output=True, text=True, timeout=60)
+            assert plain.returncode != 0  # no TLS, no token: refused
+    finally:
+        for d in daemons:
+            d.stop()

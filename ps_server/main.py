@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from protos import security
 from protos.shm import default_dir
 from ps_server.checkpoint import Checkpointer, CheckpointError, Every, snapshot
 from ps_server.job import Limits
+from ps_server.metrics import ServerMetrics
 from ps_server.service import ServiceConfig, start_server
 from ps_server.store import ParameterStore
 
@@ -88,6 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "default 30s",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ["PS_METRICS_PORT"]) if os.environ.get("PS_METRICS_PORT") else None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port)",
+    )
+    parser.add_argument(
         "--grace-s",
         type=float,
         default=5.0,
@@ -137,8 +145,22 @@ async def serve(args: argparse.Namespace) -> int:
         limits=Limits(max_model_bytes=args.max_model_bytes),
     )
     address = f"{args.host}:{args.port}"
+    metrics = None
+    if args.metrics_port is not None:
+        age = (lambda: time.monotonic() - checkpointer.written_at) if checkpointer else None
+        metrics = ServerMetrics(store, age)
+        try:
+            metrics_port = metrics.serve(args.metrics_port, args.host)
+        except OSError as e:
+            print(
+                f"ps-server: cannot serve metrics on port {args.metrics_port}: {e}", file=sys.stderr
+            )
+            return 1
+        log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     try:
-        server, port, health_servicer = await start_server(store, address, config, args.security)
+        server, port, health_servicer = await start_server(
+            store, address, config, args.security, metrics
+        )
     except RuntimeError as e:
         print(f"ps-server: cannot listen on {address}: {e}", file=sys.stderr)
         return 1
@@ -147,6 +169,8 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"ps-server listening on {args.host}:{port}", flush=True)
+    if metrics is not None:
+        print(f"ps-server metrics on {args.host}:{metrics_port}", flush=True)
     log.info("serving on %s:%d (pid %d)", args.host, port, os.getpid())
     periodic = asyncio.create_task(checkpoint_loop(checkpointer, stop)) if checkpointer else None
     await stop.wait()

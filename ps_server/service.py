@@ -40,6 +40,7 @@ from protos.security import ServerSecurity
 from protos.shm import SegmentCache, SegmentError, segment_slots
 from ps_server.errors import StoreError
 from ps_server.job import Limits, job_from_proto, job_to_proto, mode_to_proto
+from ps_server.metrics import ServerMetrics, Timer
 from ps_server.store import ParameterStore, PullDecision, Waiter
 
 log = logging.getLogger("ps_server")
@@ -68,7 +69,13 @@ class ParameterService:
     Init and Push receive, and Pull sends, raw stream messages (bytes).
     """
 
-    def __init__(self, store: ParameterStore, config: ServiceConfig | None = None) -> None:
+    def __init__(
+        self,
+        store: ParameterStore,
+        config: ServiceConfig | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics
         self.store = store
         self.config = config or ServiceConfig()
         self.changed = asyncio.Condition()
@@ -107,10 +114,17 @@ class ParameterService:
     async def _push(
         self, h: ps_pb2.PushHeader, chunks: list[RawChunk], context
     ) -> ps_pb2.PushResponse:
-        result = await self._call(
-            context,
-            lambda: self.store.push(h.job_id, h.worker_id, h.clock, h.pulled_version, chunks),
-        )
+        with Timer() as timer:
+            result = await self._call(
+                context,
+                lambda: self.store.push(h.job_id, h.worker_id, h.clock, h.pulled_version, chunks),
+            )
+        if self.metrics is not None:
+            self.metrics.pushes.inc()
+            self.metrics.bytes_in.inc(sum(len(c.data) for c in chunks))
+            self.metrics.apply_seconds.observe(timer.seconds)
+            if result.applied or result.dropped:
+                self.metrics.staleness.observe(result.staleness)
         await self._notify()
         return ps_pb2.PushResponse(
             applied=result.applied,
@@ -202,11 +216,17 @@ class ParameterService:
             )
 
         if not request.observe and not (await self._call(context, decide)).ready:
-            await self._wait(request, context, decide)
+            with Timer() as timer:
+                await self._wait(request, context, decide)
+            if self.metrics is not None and store.job is not None:
+                self.metrics.wait_seconds.labels(store.job.mode.value).observe(timer.seconds)
         version, clock, pieces = await self._call(
             context, lambda: store.pull(request.job_id, request.worker_id, request.observe)
         )
         assert store.job is not None
+        if self.metrics is not None:
+            self.metrics.pulls.inc()
+            self.metrics.bytes_out.inc(sum(p.values.nbytes for p in pieces))
         header = ps_pb2.PullHeader(
             version=version, worker_clock=clock, mode=mode_to_proto(store.job.mode), push=push
         )
@@ -327,12 +347,13 @@ async def start_server(
     address: str,
     config: ServiceConfig | None = None,
     security: ServerSecurity | None = None,
+    metrics: ServerMetrics | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Create, bind and start a server; ``address`` may use port 0. Returns the bound port."""
     config = config or ServiceConfig()
     security = security or ServerSecurity()
     server = new_server(config.max_message_bytes, security.interceptors())
-    server.add_generic_rpc_handlers([generic_handler(ParameterService(store, config))])
+    server.add_generic_rpc_handlers([generic_handler(ParameterService(store, config, metrics))])
     extra = [config.unix_socket] if config.unix_socket else []
     port, health_servicer = await start_with_health(
         server, address, SERVICE, extra, security.credentials()

@@ -1,0 +1,85 @@
+"""Prometheus metrics of a parameter server (``ps-server --metrics-port``).
+
+Counters move as requests are served; the store's own state (version,
+active workers, stale drops, checkpoint age) is read at scrape time, so the
+numbers a scrape shows are never out of step with what Status reports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ps_server.store import ParameterStore
+
+LATENCY_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+WAIT_BUCKETS = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+class ServerMetrics:
+    """The metrics of one server, in their own registry."""
+
+    def __init__(
+        self, store: ParameterStore, checkpoint_age: Callable[[], float] | None = None
+    ) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.pushes = Counter("ps_pushes", "Pushes received", registry=registry)
+        self.pulls = Counter("ps_pulls", "Pulls served", registry=registry)
+        self.bytes_in = Counter("ps_bytes_in", "Tensor bytes received", registry=registry)
+        self.bytes_out = Counter("ps_bytes_out", "Tensor bytes sent", registry=registry)
+        self.apply_seconds = Histogram(
+            "ps_apply_seconds",
+            "Time to check and apply (or accumulate) one push",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.wait_seconds = Histogram(
+            "ps_wait_seconds",
+            "Time pulls waited for the sync barrier or the ssp bound",
+            ["mode"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.staleness = Histogram(
+            "ps_staleness",
+            "Versions applied between a worker's pull and its push",
+            buckets=STALENESS_BUCKETS,
+            registry=registry,
+        )
+        Gauge("ps_version", "Updates applied so far", registry=registry).set_function(
+            lambda: store.version
+        )
+        Gauge("ps_active_workers", "Workers the server counts", registry=registry).set_function(
+            lambda: len(store.active_workers()) if store.job else 0
+        )
+        Gauge(
+            "ps_stale_dropped", "Stale gradients dropped (sync) so far", registry=registry
+        ).set_function(lambda: store.counters.stale_dropped)
+        Gauge("ps_updates_applied", "Optimizer updates applied", registry=registry).set_function(
+            lambda: store.counters.updates_applied
+        )
+        if checkpoint_age is not None:
+            Gauge(
+                "ps_checkpoint_age_seconds",
+                "Seconds since the last checkpoint was written",
+                registry=registry,
+            ).set_function(checkpoint_age)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve /metrics over HTTP; returns the port (0 picks a free one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.seconds``."""
+
+    def __enter__(self) -> Timer:
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.started

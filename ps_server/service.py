@@ -190,7 +190,10 @@ class ParameterService:
             )
         header, pieces = await self._pulled(request.pull, context, push)
         offsets = {(slot.part.tensor, slot.part.index): slot.offset for slot in slots}
-        segment = self.segments.get(request.segment, size)  # the same one, unless it went away
+        try:  # the same one, unless it was dropped while the pull waited
+            segment = self.segments.get(request.segment, size)
+        except SegmentError as e:  # the client makes a new one; its push is then a duplicate
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"shm step: {e}")
         for piece in pieces:
             raw = piece.values
             start = offsets[piece.tensor, piece.part] + piece.offset * raw.itemsize

@@ -126,36 +126,35 @@ def _target_row(name: str, target: dict, lower_is_better: bool = False) -> str:
     return f"| {name} | {sign} {goal} | {shown} | {_met(measured, goal, lower_is_better)} |"
 
 
-def modes(result: dict, directory: Path, title: str) -> list[str]:
-    return [
-        f"### {title}",
-        "",
-        *_provenance(result),
-        sync_vs_async.markdown(result),
-        f"![accuracy]({_rel(directory / 'accuracy.png')}) "
-        f"![staleness]({_rel(directory / 'staleness.png')})",
-        "",
-    ]
+# Sections that are a benchmark's own table: (directory, JSON file, title, table, images).
+TABLES = [
+    (
+        "modes",
+        "results.json",
+        "Sync, async and ssp with a straggler",
+        sync_vs_async.markdown,
+        [("accuracy", "accuracy.png"), ("staleness", "staleness.png")],
+    ),
+    (
+        "slr",
+        "results.json",
+        "Staleness-aware learning rate, 16 workers",
+        sync_vs_async.markdown,
+        [("accuracy", "accuracy.png"), ("staleness", "staleness.png")],
+    ),
+    ("vs-ddp", "vs_ddp.json", "Against DistributedDataParallel", benchmarks.vs_ddp.markdown,
+     [("vs DDP", "vs_ddp.png")]),
+    ("load", "load.json", "Many clients at once", benchmarks.load.markdown, []),
+]  # fmt: skip
 
 
-def vs_ddp(result: dict, directory: Path) -> list[str]:
-    return [
-        "### Against DistributedDataParallel",
-        "",
-        *_provenance(result),
-        benchmarks.vs_ddp.markdown(result),
-        f"![vs DDP]({_rel(directory / 'vs_ddp.png')})",
-        "",
-    ]
-
-
-def load(result: dict, directory: Path) -> list[str]:
-    return [
-        "### Many clients at once",
-        "",
-        *_provenance(result),
-        benchmarks.load.markdown(result),
-    ]
+def table_section(
+    result: dict, directory: Path, title: str, table, images: list[tuple[str, str]]
+) -> list[str]:
+    lines = [f"### {title}", "", *_provenance(result), table(result)]
+    if images:
+        lines += [" ".join(f"![{alt}]({_rel(directory / name)})" for alt, name in images), ""]
+    return lines
 
 
 def section(results: Path = RESULTS) -> str:
@@ -165,17 +164,13 @@ def section(results: Path = RESULTS) -> str:
         f"`{_rel(results)}/`; each benchmark's `--quick` form runs in the tests.",
         "",
     ]
-    found = [
-        (transport, results / "transport", "transport.json", ()),
-        (modes, results / "modes", "results.json", ("Sync, async and ssp with a straggler",)),
-        (modes, results / "slr", "results.json", ("Staleness-aware learning rate, 16 workers",)),
-        (vs_ddp, results / "vs-ddp", "vs_ddp.json", ()),
-        (load, results / "load", "load.json", ()),
-    ]
-    for fn, directory, name, extra in found:
-        data = _load(directory / name)
+    data = _load(results / "transport" / "transport.json")
+    if data is not None:
+        parts += transport(data, results / "transport")
+    for name, file, title, table, images in TABLES:
+        data = _load(results / name / file)
         if data is not None:
-            parts += fn(data, directory, *extra)
+            parts += table_section(data, results / name, title, table, images)
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -37,11 +37,11 @@ from protos.rpc import (
     start_with_health,
 )
 from protos.security import ServerSecurity
-from protos.shm import SegmentCache, SegmentError, segment_slots
+from protos.shm import SegmentCache, SegmentError, Slot, segment_slots
 from ps_server.errors import StoreError
-from ps_server.job import Limits, job_from_proto, job_to_proto, mode_to_proto
+from ps_server.job import Job, Limits, job_from_proto, job_to_proto, mode_to_proto
 from ps_server.metrics import ServerMetrics, Timer
-from ps_server.store import ParameterStore, PullDecision, Waiter
+from ps_server.store import ParameterStore, PartKey, PullDecision, Waiter
 
 log = logging.getLogger("ps_server")
 
@@ -81,6 +81,7 @@ class ParameterService:
         self.changed = asyncio.Condition()
         self._tokens = itertools.count()
         self.segments = SegmentCache(self.config.shm_dir) if self.config.shm_dir else None
+        self._segment_layout: tuple[Job, list[Slot], int, dict[PartKey, int]] | None = None
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -165,7 +166,7 @@ class ParameterService:
             context,
             lambda: self.store.check_job(request.push.job_id if has_push else request.pull.job_id),
         )
-        slots, size = segment_slots(job.layout, job.server_index)
+        slots, size, offsets = self._segment_slots(job)
         try:
             segment = self.segments.get(request.segment, size)
         except SegmentError as e:
@@ -189,7 +190,6 @@ class ParameterService:
                 version=self.store.version, mode=mode_to_proto(job.mode), push=push
             )
         header, pieces = await self._pulled(request.pull, context, push)
-        offsets = {(slot.part.tensor, slot.part.index): slot.offset for slot in slots}
         try:  # the same one, unless it was dropped while the pull waited
             segment = self.segments.get(request.segment, size)
         except SegmentError as e:  # the client makes a new one; its push is then a duplicate
@@ -199,6 +199,14 @@ class ParameterService:
             start = offsets[piece.tensor, piece.part] + piece.offset * raw.itemsize
             np.frombuffer(segment.buffer, raw.dtype, raw.size, start)[:] = raw
         return header
+
+    def _segment_slots(self, job: Job) -> tuple[list[Slot], int, dict[PartKey, int]]:
+        """Where this server's parts live in a client's segment (computed once per job)."""
+        if self._segment_layout is None or self._segment_layout[0] is not job:
+            slots, size = segment_slots(job.layout, job.server_index)
+            offsets = {(slot.part.tensor, slot.part.index): slot.offset for slot in slots}
+            self._segment_layout = (job, slots, size, offsets)
+        return self._segment_layout[1:]
 
     async def _pulled(
         self,

@@ -139,30 +139,48 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, out: Path) -> list[Path]:
+def plot_accuracy(
+    runs: list[tuple[str, list[dict], dict]], target: float, xlabel: str, title: str, path: Path
+) -> None:
+    """Test accuracy against wall time: one line per (label, curve, line style) run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result["modes"]:
-        curve = r["curves"][0]
+    for label, curve, style in runs:
         ax.plot(
             [e["wall_s"] for e in curve],
             [e["accuracy"] for e in curve],
             marker="o",
-            label=r["label"],
+            label=label,
+            **style,
         )
-    ax.axhline(result["target_accuracy"], color="grey", linestyle=":", label="target")
-    ax.set_xlabel("wall time since the cluster started (s)")
+    ax.axhline(target, color="grey", linestyle=":", label="target")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{result['model']}: test accuracy against wall time")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    accuracy = out / "accuracy.png"
-    fig.savefig(accuracy, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = out / "accuracy.png"
+    plot_accuracy(
+        [(r["label"], r["curves"][0], {}) for r in result["modes"]],
+        result["target_accuracy"],
+        "wall time since the cluster started (s)",
+        f"{result['model']}: test accuracy against wall time",
+        accuracy,
+    )
 
     modes = result["modes"]
     fig, axes = plt.subplots(1, len(modes), figsize=(3 * len(modes), 3), squeeze=False)

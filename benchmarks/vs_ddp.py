@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.machine import command_line, machine
-from benchmarks.sync_vs_async import Variant, base_spec, run_variant
+from benchmarks.sync_vs_async import Variant, base_spec, plot_accuracy, run_variant
 from ps_worker.data import read_manifest
 from scheduler.jobspec import JobSpec
 
@@ -131,30 +131,14 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result["runs"]:
-        curve = r["curve"]
-        ax.plot(
-            [e["wall_s"] for e in curve],
-            [e["accuracy"] for e in curve],
-            marker="o",
-            linestyle="-" if r["label"] != "ddp" else "--",
-            color="black" if r["label"] == "ddp" else None,
-            label=r["label"],
-        )
-    ax.axhline(result["target_accuracy"], color="grey", linestyle=":", label="target")
-    ax.set_xlabel("wall time since launch (s)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{result['model']}: DDP against the parameter server")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ddp = {"linestyle": "--", "color": "black"}
+    plot_accuracy(
+        [(r["label"], r["curve"], ddp if r["label"] == "ddp" else {}) for r in result["runs"]],
+        result["target_accuracy"],
+        "wall time since launch (s)",
+        f"{result['model']}: DDP against the parameter server",
+        path,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

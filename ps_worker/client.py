@@ -15,6 +15,7 @@ Pushes are idempotent per ``(worker_id, clock)``, so retries are safe.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -455,14 +456,14 @@ class Client:
         """Push one iteration's gradients for every tensor of the model."""
         checked = self._checked_grads(grads)
         clock = self.clock + 1
-        flat = _raw_grads(checked) if not all(s.shm_dir for s in self._servers) else None
+        raw = functools.cache(lambda: _raw_grads(checked))  # only the stream path needs it
 
         def push_one(i: int, s: _ServerState) -> ps_pb2.PushResponse:
             if s.shm_dir:
                 header = self._shm_step(i, s, checked, clock, None, {})
                 if header is not None:
                     return header.push
-            return self._push_one(i, s, flat or _raw_grads(checked), clock)
+            return self._push_one(i, s, raw(), clock)
 
         return self._after_push(clock, self._each(push_one))
 
@@ -476,7 +477,7 @@ class Client:
         checked = self._checked_grads(_module_grads(module))
         dest, finish = self._module_destinations(module)
         clock = self.clock + 1
-        flat = _raw_grads(checked) if not all(s.shm_dir for s in self._servers) else None
+        raw = functools.cache(lambda: _raw_grads(checked))  # only the stream path needs it
 
         def step_one(i: int, s: _ServerState) -> tuple[ps_pb2.PushResponse, ps_pb2.PullHeader]:
             pull = self._pull_request(clock, s.pulled_version + 1, False)
@@ -484,8 +485,7 @@ class Client:
                 header = self._shm_step(i, s, checked, clock, pull, dest)
                 if header is not None:
                     return header.push, header
-            nonlocal flat
-            flat = flat or _raw_grads(checked)
+            flat = raw()
             if self._server_bytes(i) > self.config.chunk_bytes:  # streams for large shares
                 pushed = self._push_one(i, s, flat, clock)
                 return pushed, self._pull_one(i, s, pull, dest)

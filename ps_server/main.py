@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from protos import security
+from protos import observability, security
 from protos.shm import default_dir
 from ps_server.checkpoint import Checkpointer, CheckpointError, Every, snapshot
 from ps_server.job import Limits
@@ -90,19 +90,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "default 30s",
     )
     parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(os.environ["PS_METRICS_PORT"]) if os.environ.get("PS_METRICS_PORT") else None,
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port)",
-    )
-    parser.add_argument(
         "--grace-s",
         type=float,
         default=5.0,
         help="seconds in-flight calls get to finish on SIGTERM",
     )
     security.add_arguments(parser, serves=True, connects=False)
-    parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
+    observability.add_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536:
         parser.error(f"--port {args.port} is not a port number")
@@ -149,13 +143,9 @@ async def serve(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         age = (lambda: time.monotonic() - checkpointer.written_at) if checkpointer else None
         metrics = ServerMetrics(store, age)
-        try:
-            metrics_port = metrics.serve(args.metrics_port, args.host)
-        except OSError as e:
-            print(
-                f"ps-server: cannot serve metrics on port {args.metrics_port}: {e}", file=sys.stderr
-            )
-            return 1
+        metrics_port = observability.serve_metrics(
+            metrics.registry, args.metrics_port, args.host, "ps-server"
+        )
         log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     try:
         server, port, health_servicer = await start_server(
@@ -232,11 +222,7 @@ def shm_dir(choice: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    observability.configure_logging(args)
     return asyncio.run(serve(args))
 
 

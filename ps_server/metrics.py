@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ps_server.store import ParameterStore
 
@@ -67,11 +67,6 @@ class ServerMetrics:
                 "Seconds since the last checkpoint was written",
                 registry=registry,
             ).set_function(checkpoint_age)
-
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics over HTTP; returns the port (0 picks a free one)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
 
 
 class Timer:

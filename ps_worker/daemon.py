@@ -19,6 +19,7 @@ from protos.security import ClientSecurity
 from ps_worker.client import Client, ClientConfig
 from ps_worker.data import Manifest, load, read_manifest
 from ps_worker.errors import PSError
+from ps_worker.metrics import WorkerMetrics
 from ps_worker.models import build_model
 from ps_worker.retry import RetryPolicy, call_with_retry
 from scheduler.jobspec import JobSpec
@@ -35,6 +36,7 @@ class WorkerOptions:
     progress: bool | None = None  # tqdm bars; None: only on a terminal
     slowdown: float = 0.0  # sleep this many times each step's compute (straggler tests)
     security: ClientSecurity = field(default_factory=ClientSecurity)  # token and TLS
+    metrics: WorkerMetrics | None = None  # Prometheus metrics to keep, if served
 
 
 def pick_device(choice: str) -> torch.device:
@@ -170,11 +172,21 @@ class WorkerDaemon:
             loss.backward()
             if self.options.slowdown:
                 self.stop.wait(self.options.slowdown * (time.perf_counter() - step_started))
+            pushed = time.perf_counter()
             # The push returns the weights the next batch needs (one round trip when small).
             versions.append(list(self.client.push_pull_into(self.model).versions))
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if metrics := self.options.metrics:
+                metrics.compute_seconds.observe(pushed - step_started)
+                metrics.push_pull_seconds.observe(time.perf_counter() - pushed)
+                metrics.steps.inc()
+                metrics.samples.inc(len(index))
+                metrics.clock.set(self.client.clock)
         elapsed = time.perf_counter() - started
         self.samples_per_s = len(y) / elapsed if elapsed > 0 else 0.0
+        if metrics := self.options.metrics:
+            metrics.shards.inc()
+            metrics.samples_per_s.set(self.samples_per_s)
         reply = self.link.call(
             "Complete",
             scheduler_pb2.CompleteRequest(
@@ -194,6 +206,7 @@ class WorkerDaemon:
             elapsed,
             self.samples_per_s,
             "" if reply.recorded else "; already done by another worker",
+            extra={"epoch": task.epoch, "shard": task.shard, "samples_per_s": self.samples_per_s},
         )
 
     def _evaluate(self, epoch: int) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from protos import security
+from protos import observability, security
 from ps_worker.data import DataError
 from ps_worker.errors import PSError
 from ps_worker.models import ModelError
@@ -44,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     progress.add_argument("--progress", dest="progress", action="store_const", const=True)
     progress.add_argument("--no-progress", dest="progress", action="store_const", const=False)
     security.add_arguments(parser, serves=False, connects=True)
-    parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
+    observability.add_arguments(parser)
+    parser.add_argument(
+        "--metrics-host",
+        default=os.environ.get("PS_METRICS_HOST", "127.0.0.1"),
+        help="address /metrics listens on (default 127.0.0.1; 0.0.0.0 in a container)",
+    )
     args = parser.parse_args(argv)
     if not args.scheduler:
         parser.error("--scheduler is required (or set PS_SCHEDULER)")
@@ -54,13 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         credentials = security.client_security(args)
     except security.SecurityError as e:
         parser.error(str(e))
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    observability.configure_logging(args)
 
     from ps_worker.daemon import WorkerDaemon, WorkerOptions
+    from ps_worker.metrics import WorkerMetrics
+
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = WorkerMetrics()
+        port = observability.serve_metrics(
+            metrics.registry, args.metrics_port, args.metrics_host, "ps-worker"
+        )
+        print(f"ps-worker metrics on {args.metrics_host}:{port}", flush=True)
 
     try:
         daemon = WorkerDaemon(
@@ -71,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=args.progress,
                 slowdown=args.slowdown,
                 security=credentials,
+                metrics=metrics,
             )
         )
         return daemon.run()

@@ -50,6 +50,8 @@ class LocalCluster:
     token: str | None = None  # the job's shared token, given to every process
     restart_on_failure: bool = True  # restart a crashed server (on its checkpoint) or scheduler
     checkpoint_every: str = "5s"
+    metrics: bool = False  # every daemon serves /metrics on a free port
+    log_format: str = "text"  # or json
     restarts: list[str] = field(default_factory=list)  # what was restarted, and why
     _scheduler_port: str = "0"
 
@@ -78,6 +80,11 @@ class LocalCluster:
         return {**SHARED_CORES_ENV, **({TOKEN_ENV: self.token} if self.token else {})}
 
     @property
+    def observability_args(self) -> list[str]:
+        """The flags every daemon gets for its logs and metrics."""
+        return ["--log-format", self.log_format] + (["--metrics-port", "0"] if self.metrics else [])
+
+    @property
     def security(self) -> ClientSecurity:
         return ClientSecurity(token=self.token)
 
@@ -91,6 +98,7 @@ class LocalCluster:
             str(self.work_dir / "checkpoints" / f"server{i}"),
             "--checkpoint-every",
             self.checkpoint_every,
+            *self.observability_args,
         ]
         n = sum(1 for _ in self.work_dir.glob(f"server{i}*.log"))
         return Daemon(argv, self.work_dir / f"server{i}{f'-{n}' if n else ''}.log", env=self.env)
@@ -132,6 +140,7 @@ class LocalCluster:
             str(config),
             "--state",
             str(self.work_dir / "scheduler.db"),
+            *self.observability_args,
         ]
         n = sum(1 for _ in self.work_dir.glob("scheduler*.log"))
         self.scheduler = Daemon(argv, self.work_dir / f"scheduler{n}.log", env=self.env)
@@ -148,6 +157,7 @@ class LocalCluster:
             "--device",
             "cpu",
             "--no-progress",
+            *self.observability_args,
         ]
         if self.slowdown.get(i):
             argv += ["--slowdown", str(self.slowdown[i])]

@@ -11,6 +11,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -38,6 +39,7 @@ class Daemon:
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
         self._address: str | None = None
+        self._metrics_address: str | None = None
 
     @property
     def address(self) -> str:
@@ -45,6 +47,29 @@ class Daemon:
         if self._address is None:
             self._address = self._read_address()
         return self._address
+
+    @property
+    def metrics_address(self) -> str:
+        """HOST:PORT of the daemon's /metrics, from its "... metrics on HOST:PORT" line."""
+        if self._metrics_address is None:
+            if self.name != "ps-worker":
+                assert self.address  # its "listening on" line comes first
+            self._metrics_address = self.wait_line(" metrics on ")
+        return self._metrics_address
+
+    def wait_line(self, marker: str, timeout_s: float = START_TIMEOUT_S) -> str:
+        """The last word of the next stdout line holding ``marker`` (skipping others)."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                raise RuntimeError(f"{self.name} exited before printing {marker.strip()!r}")
+            if marker in line:
+                return line.rsplit(" ", 1)[1]
+        raise RuntimeError(f"{self.name} printed no {marker.strip()!r} within {timeout_s}s")
 
     def _drain(self) -> None:
         assert self.proc.stdout is not None

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import grpc
 
-from protos import rpc, scheduler_pb2, scheduler_pb2_grpc, security
+from protos import observability, rpc, scheduler_pb2, scheduler_pb2_grpc, security
 from ps_worker.data import DataError, read_manifest
 from scheduler.jobspec import JobSpec, SpecError
+from scheduler.metrics import SchedulerMetrics
 from scheduler.state import SchedulerState, StateError
 
 log = logging.getLogger("scheduler")
@@ -75,9 +76,16 @@ async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
             p.epochs * p.shards_per_epoch,
         )
     address = f"{args.host}:{args.port}"
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = SchedulerMetrics()
+        metrics.refresh(state, time.time())
+        metrics_port = observability.serve_metrics(
+            metrics.registry, args.metrics_port, args.host, "ps-scheduler"
+        )
     try:
         server, port, service, health_servicer = await start_scheduler(
-            state, address, args.serving, args.connecting
+            state, address, args.serving, args.connecting, metrics
         )
     except RuntimeError as e:
         print(f"ps-scheduler: cannot listen on {address}: {e}", file=sys.stderr)
@@ -86,6 +94,8 @@ async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"ps-scheduler listening on {args.host}:{port}", flush=True)
+    if metrics is not None:
+        print(f"ps-scheduler metrics on {args.host}:{metrics_port}", flush=True)
     watcher = asyncio.create_task(service.watch(stop))
     await stop.wait()
     log.info("shutting down")
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("scheduler.db"),
         help="SQLite file holding the job's state (default scheduler.db)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("PS_LOG_LEVEL", "INFO"))
+    observability.add_arguments(parser)
     security.add_arguments(parser, serves=True, connects=True)
     add_job_flags(parser)
     args = parser.parse_args(argv)
@@ -177,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         args.connecting = security.client_security(args)
     except security.SecurityError as e:
         parser.error(str(e))
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    observability.configure_logging(args)
     try:
         spec = spec_from_args(args)
         if not spec.servers:

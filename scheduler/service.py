@@ -22,6 +22,7 @@ from grpc_health.v1 import health
 
 from protos import ps_pb2, rpc, scheduler_pb2, scheduler_pb2_grpc
 from protos.security import ClientSecurity, ServerSecurity
+from scheduler.metrics import SchedulerMetrics
 from scheduler.state import Completion, SchedulerState, StateError
 
 log = logging.getLogger("scheduler")
@@ -82,9 +83,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         state: SchedulerState,
         now: Callable[[], float] = time.time,
         security: ClientSecurity | None = None,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
         self.state = state
         self.now = now
+        self.metrics = metrics
         spec = state.spec
         self.membership = ServerMembership(spec.servers, spec.job_id, security or ClientSecurity())
 
@@ -102,7 +105,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         worker_id = await self._call(
             context, lambda: self.state.register(request.host, request.device, self.now())
         )
-        log.info("worker %s registered from %s (%s)", worker_id, request.host, request.device)
+        log.info(
+            "worker %s registered from %s (%s)",
+            worker_id,
+            request.host,
+            request.device,
+            extra={"worker": worker_id},
+        )
+        if self.metrics:
+            self.metrics.registrations.inc()
         await self.sync_membership()
         return scheduler_pb2.RegisterResponse(
             worker_id=worker_id, job_spec_json=self.state.spec.to_json()
@@ -134,6 +145,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             response.task.CopyFrom(
                 scheduler_pb2.Task(epoch=t.epoch, shard=t.shard, lease_id=t.lease_id)
             )
+            if self.metrics:
+                self.metrics.leases.inc()
         if decision.evaluate_epoch is not None:
             response.has_evaluation = True
             response.evaluate_epoch = decision.evaluate_epoch
@@ -157,7 +170,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             c.shard,
             "done" if recorded else "already done; reported again",
             c.worker,
+            extra={"worker": c.worker, "epoch": c.epoch, "shard": c.shard},
         )
+        if recorded and self.metrics:
+            self.metrics.completions.inc()
+            self.metrics.refresh(self.state, self.now())
         return scheduler_pb2.CompleteResponse(recorded=recorded)
 
     async def ReportEvaluation(self, request, context):
@@ -168,8 +185,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             ),
         )
         log.info(
-            "epoch %d: test loss %.4f, accuracy %.4f", request.epoch, request.loss, request.accuracy
+            "epoch %d: test loss %.4f, accuracy %.4f",
+            request.epoch,
+            request.loss,
+            request.accuracy,
+            extra={"epoch": request.epoch, "accuracy": request.accuracy, "loss": request.loss},
         )
+        if self.metrics:
+            self.metrics.evaluations.inc()
+            self.metrics.refresh(self.state, self.now())
         return scheduler_pb2.EvaluationResponse()
 
     async def Leave(self, request, context):
@@ -191,9 +215,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             dead = self.state.expire(self.now())
             for worker_id in dead:
                 log.warning(
-                    "worker %s missed its heartbeats: declared dead, its shards requeued", worker_id
+                    "worker %s missed its heartbeats: declared dead, its shards requeued",
+                    worker_id,
+                    extra={"worker": worker_id},
                 )
             await self.sync_membership()
+            if self.metrics:
+                self.metrics.workers_dead.inc(len(dead))
+                self.metrics.refresh(self.state, self.now())
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), period)
 
@@ -206,12 +235,13 @@ async def start_scheduler(
     address: str,
     serving: ServerSecurity | None = None,
     connecting: ClientSecurity | None = None,
+    metrics: SchedulerMetrics | None = None,
 ) -> Started:
     """Serve the scheduler (with ``serving``'s token and TLS); it reaches the parameter
     servers with ``connecting``'s."""
     serving = serving or ServerSecurity()
     server = rpc.new_server(interceptors=serving.interceptors())
-    service = SchedulerService(state, security=connecting)
+    service = SchedulerService(state, security=connecting, metrics=metrics)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     port, health_servicer = await rpc.start_with_health(
         server, address, "ps.Scheduler", credentials=serving.credentials()

@@ -203,12 +203,13 @@ class SchedulerState:
             self.db.execute("UPDATE workers SET state='left' WHERE worker_id=?", (worker_id,))
             self._requeue_leases_of(worker_id)
 
-    def _requeue_leases_of(self, worker_id: str) -> None:
-        self.db.execute(
+    def _requeue_leases_of(self, worker_id: str) -> int:
+        """Put a worker's leased shards back in the queue; returns how many."""
+        return self.db.execute(
             "UPDATE tasks SET state='pending', lease_id=NULL, worker=NULL, deadline=NULL "
             "WHERE worker=? AND state='leased'",
             (worker_id,),
-        )
+        ).rowcount
 
     def expire(self, now: float) -> list[str]:
         """Declare workers dead whose heartbeats stopped; requeue their leases. Returns them."""
@@ -222,16 +223,28 @@ class SchedulerState:
             )
         ]
         with self._tx():
+            expired = 0
             for worker_id in dead:
                 self.db.execute("UPDATE workers SET state='dead' WHERE worker_id=?", (worker_id,))
-                self._requeue_leases_of(worker_id)
+                expired += self._requeue_leases_of(worker_id)
             # Leases whose own deadline passed (a worker alive but stuck on one shard).
-            self.db.execute(
+            expired += self.db.execute(
                 "UPDATE tasks SET state='pending', lease_id=NULL, worker=NULL, deadline=NULL "
                 "WHERE state='leased' AND deadline < ?",
                 (now,),
-            )
+            ).rowcount
+            if expired:
+                self.db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('expired_leases', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + ?",
+                    (expired, expired),
+                )
         return dead
+
+    def expired_leases(self) -> int:
+        """Leases taken back so far because their worker died or their deadline passed."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='expired_leases'").fetchone()
+        return int(row[0]) if row else 0
 
     def resume_grace(self, now: float) -> None:
         """After a scheduler restart, give every live worker a full timeout to reconnect."""

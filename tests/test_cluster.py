@@ -21,6 +21,7 @@ from scheduler.cluster import LocalCluster
 from scheduler.jobspec import JobSpec
 from scheduler.launch import Daemon
 from scheduler.state import SchedulerState
+from tests.test_metrics import scrape
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,7 +197,8 @@ def assert_every_shard_once(work_dir: Path, spec: JobSpec, shards: int) -> list:
 def test_killed_worker_mid_epoch_loses_no_shard(tmp_path, digits, mode):
     spec = small_job(digits, mode, expected_workers=3)
     # Worker 0 is slow, so that it is mid-shard when it is killed.
-    with LocalCluster(spec, tmp_path, workers=3, slowdown={0: 9.0}).start() as cluster:
+    cluster = LocalCluster(spec, tmp_path, workers=3, slowdown={0: 9.0}, metrics=True)
+    with cluster.start():
         victim = cluster.worker_daemons[0]
         # Kill it while it holds a lease in the first epoch.
         wait_for(cluster, lambda p: p["done"] >= 2 and holds_lease(tmp_path, victim))
@@ -206,8 +208,65 @@ def test_killed_worker_mid_epoch_loses_no_shard(tmp_path, digits, mode):
         assert progress["finished"]
         dead = [w for w in progress["workers"] if w["state"] == "dead"]
         assert len(dead) == 1  # declared dead after the lease timeout, its shard requeued
+        metrics = scrape_until(cluster.scheduler, lambda m: m["ps_scheduler_finished"] == 1)
+        assert metrics["ps_scheduler_workers_dead_total"] == 1
+        assert metrics["ps_scheduler_expired_leases"] >= 1
+        assert metrics['ps_scheduler_workers{state="dead"}'] == 1
     done = assert_every_shard_once(tmp_path, spec, 8)
     assert {c.worker for c in done} - {dead[0]["worker_id"]}
+
+
+def scrape_until(daemon: Daemon, predicate, timeout_s: float = 30.0) -> dict[str, float]:
+    """Scrape the daemon's /metrics until predicate(metrics) holds (gauges lag up to 1 s)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metrics = scrape(f"http://{daemon.metrics_address}/metrics")
+        if predicate(metrics):
+            return metrics
+        time.sleep(0.1)  # polling a gauge, with a deadline
+    raise AssertionError(f"{daemon.name} metrics never satisfied the condition: {metrics}")
+
+
+@pytest.mark.timeout(240)
+def test_metrics_of_servers_scheduler_and_workers_move_during_a_job(tmp_path, digits):
+    spec = small_job(digits, "ssp", epochs=4, expected_workers=2)
+    cluster = LocalCluster(spec, tmp_path, workers=2, metrics=True, log_format="json")
+    with cluster.start():
+        daemons = [*cluster.server_daemons, cluster.scheduler, *cluster.worker_daemons]
+        wait_for(cluster, lambda p: 2 <= p["done"] < 10)
+        before = [scrape(f"http://{d.metrics_address}/metrics") for d in daemons]
+        wait_for(cluster, lambda p: p["done"] >= before[2]["ps_scheduler_completions_total"] + 4)
+        during = [scrape(f"http://{d.metrics_address}/metrics") for d in daemons]
+        progress = cluster.wait(180)
+        final = scrape_until(cluster.scheduler, lambda m: m["ps_scheduler_finished"] == 1)
+    moved = [
+        {k: during[i][k] - v for k, v in b.items() if k in during[i]} for i, b in enumerate(before)
+    ]
+    for server in moved[:2]:
+        for counter in ("ps_pushes_total", "ps_pulls_total", "ps_bytes_in_total", "ps_version"):
+            assert server[counter] > 0, counter
+        assert server["ps_apply_seconds_count"] == server["ps_pushes_total"]
+    assert moved[2]["ps_scheduler_completions_total"] >= 4
+    assert moved[2]["ps_scheduler_leases_total"] >= 4
+    assert moved[2]["ps_scheduler_queue_depth"] < 0  # the queue drains
+    assert (
+        during[2]['ps_scheduler_workers{state="active"}']
+        + during[2]['ps_scheduler_workers{state="idle"}']
+        == 2
+    )
+    assert sum(w["ps_worker_steps_total"] for w in moved[3:]) > 0
+    assert final["ps_scheduler_shards_done"] == 4 * 8
+    assert final["ps_scheduler_accuracy"] == progress["evaluations"][-1]["accuracy"]
+    # --log-format json: the scheduler's records are JSON objects with their fields.
+    records = [
+        json.loads(line)
+        for log in tmp_path.glob("scheduler*.log")
+        for line in log.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    evaluations = [r for r in records if "accuracy" in r]
+    assert len(evaluations) == 4 and {r["level"] for r in records} >= {"INFO"}
+    assert {r["epoch"] for r in evaluations} == {0, 1, 2, 3}
 
 
 @pytest.mark.timeout(240)

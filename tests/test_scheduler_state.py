@@ -54,7 +54,9 @@ def test_heartbeats_extend_leases_until_they_stop():
     state.heartbeat(a, 0, 0.0, 5.0)  # a's lease now runs to 15
     state.heartbeat(b, 0, 0.0, 9.0)
     assert state.expire(12.0) == [] and state.progress(12.0).leased == 1
+    assert state.expired_leases() == 0
     assert state.expire(16.0) == [a]
+    assert state.expired_leases() == 1
     assert state.active_workers() == [b]
     assert state.progress(16.0).leased == 0 and state.progress(16.0).pending == 2 * SHARDS
 
@@ -66,7 +68,7 @@ def test_dead_worker_releases_its_lease_to_another():
     task = state.lease(a, 1.0).task
     state.heartbeat(b, 0, 0.0, 12.0)
     assert state.expire(12.0) == [a]
-    assert state.active_workers() == [b]
+    assert state.active_workers() == [b] and state.expired_leases() == 1
     with pytest.raises(StateError, match="is dead"):
         state.lease(a, 12.5)
     retry = state.lease(b, 13.0).task

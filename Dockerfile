@@ -2,12 +2,15 @@
 FROM python:3.11-slim
 
 # A small CPU build of torch: put its wheel in ./wheels (pip download --no-deps -d wheels
-# torch==2.13.0) to install it without a download; otherwise pip fetches TORCH_SPEC.
+# torch==2.13.0; `make compose-test` does) to install it without a download; otherwise pip
+# fetches TORCH_SPEC. A virtual environment keeps the install clear of the system Python
+# (which Debian-based images mark as externally managed).
 ARG TORCH_SPEC=torch==2.13.0
+ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY . /app
-RUN pip install --no-cache-dir --find-links /app/wheels "${TORCH_SPEC}" \
+RUN python3 -m venv /opt/venv \
+    && pip install --no-cache-dir --find-links /app/wheels "${TORCH_SPEC}" \
     && pip install --no-cache-dir --find-links /app/wheels /app \
     && rm -rf /app/wheels
-ENV PYTHONUNBUFFERED=1
 CMD ["ps-server", "--help"]

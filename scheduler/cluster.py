@@ -5,6 +5,11 @@
 prepares the data if the data directory has none, starts everything on free
 loopback ports, shows progress, prints a final table, optionally writes a
 JSON summary, and tears every process down on exit or Ctrl-C.
+
+    ps-cluster status --work-dir DIR [--watch]
+
+shows the running cluster's live table (workers, clocks, heartbeats, epoch
+progress, accuracy so far).
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from protos import scheduler_pb2, scheduler_pb2_grpc
 from protos.security import TOKEN_ENV, ClientSecurity, SecurityError, read_token
 from ps_worker import Client, ClientConfig, PSError
 from ps_worker.data import DATASETS, MANIFEST, DataError, prepare
+from scheduler import status
 from scheduler.jobspec import JobSpec, SpecError
 from scheduler.launch import BIN, Daemon
 
 POLL_S = 0.25
+ADDRESSES = "cluster.json"  # in the work dir: where `ps-cluster status` finds the scheduler
 # One OpenMP thread per process: a local cluster's processes share the machine's cores, and
 # several processes' busy-waiting OpenMP threads on the same cores made training 5x slower.
 SHARED_CORES_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -70,6 +77,9 @@ class LocalCluster:
         servers = tuple(d.address for d in self.server_daemons)
         self.spec = JobSpec.from_dict({**json.loads(self.spec.to_json()), "servers": servers})
         self.start_scheduler()
+        (self.work_dir / ADDRESSES).write_text(
+            json.dumps({"scheduler": self.scheduler.address, "servers": list(servers)})
+        )
         for _ in range(self.workers):
             self.add_worker()
         return self
@@ -383,9 +393,35 @@ def up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cluster_status(args: argparse.Namespace) -> int:
+    """``ps-cluster status``: the table of ``ps-scheduler status`` for a cluster's work dir."""
+    try:
+        addresses = json.loads((args.work_dir / ADDRESSES).read_text())
+        token = read_token(args.token_file)
+    except (OSError, ValueError) as e:
+        print(
+            f"ps-cluster: no running cluster in {args.work_dir} ({e}); pass the work dir "
+            "`ps-cluster up` printed",
+            file=sys.stderr,
+        )
+        return 2
+    except SecurityError as e:
+        print(f"ps-cluster: {e}", file=sys.stderr)
+        return 2
+    return status.show(
+        addresses["scheduler"], ClientSecurity(token=token), args.json, args.watch, args.interval
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ps-cluster", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("status", help="show a running cluster's progress, once or live")
+    st.add_argument(
+        "--work-dir", type=Path, required=True, help="the work dir `ps-cluster up` printed"
+    )
+    st.add_argument("--token-file", type=Path, help="the cluster's token file (or $PS_TOKEN)")
+    status.add_arguments(st)
     p = sub.add_parser("up", help="run a job on a local cluster until it finishes")
     p.add_argument("--config", type=Path, help="job spec as YAML (flags override it)")
     p.add_argument("--dataset", choices=DATASETS, default="mnist1d")
@@ -431,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=3600.0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.command == "status":
+        if args.interval <= 0:
+            parser.error("--interval must be positive")
+        return cluster_status(args)
     if args.servers < 1 or args.workers < 1:
         parser.error("--servers and --workers must be at least 1")
     return up(args)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -19,10 +18,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import grpc
-
-from protos import observability, rpc, scheduler_pb2, scheduler_pb2_grpc, security
+from protos import observability, security
 from ps_worker.data import DataError, read_manifest
+from scheduler import status
 from scheduler.jobspec import JobSpec, SpecError
 from scheduler.metrics import SchedulerMetrics
 from scheduler.state import SchedulerState, StateError
@@ -107,62 +105,25 @@ async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
     return 0
 
 
-def status(address: str, as_json: bool, credentials: security.ClientSecurity) -> int:
-    try:
-        with credentials.channel(address, rpc.channel_options()) as channel:
-            stub = scheduler_pb2_grpc.SchedulerStub(channel)
-            reply = stub.Progress(scheduler_pb2.ProgressRequest(), timeout=10)
-    except grpc.RpcError as e:
-        print(
-            f"ps-scheduler: cannot reach the scheduler at {address}: {e.code().name}",
-            file=sys.stderr,
-        )
-        return 1
-    progress = json.loads(reply.progress_json)
-    print(json.dumps(progress, indent=2) if as_json else format_progress(progress))
-    return 0
-
-
-def format_progress(p: dict) -> str:
-    total = p["epochs"] * p["shards_per_epoch"]
-    lines = [
-        f"epoch {min(p['epoch'] + 1, p['epochs'])}/{p['epochs']}: shards {p['done']}/{total} "
-        f"done, {p['leased']} leased, {p['pending']} pending"
-        + (" - finished" if p["finished"] else ""),
-    ]
-    if p["evaluations"]:
-        last = p["evaluations"][-1]
-        lines.append(
-            f"test accuracy after epoch {last['epoch'] + 1}: {last['accuracy']:.4f} "
-            f"(loss {last['loss']:.4f})"
-        )
-    lines.append(
-        f"{'worker':<14} {'state':<7} {'device':<8} {'clock':>7} {'samples/s':>10} "
-        f"{'heartbeat':>10}"
-    )
-    for w in p["workers"]:
-        lines.append(
-            f"{w['worker_id']:<14} {w['state']:<7} {w['device']:<8} {w['clock']:>7} "
-            f"{w['samples_per_s']:>10.0f} {w['heartbeat_age_s']:>9.1f}s"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
         parser = argparse.ArgumentParser(
-            prog="ps-scheduler status", description="Print a job's progress."
+            prog="ps-scheduler status",
+            description="Print a job's progress: epochs, accuracy so far, and each worker's "
+            "clock and last heartbeat; --watch keeps it live.",
         )
         parser.add_argument("--scheduler", required=True, help="scheduler address HOST:PORT")
-        parser.add_argument("--json", action="store_true")
+        status.add_arguments(parser)
         security.add_arguments(parser, serves=False, connects=True)
         args = parser.parse_args(argv[1:])
+        if args.interval <= 0:
+            parser.error("--interval must be positive")
         try:
             credentials = security.client_security(args)
         except security.SecurityError as e:
             parser.error(str(e))
-        return status(args.scheduler, args.json, credentials)
+        return status.show(args.scheduler, credentials, args.json, args.watch, args.interval)
 
     parser = argparse.ArgumentParser(
         prog="ps-scheduler",

@@ -19,7 +19,7 @@ from ps_worker import Client, PSError
 from ps_worker.data import prepare
 from scheduler.cluster import LocalCluster
 from scheduler.jobspec import JobSpec
-from scheduler.launch import Daemon
+from scheduler.launch import BIN, Daemon
 from scheduler.state import SchedulerState
 from tests.test_metrics import scrape
 
@@ -232,13 +232,34 @@ def test_metrics_of_servers_scheduler_and_workers_move_during_a_job(tmp_path, di
     spec = small_job(digits, "ssp", epochs=4, expected_workers=2)
     cluster = LocalCluster(spec, tmp_path, workers=2, metrics=True, log_format="json")
     with cluster.start():
+        watch = subprocess.Popen(
+            [BIN / "ps-scheduler", "status", "--scheduler", cluster.scheduler.address, "--watch"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         daemons = [*cluster.server_daemons, cluster.scheduler, *cluster.worker_daemons]
         wait_for(cluster, lambda p: 2 <= p["done"] < 10)
         before = [scrape(f"http://{d.metrics_address}/metrics") for d in daemons]
         wait_for(cluster, lambda p: p["done"] >= before[2]["ps_scheduler_completions_total"] + 4)
         during = [scrape(f"http://{d.metrics_address}/metrics") for d in daemons]
+        once = subprocess.run(
+            [BIN / "ps-cluster", "status", "--work-dir", tmp_path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         progress = cluster.wait(180)
         final = scrape_until(cluster.scheduler, lambda m: m["ps_scheduler_finished"] == 1)
+        watched, _ = watch.communicate(timeout=60)  # --watch ends by itself with the job
+    assert once.returncode == 0, once.stderr
+    workers = [w["worker_id"] for w in progress["workers"]]
+    assert all(w in once.stdout for w in workers) and re.search(r"epoch [1-4]/4 \[", once.stdout)
+    assert watch.returncode == 0, watched
+    tables = watched.strip().split("\n\n")
+    assert any(all(w in table for w in workers) for table in tables[:-1])
+    assert "finished" in tables[-1] and "finished" not in tables[0]
+    assert f"4: {progress['evaluations'][-1]['accuracy']:.4f}" in tables[-1]
     moved = [
         {k: during[i][k] - v for k, v in b.items() if k in during[i]} for i, b in enumerate(before)
     ]

@@ -132,11 +132,16 @@ class Piece:
     offset: int
     values: np.ndarray  # raw, flat, contiguous
     dtype: WireDType
+    indices: np.ndarray | None = None  # sparse (top-k): "<u4" element indices of values
+
+
+INDEX_DTYPE = np.dtype("<u4")
 
 
 def split_piece(piece: Piece, chunk_bytes: int) -> Iterator[Piece]:
     """Cut a piece into pieces of at most chunk_bytes (at least one element each)."""
-    per_chunk = max(1, chunk_bytes // piece.dtype.itemsize)
+    sparse = piece.indices is not None
+    per_chunk = max(1, chunk_bytes // (piece.dtype.itemsize + (INDEX_DTYPE.itemsize * sparse)))
     n = piece.values.size
     if n <= per_chunk:
         yield piece
@@ -145,9 +150,10 @@ def split_piece(piece: Piece, chunk_bytes: int) -> Iterator[Piece]:
         yield Piece(
             piece.tensor,
             piece.part,
-            piece.offset + start,
+            piece.offset if sparse else piece.offset + start,
             piece.values[start : start + per_chunk],
             piece.dtype,
+            piece.indices[start : start + per_chunk] if sparse else None,
         )
 
 
@@ -159,6 +165,7 @@ def to_chunk(piece: Piece) -> ps_pb2.TensorChunk:
         offset=piece.offset,
         dtype=piece.dtype.proto,
         data=piece.values.tobytes(),
+        indices=b"" if piece.indices is None else piece.indices.tobytes(),
     )
 
 
@@ -168,7 +175,7 @@ def group_pieces(pieces: Iterable[Piece], chunk_bytes: int) -> Iterator[list[Pie
     batch_bytes = 0
     for whole in pieces:
         for piece in split_piece(whole, chunk_bytes):
-            size = piece.values.nbytes
+            size = piece.values.nbytes + (0 if piece.indices is None else piece.indices.nbytes)
             if batch and batch_bytes + size > chunk_bytes:
                 yield batch
                 batch, batch_bytes = [], 0
@@ -234,7 +241,35 @@ def decode_tensor(
 
 
 def check_chunk(chunk: ps_pb2.TensorChunk, wire: WireDType, part_numel: int) -> np.ndarray:
-    """Decode a chunk and check its dtype and that it fits a part of part_numel values."""
+    """Decode a dense chunk and check its dtype and that it fits a part of part_numel values."""
+    if getattr(chunk, "indices", None):
+        raise CodecError(
+            f"tensor {chunk.tensor!r} part {chunk.part}: sparse (top-k) values where dense "
+            "ones are expected"
+        )
+    return _check_values(chunk, wire, part_numel)
+
+
+def check_sparse_chunk(
+    chunk: RawChunk, wire: WireDType, part_numel: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a top-k chunk: (indices, values), checked against a part of part_numel values."""
+    where = f"tensor {chunk.tensor!r} part {chunk.part}"
+    if chunk.offset:
+        raise CodecError(f"{where}: a sparse chunk's offset must be 0")
+    raw_indices = chunk.indices if chunk.indices is not None else memoryview(b"")
+    if len(raw_indices) % INDEX_DTYPE.itemsize:
+        raise CodecError(f"{where}: {len(raw_indices)} index bytes are not whole uint32 values")
+    indices = np.frombuffer(raw_indices, dtype=INDEX_DTYPE)
+    values = _check_values(chunk, wire, 1 << 62)
+    if indices.size != values.size:
+        raise CodecError(f"{where}: {indices.size} indices for {values.size} values")
+    if indices.size and int(indices.max()) >= part_numel:
+        raise CodecError(f"{where}: index {int(indices.max())} is past its {part_numel} values")
+    return indices, values
+
+
+def _check_values(chunk: ps_pb2.TensorChunk, wire: WireDType, part_numel: int) -> np.ndarray:
     if chunk.dtype != wire.proto:
         got = _BY_PROTO[chunk.dtype].name if chunk.dtype in _BY_PROTO else str(chunk.dtype)
         raise CodecError(
@@ -286,7 +321,11 @@ def _padding(n: int) -> bytes:
 def _chunk_frame(piece: Piece, position: int) -> list[bytes | memoryview]:
     """The wire bytes of one `chunks` entry that starts at ``position`` of its message."""
     meta = ps_pb2.TensorChunk(
-        tensor=piece.tensor, part=piece.part, offset=piece.offset, dtype=piece.dtype.proto
+        tensor=piece.tensor,
+        part=piece.part,
+        offset=piece.offset,
+        dtype=piece.dtype.proto,
+        indices=b"" if piece.indices is None else piece.indices.tobytes(),
     ).SerializeToString()
     data = memoryview(piece.values).cast("B") if piece.values.size else memoryview(b"")
     data_head = _TAG_DATA + _varint(len(data))
@@ -341,6 +380,7 @@ class RawChunk:
     offset: int
     dtype: int
     data: memoryview
+    indices: memoryview | None = None  # sparse (top-k) chunks only
 
 
 @dataclass(frozen=True)
@@ -390,6 +430,7 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
 
 def _read_chunk(buf: memoryview) -> RawChunk:
     tensor, part, offset, dtype, data = "", 0, 0, 0, memoryview(b"")
+    indices: memoryview | None = None
     for number, value in _fields(buf):
         if number == 1 and isinstance(value, memoryview):
             try:
@@ -404,9 +445,11 @@ def _read_chunk(buf: memoryview) -> RawChunk:
             dtype = value
         elif number == 5 and isinstance(value, memoryview):
             data = value
-        elif number in (1, 2, 3, 4, 5):
+        elif number == 7 and isinstance(value, memoryview):
+            indices = value
+        elif number in (1, 2, 3, 4, 5, 7):
             raise CodecError(f"malformed message: chunk field {number} has the wrong wire type")
-    return RawChunk(tensor, part, offset, dtype, data)
+    return RawChunk(tensor, part, offset, dtype, data, indices)
 
 
 def decode_frame(message: bytes) -> Frame:

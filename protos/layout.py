@@ -143,12 +143,18 @@ def specs_of(named: Sequence[tuple[str, object]]) -> list[TensorSpec]:
     ]
 
 
-def server_pieces(layout: Layout, server: int, flat: Mapping[str, np.ndarray]) -> list[Piece]:
+def server_pieces(
+    layout: Layout,
+    server: int,
+    flat: Mapping[str, np.ndarray],
+    dtypes: Mapping[str, WireDType] | None = None,
+) -> list[Piece]:
     """The pieces of raw flat tensors that one server holds, in layout order.
 
-    ``flat`` maps every tensor name to its raw values (:func:`protos.codec.to_raw`).
+    ``flat`` maps every tensor name to its raw values (:func:`protos.codec.to_raw`),
+    in the layout's dtypes unless ``dtypes`` says otherwise (compressed gradients).
     """
-    dtypes = layout.dtypes
+    dtypes = dtypes or layout.dtypes
     return [
         Piece(p.tensor, p.index, 0, flat[p.tensor][p.start : p.stop], dtypes[p.tensor])
         for p in layout.parts_on(server)

@@ -90,7 +90,7 @@ class OptimizerConfig(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., sgd: _Optional[_Union[SGDConfig, _Mapping]] = ..., adam: _Optional[_Union[AdamConfig, _Mapping]] = ..., adagrad: _Optional[_Union[AdagradConfig, _Mapping]] = ...) -> None: ...
 
 class JobConfig(_message.Message):
-    __slots__ = ("job_id", "mode", "staleness", "backup_workers", "staleness_aware_lr", "optimizer", "tensors", "part_bytes", "num_servers", "server_index", "layout_digest", "workers")
+    __slots__ = ("job_id", "mode", "staleness", "backup_workers", "staleness_aware_lr", "optimizer", "tensors", "part_bytes", "num_servers", "server_index", "layout_digest", "workers", "compression")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class JobConfig(_message.Message):
     SERVER_INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     mode: Mode
     staleness: int
@@ -115,23 +116,36 @@ class JobConfig(_message.Message):
     server_index: int
     layout_digest: str
     workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., staleness: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., part_bytes: _Optional[int] = ..., num_servers: _Optional[int] = ..., server_index: _Optional[int] = ..., layout_digest: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    compression: Compression
+    def __init__(self, job_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., staleness: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., part_bytes: _Optional[int] = ..., num_servers: _Optional[int] = ..., server_index: _Optional[int] = ..., layout_digest: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ...) -> None: ...
+
+class Compression(_message.Message):
+    __slots__ = ("gradient_dtype", "weight_dtype", "topk_ratio")
+    GRADIENT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TOPK_RATIO_FIELD_NUMBER: _ClassVar[int]
+    gradient_dtype: DType
+    weight_dtype: DType
+    topk_ratio: float
+    def __init__(self, gradient_dtype: _Optional[_Union[DType, str]] = ..., weight_dtype: _Optional[_Union[DType, str]] = ..., topk_ratio: _Optional[float] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("tensor", "part", "offset", "dtype", "data", "padding")
+    __slots__ = ("tensor", "part", "offset", "dtype", "data", "padding", "indices")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
     tensor: str
     part: int
     offset: int
     dtype: DType
     data: bytes
     padding: bytes
-    def __init__(self, tensor: _Optional[str] = ..., part: _Optional[int] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
+    indices: bytes
+    def __init__(self, tensor: _Optional[str] = ..., part: _Optional[int] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., padding: _Optional[bytes] = ..., indices: _Optional[bytes] = ...) -> None: ...
 
 class InitHeader(_message.Message):
     __slots__ = ("config",)

@@ -7,6 +7,7 @@ from enum import Enum
 
 from protos import ps_pb2
 from protos.codec import CodecError, wire_dtype
+from protos.compression import Compression, CompressionError
 from protos.layout import Layout, TensorSpec, plan_layout
 from ps_server.errors import InvalidArgument
 from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
@@ -35,6 +36,7 @@ class Job:
     staleness: int = 0
     backup_workers: int = 0
     staleness_aware_lr: bool = False
+    compression: Compression = field(default_factory=Compression)
     workers: tuple[str, ...] = field(default=(), compare=False)
 
     def differences(self, other: Job) -> list[str]:
@@ -117,6 +119,7 @@ def job_to_proto(job: Job) -> ps_pb2.JobConfig:
         server_index=job.server_index,
         layout_digest=layout.digest,
         workers=job.workers,
+        compression=job.compression.to_proto() if job.compression.enabled else None,
     )
 
 
@@ -187,6 +190,10 @@ def job_from_proto(config: ps_pb2.JobConfig, limits: Limits = Limits()) -> Job:
     mode = _MODE_FROM_PROTO[config.mode]
     if config.backup_workers and mode is not Mode.SYNC:
         raise InvalidArgument("backup_workers applies to sync mode only")
+    try:
+        compression = Compression.from_proto(config.compression)
+    except CompressionError as e:
+        raise InvalidArgument(str(e)) from None
     return Job(
         job_id=config.job_id,
         mode=mode,
@@ -197,5 +204,6 @@ def job_from_proto(config: ps_pb2.JobConfig, limits: Limits = Limits()) -> Job:
         staleness=config.staleness,
         backup_workers=config.backup_workers,
         staleness_aware_lr=config.staleness_aware_lr,
+        compression=compression,
         workers=tuple(config.workers),
     )

@@ -25,10 +25,20 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from protos import ps_pb2
-from protos.codec import CodecError, Piece, WireDType, check_chunk, to_raw, to_torch, wire_dtype
+from protos.codec import (
+    CodecError,
+    Piece,
+    WireDType,
+    check_chunk,
+    check_sparse_chunk,
+    to_raw,
+    to_torch,
+    wire_dtype,
+)
 from protos.layout import Part
 from ps_server.errors import (
     AlreadyExists,
@@ -112,7 +122,8 @@ class Counters:
     staleness: Counter[int] = field(default_factory=Counter)
 
 
-GradChunk = tuple[Slot, int, torch.Tensor]  # slot, element offset within the part, values
+# slot, element offset within the part, values, and (top-k chunks) the values' indices
+GradChunk = tuple[Slot, int, torch.Tensor, torch.Tensor | None]
 
 
 class ParameterStore:
@@ -148,7 +159,7 @@ class ParameterStore:
         slots, groups = allocate(job)
         decoded = self._decode(job, slots, chunks, what="initial value")
         for key_chunks in decoded.values():
-            for slot, offset, values in key_chunks:
+            for slot, offset, values, _ in key_chunks:
                 start = slot.start + offset
                 groups[slot.group].param[start : start + values.numel()] = values
         for group in groups.values():
@@ -201,7 +212,7 @@ class ParameterStore:
             raise FailedPrecondition(
                 f"worker {worker_id!r} already pushed a gradient for sync step {self.version}"
             )
-        self._gather(self._decode(job, self.parts, chunks, what="gradient"))
+        self._gather(self._decode(job, self.parts, chunks, what="gradient", gradient=True))
 
         # Validated: from here on nothing raises.
         record = record or self._join(worker_id)
@@ -227,9 +238,21 @@ class ParameterStore:
         slots: dict[PartKey, Slot],
         chunks: Sequence[ps_pb2.TensorChunk],
         what: str,
+        gradient: bool = False,
     ) -> dict[PartKey, list[GradChunk]]:
-        """Check chunks cover each part exactly once with the right dtype and sizes."""
+        """Check chunks cover each part exactly once with the right dtype and sizes.
+
+        A gradient travels as the job's compression says: in its gradient dtype,
+        and for top-k as (indices, values) chunks, at least one per part.
+        """
         dtypes = job.layout.dtypes
+        compression = job.compression if gradient else None
+        sparse = bool(compression and compression.topk_ratio)
+        grad_wire = (
+            wire_dtype(compression.gradient_dtype)
+            if compression and compression.gradient_dtype
+            else None
+        )
         tensors = {key[0] for key in slots}
         decoded: dict[PartKey, list[GradChunk]] = {key: [] for key in slots}
         for chunk in chunks:
@@ -246,14 +269,26 @@ class ParameterStore:
                     if known
                     else f"unknown tensor {chunk.tensor!r}"
                 )
-            wire = dtypes[slot.part.tensor]
+            wire = grad_wire or dtypes[slot.part.tensor]
             try:
+                if sparse:
+                    indices, raw = check_sparse_chunk(chunk, wire, slot.part.count)
+                    at = torch.from_numpy(indices.astype(np.int64))
+                    decoded[key].append((slot, 0, to_torch(raw, wire), at))
+                    continue
                 raw = check_chunk(chunk, wire, slot.part.count)
             except CodecError as e:
                 raise InvalidArgument(f"{what}: {e}") from None
-            decoded[key].append((slot, int(chunk.offset), to_torch(raw, wire)))
+            decoded[key].append((slot, int(chunk.offset), to_torch(raw, wire), None))
+        if sparse:
+            missing = [key for key, found in decoded.items() if not found]
+            if missing:
+                raise InvalidArgument(
+                    f"{what} for tensor {missing[0][0]!r} part {missing[0][1]}: no chunk sent"
+                )
+            return decoded
         for key, slot in slots.items():
-            spans = sorted((offset, v.numel()) for _, offset, v in decoded[key])
+            spans = sorted((offset, v.numel()) for _, offset, v, _ in decoded[key])
             covered = 0
             for offset, n in spans:
                 if offset != covered:
@@ -279,9 +314,16 @@ class ParameterStore:
         Touches only scratch buffers, so a NaN found here still changes nothing.
         """
         for key_chunks in decoded.values():
-            for slot, offset, values in key_chunks:
-                start = slot.start + offset
-                self.groups[slot.group].grad[start : start + values.numel()].copy_(values)
+            for n, (slot, offset, values, indices) in enumerate(key_chunks):
+                grad = self.groups[slot.group].grad
+                if indices is None:
+                    start = slot.start + offset
+                    grad[start : start + values.numel()].copy_(values)  # casts from the wire
+                    continue
+                part = grad[slot.start : slot.stop]
+                if n == 0:  # top-k: the elements no chunk names are zero
+                    part.zero_()
+                part[indices] = values.to(grad.dtype)
         if not self.reject_nonfinite:
             return
         for group in self.groups.values():
@@ -386,12 +428,15 @@ class ParameterStore:
         record = self.workers.get(worker_id)
         if record is None and not observe:
             record = self._join(worker_id)
-        pieces = [
-            Piece(
-                tensor, index, 0, to_raw(self.values(tensor, index)), self.groups[slot.group].wire
-            )
-            for (tensor, index), slot in self.parts.items()
-        ]
+        assert self.job is not None
+        weight_dtype = self.job.compression.weight_dtype
+        cast = wire_dtype(weight_dtype).torch if weight_dtype else None
+        pieces = []
+        for tensor, index in self.parts:
+            values = self.values(tensor, index)
+            if cast is not None and values.dtype != cast:
+                values = values.to(cast)  # a compressed copy: the weights stay full precision
+            pieces.append(Piece(tensor, index, 0, to_raw(values), wire_dtype(values.dtype)))
         return self.version, record.clock if record else 0, pieces
 
     # ----------------------------------------------------------- membership

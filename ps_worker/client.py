@@ -36,13 +36,16 @@ from protos.codec import (
     CodecError,
     Piece,
     RawChunk,
+    WireDType,
     check_chunk,
     decode_frame,
     dtype_of,
     encode_frames,
     to_raw,
     to_torch,
+    wire_dtype,
 )
+from protos.compression import Compression, CompressionError
 from protos.layout import (
     DEFAULT_PART_BYTES,
     Layout,
@@ -55,6 +58,7 @@ from protos.security import ClientSecurity
 from protos.shm import Segment, segment_slots
 from ps_server.job import Job, Mode, job_from_proto, job_to_proto
 from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
+from ps_worker.compress import GradientEncoder, PiecesFor
 from ps_worker.errors import InvalidRequestError, PSError, ServerUnavailableError
 from ps_worker.retry import RETRYABLE, RetryPolicy, call_with_retry
 
@@ -171,6 +175,8 @@ class Client:
         self._pool = ThreadPoolExecutor(4 * len(servers), thread_name_prefix="ps-client")
         self._job: Job | None = None
         self._part_maps: dict[int, dict] = {}
+        self._encoder: GradientEncoder | None = None  # set with the job
+        self._weight_wire: WireDType | None = None  # the job's weight wire dtype, if any
         self._transport_lock = threading.Lock()
         self._transport_chosen = False
 
@@ -227,7 +233,8 @@ class Client:
             return  # not reachable now: stay on TCP, retried as usual
         if reply.hostname != socket.gethostname():
             return
-        if config.same_host_shared_memory and os.path.isdir(reply.shm_dir):
+        compressing = self._job is not None and self._job.compression.enabled
+        if config.same_host_shared_memory and os.path.isdir(reply.shm_dir) and not compressing:
             s.shm_dir = reply.shm_dir  # given up if the server cannot open our segment
         path = reply.unix_socket.removeprefix("unix:")
         if not config.same_host_unix_socket or not path or not os.path.exists(path):
@@ -268,6 +275,7 @@ class Client:
         staleness_aware_lr: bool = False,
         workers: Iterable[str] = (),
         part_bytes: int = DEFAULT_PART_BYTES,
+        compression: str | Compression = "none",
     ) -> bool:
         """Initialise the model on every server; True if this call created it.
 
@@ -275,7 +283,14 @@ class Client:
         identical job keeps its weights, and one holding a different job
         raises ConflictError. ``workers`` are the initially active workers
         (needed for sync, whose barrier counts them); others join on contact.
+        ``compression`` (``fp16``, ``bf16``, ``topk:R``, ``bf16,topk:R``; see
+        :mod:`protos.compression`) sets how gradients and weights travel.
         """
+        if isinstance(compression, str):
+            try:
+                compression = Compression.parse(compression)
+            except CompressionError as e:
+                raise InvalidRequestError(str(e)) from None
         named = _named(tensors)
         if isinstance(optimizer, str):
             if optimizer not in OPTIMIZERS:
@@ -297,6 +312,7 @@ class Client:
             staleness=staleness,
             backup_workers=backup_workers,
             staleness_aware_lr=staleness_aware_lr,
+            compression=compression,
             workers=tuple(workers),
         )
         flat = {n: to_raw(v) for n, v in named.items()}
@@ -336,8 +352,13 @@ class Client:
     def _set_job(self, job: Job) -> None:
         self._job = job
         self._part_maps = {}
+        self._encoder = GradientEncoder(job.layout, job.compression)
+        weight_dtype = job.compression.weight_dtype
+        self._weight_wire = wire_dtype(weight_dtype) if weight_dtype else None
         for s in self._servers:  # segments are laid out by the job's layout
             self._drop_shm(s)
+            if job.compression.enabled:
+                s.shm_dir = ""  # compression is for the wire: shared memory has none
 
     @property
     def layout(self) -> Layout:
@@ -437,7 +458,7 @@ class Client:
         """Write a pulled message's chunks into place; return its header, if it has one."""
         frame = decode_frame(message)
         for chunk in frame.chunks:
-            _write_chunk(chunk, self._parts_on(i), self.layout, dest, s.address)
+            _write_chunk(chunk, self._parts_on(i), self.layout, dest, s.address, self._weight_wire)
         return None if frame.header is None else ps_pb2.PullHeader.FromString(bytes(frame.header))
 
     def _parts_on(self, i: int) -> dict:
@@ -456,14 +477,14 @@ class Client:
         """Push one iteration's gradients for every tensor of the model."""
         checked = self._checked_grads(grads)
         clock = self.clock + 1
-        raw = functools.cache(lambda: _raw_grads(checked))  # only the stream path needs it
+        pieces = self._stream_pieces(checked)
 
         def push_one(i: int, s: _ServerState) -> ps_pb2.PushResponse:
             if s.shm_dir:
                 header = self._shm_step(i, s, checked, clock, None, {})
                 if header is not None:
                     return header.push
-            return self._push_one(i, s, raw(), clock)
+            return self._push_one(i, s, pieces()(i), clock)
 
         return self._after_push(clock, self._each(push_one))
 
@@ -477,7 +498,7 @@ class Client:
         checked = self._checked_grads(_module_grads(module))
         dest, finish = self._module_destinations(module)
         clock = self.clock + 1
-        raw = functools.cache(lambda: _raw_grads(checked))  # only the stream path needs it
+        pieces = self._stream_pieces(checked)
 
         def step_one(i: int, s: _ServerState) -> tuple[ps_pb2.PushResponse, ps_pb2.PullHeader]:
             pull = self._pull_request(clock, s.pulled_version + 1, False)
@@ -485,14 +506,11 @@ class Client:
                 header = self._shm_step(i, s, checked, clock, pull, dest)
                 if header is not None:
                     return header.push, header
-            flat = raw()
             if self._server_bytes(i) > self.config.chunk_bytes:  # streams for large shares
-                pushed = self._push_one(i, s, flat, clock)
+                pushed = self._push_one(i, s, pieces()(i), clock)
                 return pushed, self._pull_one(i, s, pull, dest)
             header = ps_pb2.StepHeader(push=self._push_header(s, clock), pull=pull)
-            (message,) = encode_frames(
-                header.SerializeToString(), server_pieces(self.layout, i, flat), 1 << 62
-            )
+            (message,) = encode_frames(header.SerializeToString(), pieces()(i), 1 << 62)
             reply = self._retry(
                 s, "step", lambda t: s.calls.step(message, timeout=t), self.config.pull_timeout_s
             )
@@ -506,6 +524,19 @@ class Client:
         self._after_pull([pulled for _, pulled in results])
         finish()
         return summary
+
+    def _stream_pieces(self, checked: Mapping[str, torch.Tensor]) -> Callable[[], PiecesFor]:
+        """Each server's pieces of a push for the stream path, encoded (and, for top-k, the
+        residuals updated) once: at the first call, from whichever server's thread."""
+        lock = threading.Lock()
+
+        @functools.cache
+        def encoded() -> PiecesFor:
+            with lock:
+                assert self._encoder is not None  # checked grads imply a job
+                return functools.cache(self._encoder.encode(checked))
+
+        return encoded
 
     def _server_bytes(self, i: int) -> int:
         return sum(p.nbytes for p in self._parts_on(i).values())
@@ -592,10 +623,9 @@ class Client:
         )
 
     def _push_one(
-        self, i: int, s: _ServerState, flat: Mapping[str, np.ndarray], clock: int
+        self, i: int, s: _ServerState, pieces: list[Piece], clock: int
     ) -> ps_pb2.PushResponse:
         header = self._push_header(s, clock).SerializeToString()
-        pieces = server_pieces(self.layout, i, flat)
         return self._retry(
             s,
             "push",
@@ -689,11 +719,6 @@ class Client:
             self._choose_for(s)
 
 
-def _raw_grads(checked: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Raw CPU values of checked gradients, as the stream path sends them."""
-    return {name: to_raw(g) for name, g in checked.items()}
-
-
 def _module_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {
         name: p.grad if p.grad is not None else torch.zeros_like(p)
@@ -731,8 +756,10 @@ def _write_chunk(
     layout: Layout,
     dest: Mapping[str, torch.Tensor],
     server: str,
+    weight_wire: WireDType | None = None,
 ) -> None:
-    """Copy one pulled chunk into its place in the destination flat tensor."""
+    """Copy one pulled chunk into its place in the destination flat tensor (converting
+    from the job's weight wire dtype, if it has one)."""
     part = parts.get((chunk.tensor, chunk.part))
     if part is None:
         raise PSError(
@@ -740,6 +767,8 @@ def _write_chunk(
             "which the layout does not give it"
         )
     wire = layout.dtypes[part.tensor]
+    if weight_wire is not None and chunk.dtype == weight_wire.proto:
+        wire = weight_wire
     raw = check_chunk(chunk, wire, part.count)
     start = part.start + chunk.offset
     dest[part.tensor][start : start + raw.size].copy_(to_torch(raw, wire))

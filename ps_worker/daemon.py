@@ -115,6 +115,7 @@ class WorkerDaemon:
                 staleness=self.spec.staleness,
                 backup_workers=self.spec.backup_workers,
                 staleness_aware_lr=self.spec.staleness_aware_lr,
+                compression=self.spec.compression,
             )
             if created:
                 log.info("initialised the model on %d server(s)", len(self.spec.servers))

@@ -27,6 +27,7 @@ import grpc
 from tqdm import tqdm
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
+from protos.compression import Compression
 from protos.security import TOKEN_ENV, ClientSecurity, SecurityError, read_token
 from ps_worker import Client, ClientConfig, PSError
 from ps_worker.data import DATASETS, MANIFEST, DataError, prepare
@@ -249,6 +250,7 @@ def summarise(
         "mode": spec.mode,
         "staleness": spec.staleness if spec.mode == "ssp" else None,
         "model": spec.model,
+        "compression": str(Compression.parse(spec.compression)),
         "epochs": spec.epochs,
         "workers": len(progress["workers"]),
         "servers": len(statuses),
@@ -301,6 +303,7 @@ def up(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "lease_timeout_s": args.lease_timeout_s,
         "staleness_aware_lr": True if args.staleness_aware_lr else None,
+        "compression": args.compression,
     }
     with ExitStack() as stack:
         work_dir = args.work_dir or Path(
@@ -433,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--staleness", type=int, default=None)
     p.add_argument("--backup-workers", type=int, default=None)
     p.add_argument("--staleness-aware-lr", action="store_true")
+    p.add_argument(
+        "--compression",
+        default=None,
+        help="how tensors travel: none, fp16, bf16, topk:R or e.g. bf16,topk:0.01 (default none)",
+    )
     p.add_argument("--optimizer", choices=["sgd", "adam", "adagrad"], default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--momentum", type=float, default=None, help="sgd momentum")

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from protos.compression import Compression, CompressionError
+
 MODES = ("sync", "async", "ssp")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
 
@@ -28,6 +30,7 @@ class JobSpec:
     staleness: int = 2
     backup_workers: int = 0
     staleness_aware_lr: bool = False
+    compression: str = "none"  # on the wire: none, fp16, bf16, topk:R, bf16,topk:R
     optimizer: str = "adam"
     lr: float = 0.01
     momentum: float = 0.0  # sgd
@@ -62,6 +65,10 @@ class JobSpec:
             problems.append("lease_timeout_s must be positive")
         if self.backup_workers and self.mode != "sync":
             problems.append("backup_workers applies to sync mode only")
+        try:
+            Compression.parse(self.compression)
+        except CompressionError as e:
+            problems.append(str(e))
         if problems:
             raise SpecError("; ".join(problems))
 

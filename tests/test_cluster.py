@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MNIST1D_MODES = {
     "sync": ["--epochs", "8", "--lr", "0.01"],
     "async": ["--epochs", "16", "--lr", "0.003", "--beta1", "0"],
+    # Gradients and weights as bfloat16 on the wire: half the bytes, the same target.
+    "sync-bf16": ["--epochs", "8", "--lr", "0.01", "--compression", "bf16"],
 }  # ssp: `make demo`, below
 
 
@@ -86,13 +88,14 @@ def test_mnist1d_cnn_reaches_90_percent(tmp_path, mnist1d, mode):
         "--model",
         "mnist1d-cnn",
         "--mode",
-        mode,
+        mode.split("-")[0],
         *MNIST1D_MODES[mode],
     )
+    assert summary["compression"] == ("bfloat16" if mode.endswith("bf16") else "none")
     assert summary["final_accuracy"] >= 0.90, summary["accuracy_curve"]
     assert summary["shards_completed_per_epoch"] == [16] * summary["epochs"]
     assert len(summary["accuracy_curve"]) == summary["epochs"]
-    if mode == "sync":  # one update per step of 4 workers, on every server
+    if mode.startswith("sync"):  # one update per step of 4 workers, on every server
         assert summary["updates_applied"][0] == summary["updates_applied"][1]
 
 

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Where `make demo` keeps its data, logs and summary.
 DEMO_DIR ?= demo
 
-.PHONY: install test demo lint protos protos-check clean
+.PHONY: install test demo lint protos protos-check clean compose-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ demo: $(STAMP)
 		--mode ssp --staleness 1 --servers 2 --workers 4 --epochs 16 \
 		--optimizer adam --lr 0.003 --beta1 0 \
 		--work-dir $(DEMO_DIR)/run --summary-json $(DEMO_DIR)/summary.json
+
+# docker-compose.yml for real: build the image, train a short MNIST-1D job in containers
+# (2 servers, 3 workers) and print its accuracy. Docker, or Podman where Docker has no
+# engine (installed as ../shared/CONTAINERS.md says when missing). Not part of `make test`.
+compose-test: $(STAMP)
+	$(BIN)/pip install --quiet "podman-compose>=1.2"
+	TORCH_SPEC="$(TORCH_SPEC)" $(BIN)/python -m tests.compose_run
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -105,6 +106,64 @@ def measure_ps(num_servers: int, nbytes: int, repeats: int) -> list[dict]:
                 }
             )
     return rows
+
+
+COMPRESSIONS = ("none", "fp16", "bf16", "topk:0.01", "bf16,topk:0.01")
+
+
+def measure_compression(nbytes: int, repeats: int) -> list[dict]:
+    """Bytes on the wire and time of a push+pull over TCP, per compression (one server each,
+    its byte counters read from its /metrics)."""
+    model = model_of(nbytes)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    rows = []
+    for compression in COMPRESSIONS:
+        with ExitStack() as stack:
+            logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            (daemon,) = stack.enter_context(servers(1, logs, "--metrics-port", "0"))
+            url = f"http://{daemon.metrics_address}/metrics"
+            with Client([daemon.address], job_id="compression", config=path_config("tcp")) as c:
+                c.init(model, mode="async", optimizer="sgd", lr=1e-6, compression=compression)
+                c.push_from(model)  # warm up
+                c.pull_into(model)
+                before, times = wire_bytes(url), []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    c.push_from(model)
+                    c.pull_into(model)
+                    times.append(time.perf_counter() - start)
+                after = wire_bytes(url)
+        pushed, pulled = ((a - b) / repeats for a, b in zip(after, before, strict=True))
+        rows.append(
+            {
+                "compression": compression,
+                "bytes": nbytes,
+                "push_wire_bytes": pushed,
+                "pull_wire_bytes": pulled,
+                "push_pull_s": statistics.median(times),
+            }
+        )
+    none = rows[0]
+    for r in rows:
+        r["wire_vs_none"] = (r["push_wire_bytes"] + r["pull_wire_bytes"]) / (
+            none["push_wire_bytes"] + none["pull_wire_bytes"]
+        )
+        r["time_vs_none"] = r["push_pull_s"] / none["push_pull_s"]
+        print(
+            f"  {r['compression']}: {r['push_wire_bytes'] / MIB:.2f} MiB pushed, "
+            f"{r['pull_wire_bytes'] / MIB:.2f} MiB pulled ({r['wire_vs_none']:.3f} of "
+            f"float32), push+pull {r['push_pull_s'] * 1e3:.1f} ms",
+            flush=True,
+        )
+    return rows
+
+
+def wire_bytes(url: str) -> tuple[float, float]:
+    """A server's tensor bytes received and sent so far, from its Prometheus metrics."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("ps_bytes_"))
+    return float(values["ps_bytes_in_total"]), float(values["ps_bytes_out_total"])
 
 
 def measure_latency(calls: int) -> dict:
@@ -190,9 +249,17 @@ def run(sizes: list[int], server_counts: list[int], base_repeats: int) -> dict:
             str(world): {str(n): v for n, v in by_size.items()} for world, by_size in gloo.items()
         },
         "latency": measure_latency(max(50, base_repeats * 50)),
+        "compression": compression_rows(sizes, base_repeats),
         "results": rows,
         "targets": targets(rows),
     }
+
+
+def compression_rows(sizes: list[int], repeats: int) -> list[dict]:
+    """The compression table, at 16 MiB (or the largest size measured, if smaller)."""
+    nbytes = LARGE if LARGE in sizes else max(sizes)
+    print(f"compression on the wire, {_size(nbytes)} over tcp ...", flush=True)
+    return measure_compression(nbytes, repeats)
 
 
 def targets(rows: list[dict]) -> dict:
@@ -236,12 +303,35 @@ def markdown(result: dict) -> str:
             f"| {_size(n)} | {result['raw_tcp'][str(n)]['gbps']:.2f} | "
             f"{result['torch_rpc'][str(n)]['push_pull_gbps']:.2f} |"
         )
+    lines += compression_markdown(result.get("compression", []))
     lines += ["", "| path | tiny push (us) | bare gRPC round trip (us) |", "|---|---:|---:|"]
     for path, v in result["latency"].items():
         lines.append(
             f"| {path} | {v['tiny_push_s'] * 1e6:.0f} | {v['grpc_round_trip_s'] * 1e6:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def compression_markdown(rows: list[dict]) -> list[str]:
+    """The compression table's lines (none when the run had no compression rows)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"Compression on the wire ({_size(rows[0]['bytes'])} model, push+pull over tcp, "
+        "bytes counted by the server):",
+        "",
+        "| compression | pushed MiB | pulled MiB | bytes vs float32 | push+pull ms "
+        "| time vs float32 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['compression']} | {r['push_wire_bytes'] / MIB:.2f} | "
+            f"{r['pull_wire_bytes'] / MIB:.2f} | {r['wire_vs_none']:.3f} | "
+            f"{r['push_pull_s'] * 1e3:.1f} | {r['time_vs_none']:.2f} |"
+        )
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -305,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--servers", type=int, nargs="+", help="server counts (default 1 2 4)")
     parser.add_argument("--repeats", type=int, help="repeats of large sizes (default 10)")
+    parser.add_argument(
+        "--compression-only",
+        action="store_true",
+        help="only the compression table (bytes on the wire per compression), to --out",
+    )
     args = parser.parse_args(argv)
     sizes = args.sizes or list(QUICK_SIZES if args.quick else SIZES)
     counts = args.servers or ([1, 2] if args.quick else [1, 2, 4])
@@ -312,6 +407,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("sizes must be multiples of 4 bytes, at least 64; server counts positive")
     repeats = args.repeats or (3 if args.quick else 10)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # many processes share the cores
+    if args.compression_only:
+        result = {
+            "benchmark": "transport-compression",
+            "machine": machine(),
+            "command": command_line("benchmarks.transport", argv),
+            "compression": compression_rows(sizes, repeats),
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compression.json").write_text(json.dumps(result, indent=2))
+        (args.out / "compression.md").write_text(
+            "\n".join(compression_markdown(result["compression"])).lstrip() + "\n"
+        )
+        print(f"wrote {args.out}/compression.json, compression.md")
+        return 0
     result = run(sizes, counts, repeats)
     result["command"] = command_line("benchmarks.transport", argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,8 @@ def test_compose_file_is_valid():
         assert services[name]["healthcheck"]["test"][1] == "ps-health"
     worker = services["worker"]
     assert "container_name" not in worker and "ports" not in worker  # --scale worker=N works
+    for name in ("scheduler", "server0", "server1", "worker"):  # every daemon serves metrics
+        assert "--metrics-port" in services[name]["command"], name
     assert all(s["volumes"] == ["data:/data"] for s in services.values())
     for name, service in services.items():  # the token reaches every daemon from .env
         assert service["environment"]["PS_TOKEN"] == "${PS_TOKEN:-}", name
@@ -68,8 +70,8 @@ def localise(
         previous = args[i - 1]
         if previous == "--host":
             a = "127.0.0.1"
-        elif previous == "--port":
-            a = "0"
+        elif previous in ("--port", "--metrics-port"):
+            a = "0"  # free ports: several services share this machine
         a = a.replace("/data", str(data))
         for service, address in addresses.items():
             a = re.sub(rf"\b{service}:\d+", address, a)

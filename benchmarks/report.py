@@ -3,7 +3,7 @@
     python -m benchmarks.report              # rewrite README.md between the markers
     python -m benchmarks.report --check      # fail if README.md is not what the JSON says
 
-Reads benchmarks/results/{transport,modes,slr,vs-ddp,load}/ (written by the
+Reads benchmarks/results/{transport,modes,slr,vs-ddp,load,transport-compression}/ (written by the
 benchmarks with ``--out``); a section whose file is missing is left out.
 """
 
@@ -18,6 +18,7 @@ import benchmarks.load
 import benchmarks.vs_ddp
 from benchmarks import sync_vs_async
 from benchmarks.machine import describe
+from benchmarks.transport import compression_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -145,6 +146,8 @@ TABLES = [
     ("vs-ddp", "vs_ddp.json", "Against DistributedDataParallel", benchmarks.vs_ddp.markdown,
      [("vs DDP", "vs_ddp.png")]),
     ("load", "load.json", "Many clients at once", benchmarks.load.markdown, []),
+    ("transport-compression", "compression.json", "Compression on the wire",
+     lambda r: "\n".join(compression_markdown(r["compression"])).lstrip() + "\n", []),
 ]  # fmt: skip
 
 

@@ -122,7 +122,9 @@ class ParameterService:
             )
         if self.metrics is not None:
             self.metrics.pushes.inc()
-            self.metrics.bytes_in.inc(sum(len(c.data) for c in chunks))
+            self.metrics.bytes_in.inc(
+                sum(len(c.data) + len(c.indices or b"") for c in chunks)  # top-k: indices too
+            )
             self.metrics.apply_seconds.observe(timer.seconds)
             if result.applied or result.dropped:
                 self.metrics.staleness.observe(result.staleness)

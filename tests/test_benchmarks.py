@@ -69,9 +69,33 @@ def test_transport_quick_writes_json_markdown_and_plot(tmp_path):
         "step_vs_gloo_allreduce",
     }
     assert data["machine"]["cpus"] >= 1
-    # three tables: 12 + 2 + 3 rows, each with a header and a rule
-    assert (tmp_path / "transport.md").read_text().count("\n|") + 1 == 12 + 2 + 3 + 6
+    assert_bytes_halved(data["compression"], 16 << 20)
+    # four tables: 12 + 2 + 5 + 3 rows, each with a header and a rule
+    assert (tmp_path / "transport.md").read_text().count("\n|") + 1 == 12 + 2 + 5 + 3 + 8
     assert (tmp_path / "transport.png").read_bytes()[:8] == PNG
+
+
+def assert_bytes_halved(rows: list[dict], nbytes: int) -> None:
+    """fp16 and bf16 move exactly half of float32's bytes; top-k 1% pushes about 2%."""
+    by = {r["compression"]: r for r in rows}
+    assert list(by) == ["none", "fp16", "bf16", "topk:0.01", "bf16,topk:0.01"]
+    assert by["none"]["push_wire_bytes"] == by["none"]["pull_wire_bytes"] == nbytes
+    for half in ("fp16", "bf16"):
+        assert by[half]["push_wire_bytes"] == by[half]["pull_wire_bytes"] == nbytes // 2
+        assert by[half]["wire_vs_none"] == 0.5
+    sparse = by["topk:0.01"]["push_wire_bytes"]  # 4-byte index + 4-byte value per element kept
+    assert 0.015 * nbytes <= sparse <= 0.025 * nbytes
+    assert by["bf16,topk:0.01"]["push_wire_bytes"] < sparse
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_transport_compression_only_shows_the_bytes_halved(tmp_path):
+    result = readme_run("benchmarks.transport", tmp_path, flag="--compression-only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "compression.json").read_text())
+    assert_bytes_halved(data["compression"], 1 << 20)
+    assert (tmp_path / "compression.md").read_text().count("\n|") == 5 + 2  # and header, rule
 
 
 @pytest.mark.integration

@@ -527,16 +527,18 @@ class Client:
 
     def _stream_pieces(self, checked: Mapping[str, torch.Tensor]) -> Callable[[], PiecesFor]:
         """Each server's pieces of a push for the stream path, encoded (and, for top-k, the
-        residuals updated) once: at the first call, from whichever server's thread."""
+        residuals updated) exactly once: at the first call, from whichever server's thread."""
         lock = threading.Lock()
+        encoded: list[PiecesFor] = []
 
-        @functools.cache
-        def encoded() -> PiecesFor:
+        def pieces() -> PiecesFor:
             with lock:
-                assert self._encoder is not None  # checked grads imply a job
-                return functools.cache(self._encoder.encode(checked))
+                if not encoded:
+                    assert self._encoder is not None  # checked gradients imply a job
+                    encoded.append(functools.cache(self._encoder.encode(checked)))
+                return encoded[0]
 
-        return encoded
+        return pieces
 
     def _server_bytes(self, i: int) -> int:
         return sum(p.nbytes for p in self._parts_on(i).values())

@@ -200,6 +200,30 @@ def test_bf16_halves_the_bytes_a_real_server_moves(tmp_path):
     assert moved["bf16"] == (4160 * 2, 4160 * 2)
 
 
+@pytest.mark.integration
+def test_top_k_through_two_servers_encodes_each_push_once(tmp_path):
+    """Both servers' threads ask for the pieces; the residual must move once per push."""
+    rng = np.random.default_rng(1)
+    model = {"w": torch.zeros(3000), "b": torch.zeros(40)}
+    total = {k: torch.zeros_like(v) for k, v in model.items()}
+    with (
+        servers(2, tmp_path) as daemons,
+        Client([d.address for d in daemons], job_id="k", worker_id="w") as c,
+    ):
+        c.init(model, mode="async", optimizer="sgd", lr=1.0, compression="topk:0.1")
+        for _ in range(10):
+            g = {
+                k: torch.tensor(rng.normal(size=v.numel()), dtype=v.dtype) for k, v in model.items()
+            }
+            c.push(g)
+            for k in total:
+                total[k] += g[k]
+        weights = c.pull()
+        residual = c._encoder.residual
+    for k in model:  # SGD, lr 1, from zeros: -weights is what was applied
+        assert torch.allclose(-weights[k] + residual[k], total[k], atol=1e-5)
+
+
 def test_unknown_compression_is_refused_before_anything_is_sent(tmp_path):
     with Client(["127.0.0.1:1"], job_id="j") as c, pytest.raises(InvalidRequestError):
         c.init({"w": torch.zeros(3)}, compression="zip")

@@ -29,8 +29,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ps-data prepare --dataset mnist1d --out $(DEMO_DIR)/mnist1d --shards 16 --if-missing
 	$(BIN)/ps-cluster up --data-dir $(DEMO_DIR)/mnist1d --model mnist1d-cnn \
-		--mode ssp --staleness 1 --servers 2 --workers 4 --epochs 16 \
-		--optimizer adam --lr 0.003 --beta1 0 \
+		--mode ssp --staleness 1 --servers 2 --workers 4 --epochs 24 \
+		--optimizer adam --lr 0.003 --beta1 0 --lr-schedule cosine \
 		--work-dir $(DEMO_DIR)/run --summary-json $(DEMO_DIR)/summary.json
 
 # docker-compose.yml for real: build the image, train a short MNIST-1D job in containers

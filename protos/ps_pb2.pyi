@@ -77,17 +77,35 @@ class AdagradConfig(_message.Message):
     initial_accumulator_value: float
     def __init__(self, lr_decay: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ...) -> None: ...
 
+class LrSchedule(_message.Message):
+    __slots__ = ("kind", "total_steps", "final_ratio")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CONSTANT: _ClassVar[LrSchedule.Kind]
+        COSINE: _ClassVar[LrSchedule.Kind]
+    CONSTANT: LrSchedule.Kind
+    COSINE: LrSchedule.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_RATIO_FIELD_NUMBER: _ClassVar[int]
+    kind: LrSchedule.Kind
+    total_steps: int
+    final_ratio: float
+    def __init__(self, kind: _Optional[_Union[LrSchedule.Kind, str]] = ..., total_steps: _Optional[int] = ..., final_ratio: _Optional[float] = ...) -> None: ...
+
 class OptimizerConfig(_message.Message):
-    __slots__ = ("lr", "sgd", "adam", "adagrad")
+    __slots__ = ("lr", "sgd", "adam", "adagrad", "schedule")
     LR_FIELD_NUMBER: _ClassVar[int]
     SGD_FIELD_NUMBER: _ClassVar[int]
     ADAM_FIELD_NUMBER: _ClassVar[int]
     ADAGRAD_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     lr: float
     sgd: SGDConfig
     adam: AdamConfig
     adagrad: AdagradConfig
-    def __init__(self, lr: _Optional[float] = ..., sgd: _Optional[_Union[SGDConfig, _Mapping]] = ..., adam: _Optional[_Union[AdamConfig, _Mapping]] = ..., adagrad: _Optional[_Union[AdagradConfig, _Mapping]] = ...) -> None: ...
+    schedule: LrSchedule
+    def __init__(self, lr: _Optional[float] = ..., sgd: _Optional[_Union[SGDConfig, _Mapping]] = ..., adam: _Optional[_Union[AdamConfig, _Mapping]] = ..., adagrad: _Optional[_Union[AdagradConfig, _Mapping]] = ..., schedule: _Optional[_Union[LrSchedule, _Mapping]] = ...) -> None: ...
 
 class JobConfig(_message.Message):
     __slots__ = ("job_id", "mode", "staleness", "backup_workers", "staleness_aware_lr", "optimizer", "tensors", "part_bytes", "num_servers", "server_index", "layout_digest", "workers", "compression")

@@ -11,6 +11,7 @@ from protos.compression import Compression, CompressionError
 from protos.layout import Layout, TensorSpec, plan_layout
 from ps_server.errors import InvalidArgument
 from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
+from ps_server.schedule import LrSchedule, ScheduleError
 
 
 class Mode(str, Enum):
@@ -37,6 +38,7 @@ class Job:
     backup_workers: int = 0
     staleness_aware_lr: bool = False
     compression: Compression = field(default_factory=Compression)
+    schedule: LrSchedule = field(default_factory=LrSchedule)
     workers: tuple[str, ...] = field(default=(), compare=False)
 
     def differences(self, other: Job) -> list[str]:
@@ -52,7 +54,34 @@ def mode_to_proto(mode: Mode) -> int:
     return _MODE_TO_PROTO[mode]
 
 
-def optimizer_to_proto(optimizer: Optimizer, lr: float) -> ps_pb2.OptimizerConfig:
+_SCHEDULE_TO_PROTO = {"constant": ps_pb2.LrSchedule.CONSTANT, "cosine": ps_pb2.LrSchedule.COSINE}
+_SCHEDULE_FROM_PROTO = {v: k for k, v in _SCHEDULE_TO_PROTO.items()}
+
+
+def schedule_from_proto(config: ps_pb2.OptimizerConfig) -> LrSchedule:
+    if not config.HasField("schedule"):
+        return LrSchedule()
+    s = config.schedule
+    if s.kind not in _SCHEDULE_FROM_PROTO:
+        raise InvalidArgument(f"lr schedule kind {s.kind} is not constant or cosine")
+    try:
+        return LrSchedule(_SCHEDULE_FROM_PROTO[s.kind], s.total_steps, s.final_ratio)
+    except ScheduleError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def optimizer_to_proto(
+    optimizer: Optimizer, lr: float, schedule: LrSchedule
+) -> ps_pb2.OptimizerConfig:
+    config = _optimizer_to_proto(optimizer, lr)
+    if schedule.kind != "constant":  # unset on the wire: constant
+        config.schedule.kind = _SCHEDULE_TO_PROTO[schedule.kind]
+        config.schedule.total_steps = schedule.total_steps
+        config.schedule.final_ratio = schedule.final_ratio
+    return config
+
+
+def _optimizer_to_proto(optimizer: Optimizer, lr: float) -> ps_pb2.OptimizerConfig:
     if isinstance(optimizer, SGD):
         return ps_pb2.OptimizerConfig(
             lr=lr,
@@ -109,7 +138,7 @@ def job_to_proto(job: Job) -> ps_pb2.JobConfig:
         staleness=job.staleness,
         backup_workers=job.backup_workers,
         staleness_aware_lr=job.staleness_aware_lr,
-        optimizer=optimizer_to_proto(job.optimizer, job.lr),
+        optimizer=optimizer_to_proto(job.optimizer, job.lr, job.schedule),
         tensors=[
             ps_pb2.TensorSpec(name=s.name, dtype=wire_dtype(s.dtype).proto, shape=s.shape)
             for s in layout.specs
@@ -205,5 +234,6 @@ def job_from_proto(config: ps_pb2.JobConfig, limits: Limits = Limits()) -> Job:
         backup_workers=config.backup_workers,
         staleness_aware_lr=config.staleness_aware_lr,
         compression=compression,
+        schedule=schedule_from_proto(config.optimizer),
         workers=tuple(config.workers),
     )

@@ -224,11 +224,14 @@ class ParameterStore:
             if staleness > 0:
                 self.counters.stale_dropped += 1
                 return PushResult(False, False, True, self.version, staleness, 0.0)
+            lr = self._scheduled_lr()  # that of the step this gradient joins
             self._accumulate()
             self.contributors.append(worker_id)
             self._maybe_finish_step()
-            return PushResult(True, False, False, self.version, 0, job.lr)
-        lr = job.lr / max(1, staleness) if job.staleness_aware_lr else job.lr
+            return PushResult(True, False, False, self.version, 0, lr)
+        lr = self._scheduled_lr()
+        if job.staleness_aware_lr:
+            lr /= max(1, staleness)
         self._apply(lr)
         return PushResult(True, False, False, self.version, staleness, lr)
 
@@ -354,16 +357,20 @@ class ParameterStore:
             return
         n = len(self.contributors)
         assert self.job is not None
+        lr = self._scheduled_lr()
         self.steps += 1
         for group in self.groups.values():
             assert group.accumulator is not None
             group.accumulator.div_(n)
-            self.job.optimizer.step(
-                group.param, group.accumulator, group.state, self.steps, self.job.lr
-            )
+            self.job.optimizer.step(group.param, group.accumulator, group.state, self.steps, lr)
         self.contributors = []
         self.version += 1
         self.counters.updates_applied += 1
+
+    def _scheduled_lr(self) -> float:
+        """The job's lr for the next optimizer step, by its schedule."""
+        assert self.job is not None
+        return self.job.lr * self.job.schedule.factor(self.steps)
 
     def _apply(self, lr: float) -> None:
         assert self.job is not None

@@ -4,10 +4,11 @@ The public API: :class:`DistributedOptimizer`, which puts the servers in
 place of a training loop's ``torch.optim`` optimizer; :class:`Client` with
 ``init``, ``pull``, ``pull_into``, ``push``, ``push_from``, ``set_membership``
 and ``status``; the optimizers :class:`SGD`, :class:`Adam` and
-:class:`Adagrad`; typed errors.
+:class:`Adagrad`; :class:`LrSchedule`; typed errors.
 """
 
 from ps_server.optimizers import SGD, Adagrad, Adam
+from ps_server.schedule import LrSchedule
 from ps_worker.client import Client, ClientConfig, PushSummary
 from ps_worker.errors import (
     ConflictError,
@@ -29,6 +30,7 @@ __all__ = [
     "ConflictError",
     "DistributedOptimizer",
     "InvalidRequestError",
+    "LrSchedule",
     "PSError",
     "PushSummary",
     "ServerUnavailableError",

@@ -58,6 +58,7 @@ from protos.security import ClientSecurity
 from protos.shm import Segment, segment_slots
 from ps_server.job import Job, Mode, job_from_proto, job_to_proto
 from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
+from ps_server.schedule import LrSchedule, ScheduleError
 from ps_worker.compress import GradientEncoder, PiecesFor
 from ps_worker.errors import InvalidRequestError, PSError, ServerUnavailableError
 from ps_worker.retry import RETRYABLE, RetryPolicy, call_with_retry
@@ -273,6 +274,7 @@ class Client:
         staleness: int = 0,
         backup_workers: int = 0,
         staleness_aware_lr: bool = False,
+        lr_schedule: str | LrSchedule = "constant",
         workers: Iterable[str] = (),
         part_bytes: int = DEFAULT_PART_BYTES,
         compression: str | Compression = "none",
@@ -285,11 +287,18 @@ class Client:
         (needed for sync, whose barrier counts them); others join on contact.
         ``compression`` (``fp16``, ``bf16``, ``topk:R``, ``bf16,topk:R``; see
         :mod:`protos.compression`) sets how gradients and weights travel.
+        ``lr_schedule`` (``constant``, ``cosine:STEPS`` or an :class:`LrSchedule`)
+        scales lr by the servers' count of applied updates.
         """
         if isinstance(compression, str):
             try:
                 compression = Compression.parse(compression)
             except CompressionError as e:
+                raise InvalidRequestError(str(e)) from None
+        if isinstance(lr_schedule, str):
+            try:
+                lr_schedule = LrSchedule.parse(lr_schedule)
+            except ScheduleError as e:
                 raise InvalidRequestError(str(e)) from None
         named = _named(tensors)
         if isinstance(optimizer, str):
@@ -313,6 +322,7 @@ class Client:
             backup_workers=backup_workers,
             staleness_aware_lr=staleness_aware_lr,
             compression=compression,
+            schedule=lr_schedule,
             workers=tuple(workers),
         )
         flat = {n: to_raw(v) for n, v in named.items()}

@@ -115,6 +115,9 @@ class WorkerDaemon:
                 staleness=self.spec.staleness,
                 backup_workers=self.spec.backup_workers,
                 staleness_aware_lr=self.spec.staleness_aware_lr,
+                lr_schedule=self.spec.make_schedule(
+                    self.manifest.batches_per_epoch(self.spec.batch_size)
+                ),
                 compression=self.spec.compression,
             )
             if created:

@@ -46,6 +46,10 @@ class Manifest:
     def train_samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """Batches in one pass over every shard (each shard's last one may be short)."""
+        return sum(-(-s.samples // batch_size) for s in self.shards)
+
 
 def generate(dataset: str, samples: int | None, seed: int) -> tuple[np.ndarray, ...]:
     """(x_train, y_train, x_test, y_test) of a built-in dataset, made locally."""

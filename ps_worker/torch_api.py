@@ -50,7 +50,8 @@ class DistributedOptimizer:
         workers ``worker0`` ... and make them the job's initial members, as sync mode needs;
         without them the worker gets a unique id and joins on contact. ``options`` are the
         optimizer's (``momentum``, ``beta1``, ``weight_decay``, ...) and the job's
-        (``backup_workers``, ``staleness_aware_lr``, ``part_bytes``, ``compression``)."""
+        (``backup_workers``, ``staleness_aware_lr``, ``lr_schedule``, ``part_bytes``,
+        ``compression``)."""
         self.model = model
         if (rank is None) != (world is None) or (world is not None and not 0 <= rank < world):
             raise ValueError(f"rank {rank} and world {world}: give both, with 0 <= rank < world")

@@ -298,6 +298,8 @@ def up(args: argparse.Namespace) -> int:
         "backup_workers": args.backup_workers,
         "optimizer": args.optimizer,
         "lr": args.lr,
+        "lr_schedule": args.lr_schedule,
+        "lr_final_ratio": args.lr_final_ratio,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
         "seed": args.seed,
@@ -443,6 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--optimizer", choices=["sgd", "adam", "adagrad"], default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument(
+        "--lr-schedule",
+        default=None,
+        help="constant, cosine (decay over the job's updates) or cosine:STEPS (default constant)",
+    )
+    p.add_argument(
+        "--lr-final-ratio",
+        type=float,
+        default=None,
+        help="cosine: the last updates' lr as a fraction of --lr (default 0)",
+    )
     p.add_argument("--momentum", type=float, default=None, help="sgd momentum")
     p.add_argument("--beta1", type=float, default=None, help="adam beta1")
     p.add_argument("--beta2", type=float, default=None, help="adam beta2")

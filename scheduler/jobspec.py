@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from protos.compression import Compression, CompressionError
+from ps_server.schedule import LrSchedule, ScheduleError
 
 MODES = ("sync", "async", "ssp")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
@@ -33,6 +34,8 @@ class JobSpec:
     compression: str = "none"  # on the wire: none, fp16, bf16, topk:R, bf16,topk:R
     optimizer: str = "adam"
     lr: float = 0.01
+    lr_schedule: str = "constant"  # constant, cosine (over the job's updates) or cosine:STEPS
+    lr_final_ratio: float = 0.0  # cosine: the last updates' lr as a fraction of lr
     momentum: float = 0.0  # sgd
     beta1: float = 0.9  # adam
     beta2: float = 0.999  # adam
@@ -69,8 +72,26 @@ class JobSpec:
             Compression.parse(self.compression)
         except CompressionError as e:
             problems.append(str(e))
+        try:
+            self.make_schedule(batches_per_epoch=1)
+        except ScheduleError as e:
+            problems.append(str(e))
         if problems:
             raise SpecError("; ".join(problems))
+
+    def expected_updates(self, batches_per_epoch: int) -> int:
+        """Optimizer steps each server applies over the job: one per batch in async
+        and ssp; in sync one per barrier, to which every worker brings a batch."""
+        total = self.epochs * batches_per_epoch
+        if self.mode == "sync":
+            return max(1, total // max(1, self.expected_workers))
+        return total
+
+    def make_schedule(self, batches_per_epoch: int) -> LrSchedule:
+        """The servers' lr schedule; a bare ``cosine`` spans the job's expected updates."""
+        return LrSchedule.parse(
+            self.lr_schedule, self.lr_final_ratio, self.expected_updates(batches_per_epoch)
+        )
 
     def make_optimizer(self):
         """The server-side optimizer this spec names, with its options."""

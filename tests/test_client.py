@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ps_worker import SGD, Client, ClientConfig, InvalidRequestError, PSError, StateError
+from ps_worker import (
+    SGD,
+    Client,
+    ClientConfig,
+    ConflictError,
+    InvalidRequestError,
+    LrSchedule,
+    PSError,
+    StateError,
+)
 from scheduler.launch import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -58,6 +67,33 @@ def test_training_loop_with_a_module(addresses, fused, chunk_bytes, shm):
             torch.nn.functional.cross_entropy(reference(x), y).backward()
             opt.step()
         c.pull_into(model)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_cosine_schedule_matches_torchs_and_a_different_one_conflicts(addresses):
+    """The servers' cosine decay equals torch's CosineAnnealingLR over the same steps."""
+    model, reference = small_model(), small_model()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4, eta_min=0.05)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    schedule = LrSchedule("cosine", total_steps=4, final_ratio=0.1)
+    with Client(addresses, job_id="cosine", worker_id="w0") as c:
+        assert c.init(model, mode="async", optimizer="sgd", lr=0.5, lr_schedule=schedule)
+        c.pull_into(model)
+        for _ in range(4):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            summary = c.push_pull_into(model)
+            assert summary.lr == pytest.approx((decay.get_last_lr()[0],) * 2)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(reference(x), y).backward()
+            opt.step()
+            decay.step()
+        with pytest.raises(ConflictError, match="schedule"):
+            c.init(model, mode="async", optimizer="sgd", lr=0.5, lr_schedule="cosine:5")
+        with pytest.raises(InvalidRequestError, match="integer STEPS"):
+            c.init(model, mode="async", optimizer="sgd", lr=0.5, lr_schedule="cosine:many")
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -1,0 +1,71 @@
+"""Learning-rate schedules the servers apply by their count of optimizer steps.
+
+A constant learning rate leaves asynchronous training bouncing around its
+optimum to the last update; a cosine decay to a small fraction of the peak
+over the job's updates lets it settle. The server counts the steps it
+applied (sync: one per barrier; async and ssp: one per gradient), so every
+worker's update sees the same schedule, and a restored checkpoint resumes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+KINDS = ("constant", "cosine")
+
+
+class ScheduleError(ValueError):
+    """A schedule with an unknown kind or out-of-range settings."""
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """``constant``: the job's lr throughout. ``cosine``: from lr down to
+    ``final_ratio * lr`` over ``total_steps`` updates, then held there."""
+
+    kind: str = "constant"
+    total_steps: int = 0
+    final_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ScheduleError(f"lr schedule {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "cosine" and self.total_steps < 1:
+            raise ScheduleError("a cosine lr schedule needs total_steps of at least 1")
+        if self.kind == "constant" and (self.total_steps or self.final_ratio):
+            raise ScheduleError("a constant lr schedule takes no total_steps or final_ratio")
+        if not 0.0 <= self.final_ratio <= 1.0:
+            raise ScheduleError(f"final_ratio {self.final_ratio} is not in [0, 1]")
+
+    def factor(self, step: int) -> float:
+        """The multiple of the job's lr for the update after ``step`` applied ones."""
+        if self.kind == "constant":
+            return 1.0
+        progress = min(step, self.total_steps) / self.total_steps
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.final_ratio + (1.0 - self.final_ratio) * cosine
+
+    @classmethod
+    def parse(cls, text: str, final_ratio: float = 0.0, default_steps: int = 0) -> LrSchedule:
+        """``constant``, ``cosine:STEPS``, or ``cosine`` with ``default_steps``."""
+        kind, _, steps = text.strip().partition(":")
+        if kind == "constant":
+            if steps:
+                raise ScheduleError(f"lr schedule {text!r}: constant takes no steps")
+            return cls()
+        if steps:
+            try:
+                total = int(steps)
+            except ValueError:
+                raise ScheduleError(
+                    f"lr schedule {text!r}: expected cosine:STEPS with an integer STEPS"
+                ) from None
+        else:
+            total = default_steps
+        return cls(kind, total, final_ratio)
+
+    def __str__(self) -> str:
+        if self.kind == "constant":
+            return "constant"
+        return f"cosine:{self.total_steps} (to {self.final_ratio:g} x lr)"

@@ -82,7 +82,7 @@ class JobSpec:
     def expected_updates(self, batches_per_epoch: int) -> int:
         """Optimizer steps each server applies over the job: one per batch in async
         and ssp; in sync one per barrier, to which every worker brings a batch."""
-        total = self.epochs * batches_per_epoch
+        total = max(1, self.epochs * batches_per_epoch)  # a bad epochs is reported on its own
         if self.mode == "sync":
             return max(1, total // max(1, self.expected_workers))
         return total

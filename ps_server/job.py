@@ -70,18 +70,18 @@ def schedule_from_proto(config: ps_pb2.OptimizerConfig) -> LrSchedule:
         raise InvalidArgument(str(e)) from None
 
 
-def optimizer_to_proto(
-    optimizer: Optimizer, lr: float, schedule: LrSchedule
-) -> ps_pb2.OptimizerConfig:
-    config = _optimizer_to_proto(optimizer, lr)
-    if schedule.kind != "constant":  # unset on the wire: constant
-        config.schedule.kind = _SCHEDULE_TO_PROTO[schedule.kind]
-        config.schedule.total_steps = schedule.total_steps
-        config.schedule.final_ratio = schedule.final_ratio
-    return config
+def schedule_to_proto(schedule: LrSchedule) -> ps_pb2.LrSchedule | None:
+    """None for a constant schedule: it stays unset on the wire."""
+    if schedule.kind == "constant":
+        return None
+    return ps_pb2.LrSchedule(
+        kind=_SCHEDULE_TO_PROTO[schedule.kind],
+        total_steps=schedule.total_steps,
+        final_ratio=schedule.final_ratio,
+    )
 
 
-def _optimizer_to_proto(optimizer: Optimizer, lr: float) -> ps_pb2.OptimizerConfig:
+def optimizer_to_proto(optimizer: Optimizer, lr: float) -> ps_pb2.OptimizerConfig:
     if isinstance(optimizer, SGD):
         return ps_pb2.OptimizerConfig(
             lr=lr,
@@ -132,13 +132,13 @@ def optimizer_from_proto(config: ps_pb2.OptimizerConfig) -> Optimizer:
 
 def job_to_proto(job: Job) -> ps_pb2.JobConfig:
     layout = job.layout
-    return ps_pb2.JobConfig(
+    config = ps_pb2.JobConfig(
         job_id=job.job_id,
         mode=_MODE_TO_PROTO[job.mode],
         staleness=job.staleness,
         backup_workers=job.backup_workers,
         staleness_aware_lr=job.staleness_aware_lr,
-        optimizer=optimizer_to_proto(job.optimizer, job.lr, job.schedule),
+        optimizer=optimizer_to_proto(job.optimizer, job.lr),
         tensors=[
             ps_pb2.TensorSpec(name=s.name, dtype=wire_dtype(s.dtype).proto, shape=s.shape)
             for s in layout.specs
@@ -150,6 +150,10 @@ def job_to_proto(job: Job) -> ps_pb2.JobConfig:
         workers=job.workers,
         compression=job.compression.to_proto() if job.compression.enabled else None,
     )
+    schedule = schedule_to_proto(job.schedule)
+    if schedule is not None:
+        config.optimizer.schedule.CopyFrom(schedule)
+    return config
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ demo: $(STAMP)
 
 # docker-compose.yml for real: build the image, train a short MNIST-1D job in containers
 # (2 servers, 3 workers) and print its accuracy. Docker, or Podman where Docker has no
-# engine (installed as ../shared/CONTAINERS.md says when missing). Not part of `make test`.
+# engine (installed as docs/containers.md describes when missing). Not part of `make test`.
 compose-test: $(STAMP)
 	$(BIN)/pip install --quiet "podman-compose>=1.2"
 	TORCH_SPEC="$(TORCH_SPEC)" $(BIN)/python -m tests.compose_run

@@ -20,7 +20,7 @@ import torch
 
 from protos import ps_pb2
 
-DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB messages measured fastest (DESIGN.md, wire rules)
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB messages measured fastest (docs/design.md, wire rules)
 
 
 @dataclass(frozen=True)

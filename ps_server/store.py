@@ -5,7 +5,7 @@ changes the state as a whole or raises a :class:`StoreError` and changes
 nothing. Waiting is the caller's business: :meth:`ParameterStore.pull_decision`
 says whether a pull may proceed now and, if not, for whom it waits.
 
-Semantics (DESIGN.md): every push carries ``(worker_id, clock)``; a clock is
+Semantics (docs/design.md): every push carries ``(worker_id, clock)``; a clock is
 the number of iterations the worker has pushed, so a push carries the
 clock the worker reaches with it (1 for its first push).
 

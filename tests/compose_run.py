@@ -7,7 +7,7 @@ scheduler's metrics on the host port the file publishes, and always takes
 the containers and their volume down again.
 
 It uses Docker where Docker has an engine, else Podman and podman-compose
-(set up as ../shared/CONTAINERS.md describes when Podman is missing, and
+(set up as docs/containers.md describes when Podman is missing, and
 the base image built from Debian's packages when no registry can be
 reached). Not part of ``make test``: it needs root or a container engine.
 """
@@ -62,12 +62,12 @@ def docker_works() -> bool:
 
 
 def setup_podman() -> None:
-    """Podman as ../shared/CONTAINERS.md sets it up (Debian's packages, runc, cgroupfs)."""
+    """Podman as docs/containers.md describes it (Debian's packages, runc, cgroupfs)."""
     if shutil.which("podman") is None:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             sys.exit(
                 "compose-test: no Docker engine and no Podman; install one (as root this "
-                "script installs Podman with apt-get; see ../shared/CONTAINERS.md)"
+                "script installs Podman with apt-get; see docs/containers.md)"
             )
         say("installing Podman from Debian's packages")
         run(["apt-get", "update", "-qq"])

@@ -17,7 +17,8 @@ from scheduler.cluster import SHARED_CORES_ENV
 from scheduler.launch import BIN, Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
-# tests/compose-spec.json is ../shared/schemas/compose-spec.json (compose-spec, Apache-2.0).
+# tests/compose-spec.json is the Compose Specification's JSON schema, vendored from the
+# compose-spec project (Apache-2.0).
 SCHEMA = Path(__file__).with_name("compose-spec.json")
 ENV = {
     "PS_DATASET": "digits",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -133,14 +133,6 @@ def plan_layout(specs: Iterable[TensorSpec], num_servers: int, part_bytes: int) 
         parts.append(Part(spec.name, index, start, count, server, spec.itemsize))
     parts.sort(key=lambda p: (p.tensor, p.index))
     return Layout(tuple(sorted(specs, key=lambda s: s.name)), num_servers, part_bytes, tuple(parts))
-
-
-def specs_of(named: Sequence[tuple[str, object]]) -> list[TensorSpec]:
-    """TensorSpecs of named arrays or tensors."""
-    return [
-        TensorSpec(name, wire_dtype(value.dtype).name, tuple(int(d) for d in value.shape))
-        for name, value in named
-    ]
 
 
 def server_pieces(

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.machine import command_line, machine
+from protos.jobspec import JobSpec
 from ps_worker.data import MANIFEST, prepare, read_manifest
 from scheduler.cluster import LocalCluster, parse_straggler, summarise
-from scheduler.jobspec import JobSpec
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from benchmarks.machine import command_line, machine
 from benchmarks.sync_vs_async import Variant, base_spec, plot_accuracy, run_variant
+from protos.jobspec import JobSpec
 from ps_worker.data import read_manifest
-from scheduler.jobspec import JobSpec
 
 
 def _ddp_rank(rank: int, world: int, port: int, spec_json: str, started_at: float, out) -> None:
@@ -45,8 +45,16 @@ def _ddp_rank(rank: int, world: int, port: int, spec_json: str, started_at: floa
     data = Path(spec.data_dir)
     manifest = read_manifest(data)
     model = DistributedDataParallel(build_model(spec.model, spec.seed))
+    settings = spec.job_settings(manifest.batches_per_epoch(spec.batch_size))
+    adam = settings.optimizer
+    assert adam.name == "adam", "the DDP reference runs the job's Adam"
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=spec.lr, betas=(spec.beta1, spec.beta2), foreach=False
+        model.parameters(),
+        lr=settings.lr,
+        betas=(adam.beta1, adam.beta2),
+        eps=adam.eps,
+        weight_decay=adam.weight_decay,
+        foreach=False,
     )
     shards = {i: load(data, s) for i, s in enumerate(manifest.shards) if i % world == rank}
     test = load(data, manifest.test) if rank == 0 else None

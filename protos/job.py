@@ -1,159 +1,227 @@
-"""The job a server holds, and its translation from and to the wire message."""
+"""The job as plain data, and its one translation to and from the wire.
+
+A job is its :class:`Settings` (mode, staleness, backup workers, the
+optimizer with all its options, lr and its schedule, compression, part
+size) plus the model's layout over the servers. Every way in (flags, job
+files, ``PS_*`` variables, ``Client.init``, ``DistributedOptimizer``) ends in
+:meth:`Settings.build`; every process reads a job back with
+:meth:`Job.from_proto`. The tables of names live in :class:`Mode`,
+:data:`protos.optimizers.OPTIMIZERS`, :data:`protos.schedule.KINDS` and
+:mod:`protos.compression`; nothing here repeats them.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
+from typing import Any
 
 from protos import ps_pb2
 from protos.codec import CodecError, wire_dtype
 from protos.compression import Compression, CompressionError
-from protos.layout import Layout, TensorSpec, plan_layout
-from ps_server.errors import InvalidArgument
-from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
-from ps_server.schedule import LrSchedule, ScheduleError
+from protos.layout import DEFAULT_PART_BYTES, Layout, TensorSpec, plan_layout
+from protos.optimizers import (
+    OPTION_TYPES,
+    Adam,
+    Optimizer,
+    OptimizerError,
+    make_optimizer,
+    optimizer_from_proto,
+)
+from protos.schedule import LrSchedule, ScheduleError
+
+
+class JobError(ValueError):
+    """A job setting that is unknown, out of range, or inconsistent with another."""
 
 
 class Mode(str, Enum):
+    """How strictly the workers stay in step (docs/design.md has the exact rules)."""
+
     SYNC = "sync"
     ASYNC = "async"
     SSP = "ssp"
 
+    def to_proto(self) -> int:
+        return ps_pb2.Mode.Value(self.name)
 
-_MODE_TO_PROTO = {Mode.SYNC: ps_pb2.SYNC, Mode.ASYNC: ps_pb2.ASYNC, Mode.SSP: ps_pb2.SSP}
-_MODE_FROM_PROTO = {v: k for k, v in _MODE_TO_PROTO.items()}
+    @classmethod
+    def from_proto(cls, value: int) -> Mode:
+        if value not in ps_pb2.Mode.values() or value == ps_pb2.MODE_UNSPECIFIED:
+            raise JobError(f"mode {value} is not one of {', '.join(cls.choices())}")
+        return cls[ps_pb2.Mode.Name(value)]
+
+    @classmethod
+    def parse(cls, value: str | Mode) -> Mode:
+        try:
+            return cls(value)
+        except ValueError:
+            raise JobError(f"mode {value!r} is not one of {', '.join(cls.choices())}") from None
+
+    @classmethod
+    def choices(cls) -> list[str]:
+        return [m.value for m in cls]
+
+
+assert {m.name for m in Mode} | {"MODE_UNSPECIFIED"} == set(ps_pb2.Mode.keys()), "Mode != proto"
 
 
 @dataclass(frozen=True)
-class Job:
-    """One server's view of a job. Two inits conflict when their Jobs differ."""
+class Settings:
+    """Everything a job asks of its servers apart from the model itself; the defaults are
+    the product's defaults, for every way in."""
 
-    job_id: str
-    mode: Mode
-    optimizer: Optimizer
-    lr: float
-    layout: Layout
-    server_index: int
-    staleness: int = 0
-    backup_workers: int = 0
-    staleness_aware_lr: bool = False
+    mode: Mode = Mode.SSP
+    staleness: int = 2  # ssp: how many clocks a worker may run ahead of the slowest
+    backup_workers: int = 0  # sync: a step needs all active workers but this many
+    staleness_aware_lr: bool = False  # async, ssp: lr / max(1, staleness) per gradient
+    optimizer: Optimizer = field(default_factory=Adam)
+    lr: float = 0.01
+    lr_schedule: LrSchedule = field(default_factory=LrSchedule)
     compression: Compression = field(default_factory=Compression)
-    schedule: LrSchedule = field(default_factory=LrSchedule)
-    workers: tuple[str, ...] = field(default=(), compare=False)
+    part_bytes: int = DEFAULT_PART_BYTES  # the layout cuts tensors into parts of at most this
 
-    def differences(self, other: Job) -> list[str]:
-        """Names of the fields that make two jobs conflict."""
-        return [
-            f.name
-            for f in fields(self)
-            if f.compare and getattr(self, f.name) != getattr(other, f.name)
-        ]
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.mode, Mode):
+            problems.append(f"mode {self.mode!r} is not a Mode")
+        for name in ("staleness", "backup_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append(f"{name} must be a whole number >= 0, got {value!r}")
+        if not isinstance(self.staleness_aware_lr, bool):
+            problems.append(
+                f"staleness_aware_lr must be true or false, got {self.staleness_aware_lr!r}"
+            )
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"the learning rate lr must be a positive number, got {self.lr!r}")
+        if (
+            isinstance(self.part_bytes, bool)
+            or not isinstance(self.part_bytes, int)
+            or self.part_bytes < 1
+        ):
+            problems.append(f"part_bytes must be a whole number >= 1, got {self.part_bytes!r}")
+        if self.backup_workers and self.mode is not Mode.SYNC:
+            problems.append("backup_workers applies to sync mode only")
+        if problems:
+            raise JobError("; ".join(problems))
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """Every keyword :meth:`build` takes: the settings, ``lr_final_ratio`` (for a
+        schedule given as a string), then every optimizer option."""
+        return [f.name for f in fields(cls)] + ["lr_final_ratio", *OPTION_TYPES]
+
+    @classmethod
+    def build(cls, **given: Any) -> Settings:
+        """Settings from keywords: the fields (strings are parsed: ``mode="ssp"``,
+        ``optimizer="adam"``, ``lr_schedule="cosine:500"``, ``compression="bf16"``) and the
+        named optimizer's options (``beta1=0``, ``momentum=0.9``, ...). Unknown keywords and
+        options of another optimizer are a JobError."""
+        unknown = sorted(set(given) - set(cls.names()))
+        if unknown:
+            raise JobError(
+                f"unknown job setting(s) {', '.join(unknown)} (known: {', '.join(cls.names())})"
+            )
+        values = {k: v for k, v in given.items() if k in _FIELDS}
+        options = {k: v for k, v in given.items() if k in OPTION_TYPES}
+        final_ratio = given.get("lr_final_ratio")
+        try:
+            if "mode" in values:
+                values["mode"] = Mode.parse(values["mode"])
+            optimizer = values.get("optimizer", _DEFAULT.optimizer.name)
+            if isinstance(optimizer, str):
+                values["optimizer"] = make_optimizer(optimizer, **options)
+            elif options:
+                raise JobError(
+                    f"{', '.join(sorted(options))}: give options to the optimizer object, "
+                    f"or name the optimizer as a string"
+                )
+            schedule = values.get("lr_schedule", "constant")
+            if isinstance(schedule, str):
+                values["lr_schedule"] = LrSchedule.parse(schedule, final_ratio or 0.0)
+            elif final_ratio is not None:
+                raise JobError("lr_final_ratio goes with an lr_schedule given as a string")
+            if isinstance(values.get("compression"), str):
+                values["compression"] = Compression.parse(values["compression"])
+            if isinstance(values.get("lr"), int) and not isinstance(values["lr"], bool):
+                values["lr"] = float(values["lr"])
+            return cls(**values)
+        except (OptimizerError, ScheduleError, CompressionError, TypeError) as e:
+            raise JobError(str(e)) from None
+
+    def to_doc(self) -> dict[str, Any]:
+        """The settings as plain values, in the keywords :meth:`build` takes back."""
+        return {
+            "mode": self.mode.value,
+            "staleness": self.staleness,
+            "backup_workers": self.backup_workers,
+            "staleness_aware_lr": self.staleness_aware_lr,
+            "optimizer": self.optimizer.name,
+            **self.optimizer.options(),
+            "lr": self.lr,
+            "lr_schedule": self.lr_schedule.spec(),
+            "lr_final_ratio": self.lr_schedule.final_ratio,
+            "compression": str(self.compression),
+            "part_bytes": self.part_bytes,
+        }
+
+    def differences(self, other: Settings) -> list[str]:
+        """Names of the settings in which two jobs differ."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    def to_proto(self, config: ps_pb2.JobConfig) -> None:
+        """Write these settings into a JobConfig."""
+        config.mode = self.mode.to_proto()
+        config.staleness = self.staleness
+        config.backup_workers = self.backup_workers
+        config.staleness_aware_lr = self.staleness_aware_lr
+        config.optimizer.CopyFrom(self.optimizer.to_proto(self.lr))
+        schedule = self.lr_schedule.to_proto()
+        if schedule is not None:
+            config.optimizer.schedule.CopyFrom(schedule)
+        if self.compression.enabled:
+            config.compression.CopyFrom(self.compression.to_proto())
+        config.part_bytes = self.part_bytes
+
+    @classmethod
+    def from_proto(cls, config: ps_pb2.JobConfig) -> Settings:
+        """The settings a JobConfig carries; JobError names what is not valid."""
+        try:
+            return cls(
+                mode=Mode.from_proto(config.mode),
+                staleness=config.staleness,
+                backup_workers=config.backup_workers,
+                staleness_aware_lr=config.staleness_aware_lr,
+                optimizer=optimizer_from_proto(config.optimizer),
+                lr=config.optimizer.lr,
+                lr_schedule=LrSchedule.from_proto(config.optimizer),
+                compression=Compression.from_proto(config.compression),
+                part_bytes=config.part_bytes,
+            )
+        except (OptimizerError, ScheduleError, CompressionError) as e:
+            raise JobError(str(e)) from None
+
+    def describe(self) -> str:
+        """One line for logs: ``ssp (staleness 2), adam(beta1=0) lr 0.003, ...``."""
+        mode = self.mode.value
+        if self.mode is Mode.SSP:
+            mode += f" (staleness {self.staleness})"
+        if self.backup_workers:
+            mode += f" ({self.backup_workers} backup workers)"
+        text = f"{mode}, {self.optimizer} lr {self.lr:g}"
+        if self.lr_schedule.kind != "constant":
+            text += f" {self.lr_schedule}"
+        if self.staleness_aware_lr:
+            text += ", staleness-aware lr"
+        if self.compression.enabled:
+            text += f", compression {self.compression}"
+        return text
 
 
-def mode_to_proto(mode: Mode) -> int:
-    return _MODE_TO_PROTO[mode]
-
-
-_SCHEDULE_TO_PROTO = {"constant": ps_pb2.LrSchedule.CONSTANT, "cosine": ps_pb2.LrSchedule.COSINE}
-_SCHEDULE_FROM_PROTO = {v: k for k, v in _SCHEDULE_TO_PROTO.items()}
-
-
-def schedule_from_proto(config: ps_pb2.OptimizerConfig) -> LrSchedule:
-    if not config.HasField("schedule"):
-        return LrSchedule()
-    s = config.schedule
-    if s.kind not in _SCHEDULE_FROM_PROTO:
-        raise InvalidArgument(f"lr schedule kind {s.kind} is not constant or cosine")
-    try:
-        return LrSchedule(_SCHEDULE_FROM_PROTO[s.kind], s.total_steps, s.final_ratio)
-    except ScheduleError as e:
-        raise InvalidArgument(str(e)) from None
-
-
-def schedule_to_proto(schedule: LrSchedule) -> ps_pb2.LrSchedule | None:
-    """None for a constant schedule: it stays unset on the wire."""
-    if schedule.kind == "constant":
-        return None
-    return ps_pb2.LrSchedule(
-        kind=_SCHEDULE_TO_PROTO[schedule.kind],
-        total_steps=schedule.total_steps,
-        final_ratio=schedule.final_ratio,
-    )
-
-
-def optimizer_to_proto(optimizer: Optimizer, lr: float) -> ps_pb2.OptimizerConfig:
-    if isinstance(optimizer, SGD):
-        return ps_pb2.OptimizerConfig(
-            lr=lr,
-            sgd=ps_pb2.SGDConfig(
-                momentum=optimizer.momentum,
-                dampening=optimizer.dampening,
-                nesterov=optimizer.nesterov,
-                weight_decay=optimizer.weight_decay,
-            ),
-        )
-    if isinstance(optimizer, Adam):
-        return ps_pb2.OptimizerConfig(
-            lr=lr,
-            adam=ps_pb2.AdamConfig(
-                beta1=optimizer.beta1,
-                beta2=optimizer.beta2,
-                eps=optimizer.eps,
-                weight_decay=optimizer.weight_decay,
-            ),
-        )
-    return ps_pb2.OptimizerConfig(
-        lr=lr,
-        adagrad=ps_pb2.AdagradConfig(
-            lr_decay=optimizer.lr_decay,
-            eps=optimizer.eps,
-            weight_decay=optimizer.weight_decay,
-            initial_accumulator_value=optimizer.initial_accumulator_value,
-        ),
-    )
-
-
-def optimizer_from_proto(config: ps_pb2.OptimizerConfig) -> Optimizer:
-    kind = config.WhichOneof("kind")
-    try:
-        if kind == "sgd":
-            c = config.sgd
-            return SGD(c.momentum, c.dampening, c.nesterov, c.weight_decay)
-        if kind == "adam":
-            c = config.adam
-            return Adam(c.beta1, c.beta2, c.eps, c.weight_decay)
-        if kind == "adagrad":
-            c = config.adagrad
-            return Adagrad(c.lr_decay, c.eps, c.weight_decay, c.initial_accumulator_value)
-    except ValueError as e:
-        raise InvalidArgument(f"optimizer {kind}: {e}") from None
-    raise InvalidArgument("optimizer: none given (sgd, adam or adagrad)")
-
-
-def job_to_proto(job: Job) -> ps_pb2.JobConfig:
-    layout = job.layout
-    config = ps_pb2.JobConfig(
-        job_id=job.job_id,
-        mode=_MODE_TO_PROTO[job.mode],
-        staleness=job.staleness,
-        backup_workers=job.backup_workers,
-        staleness_aware_lr=job.staleness_aware_lr,
-        optimizer=optimizer_to_proto(job.optimizer, job.lr),
-        tensors=[
-            ps_pb2.TensorSpec(name=s.name, dtype=wire_dtype(s.dtype).proto, shape=s.shape)
-            for s in layout.specs
-        ],
-        part_bytes=layout.part_bytes,
-        num_servers=layout.num_servers,
-        server_index=job.server_index,
-        layout_digest=layout.digest,
-        workers=job.workers,
-        compression=job.compression.to_proto() if job.compression.enabled else None,
-    )
-    schedule = schedule_to_proto(job.schedule)
-    if schedule is not None:
-        config.optimizer.schedule.CopyFrom(schedule)
-    return config
+_FIELDS = {f.name for f in fields(Settings)}
+_DEFAULT = Settings()
 
 
 @dataclass(frozen=True)
@@ -167,77 +235,110 @@ class Limits:
     max_servers: int = 1024
 
 
-def job_from_proto(config: ps_pb2.JobConfig, limits: Limits = Limits()) -> Job:
-    """Validate a JobConfig and recompute its layout; raises InvalidArgument."""
-    if not config.job_id:
-        raise InvalidArgument("job_id is empty")
-    if len(config.tensors) > limits.max_tensors:
-        raise InvalidArgument(
-            f"the model has {len(config.tensors)} tensors; the limit is {limits.max_tensors}"
+@dataclass(frozen=True)
+class Job:
+    """One job: its settings and the model's layout over the servers, as one server (or a
+    client, with ``server_index`` 0) holds it. Two inits conflict when their Jobs differ."""
+
+    job_id: str
+    settings: Settings
+    layout: Layout
+    server_index: int = 0
+    workers: tuple[str, ...] = field(default=(), compare=False)  # initially active
+
+    def differences(self, other: Job) -> list[str]:
+        """Names of what makes two jobs conflict (settings by their own names)."""
+        out = [
+            f.name
+            for f in fields(self)
+            if f.compare
+            and f.name != "settings"
+            and getattr(self, f.name) != getattr(other, f.name)
+        ]
+        return self.settings.differences(other.settings) + out
+
+    def to_proto(self) -> ps_pb2.JobConfig:
+        config = ps_pb2.JobConfig(
+            job_id=self.job_id,
+            tensors=[
+                ps_pb2.TensorSpec(name=s.name, dtype=wire_dtype(s.dtype).proto, shape=s.shape)
+                for s in self.layout.specs
+            ],
+            num_servers=self.layout.num_servers,
+            server_index=self.server_index,
+            layout_digest=self.layout.digest,
+            workers=self.workers,
         )
-    if config.num_servers > limits.max_servers:
-        raise InvalidArgument(f"num_servers {config.num_servers} is over {limits.max_servers}")
-    if config.mode not in _MODE_FROM_PROTO:
-        raise InvalidArgument(f"mode {config.mode} is not sync, async or ssp")
-    if config.num_servers < 1 or config.server_index >= config.num_servers:
-        raise InvalidArgument(
-            f"server_index {config.server_index} is not below num_servers {config.num_servers}"
-        )
-    if config.part_bytes < 1:
-        raise InvalidArgument("part_bytes must be positive")
-    if not config.optimizer.lr > 0:
-        raise InvalidArgument(f"learning rate must be positive, got {config.optimizer.lr}")
-    specs = []
-    for t in config.tensors:
-        try:
-            dtype = wire_dtype(t.dtype).name
-        except CodecError as e:
-            raise InvalidArgument(f"tensor {t.name!r}: {e}") from None
-        if len(t.shape) > limits.max_rank:
-            raise InvalidArgument(
-                f"tensor {t.name!r} has rank {len(t.shape)}; the limit is {limits.max_rank}"
+        self.settings.to_proto(config)
+        return config
+
+    @classmethod
+    def from_proto(cls, config: ps_pb2.JobConfig, limits: Limits = Limits()) -> Job:
+        """Validate a JobConfig and recompute its layout; JobError names what is wrong."""
+        if not config.job_id:
+            raise JobError("job_id is empty")
+        if len(config.tensors) > limits.max_tensors:
+            raise JobError(
+                f"the model has {len(config.tensors)} tensors; the limit is {limits.max_tensors}"
             )
-        specs.append(TensorSpec(t.name, dtype, tuple(t.shape)))
-    if not specs:
-        raise InvalidArgument("the model has no tensors")
-    total = sum(s.numel * wire_dtype(s.dtype).itemsize for s in specs)
-    if total > limits.max_model_bytes:
-        raise InvalidArgument(
-            f"the model needs {total} bytes; this server takes at most {limits.max_model_bytes}"
-        )
-    parts = sum(-(-s.numel * wire_dtype(s.dtype).itemsize // config.part_bytes) for s in specs)
-    if parts > limits.max_parts:
-        raise InvalidArgument(
-            f"part_bytes {config.part_bytes} cuts the model into {parts} parts; "
-            f"the limit is {limits.max_parts}"
-        )
-    try:
-        layout = plan_layout(specs, config.num_servers, config.part_bytes)
-    except ValueError as e:
-        raise InvalidArgument(f"layout: {e}") from None
-    if config.layout_digest and config.layout_digest != layout.digest:
-        raise InvalidArgument(
-            f"layout digest {config.layout_digest} differs from this server's {layout.digest}: "
-            "client and server disagree on the layout (different versions?)"
-        )
-    mode = _MODE_FROM_PROTO[config.mode]
-    if config.backup_workers and mode is not Mode.SYNC:
-        raise InvalidArgument("backup_workers applies to sync mode only")
-    try:
-        compression = Compression.from_proto(config.compression)
-    except CompressionError as e:
-        raise InvalidArgument(str(e)) from None
-    return Job(
-        job_id=config.job_id,
-        mode=mode,
-        optimizer=optimizer_from_proto(config.optimizer),
-        lr=config.optimizer.lr,
-        layout=layout,
-        server_index=config.server_index,
-        staleness=config.staleness,
-        backup_workers=config.backup_workers,
-        staleness_aware_lr=config.staleness_aware_lr,
-        compression=compression,
-        schedule=schedule_from_proto(config.optimizer),
-        workers=tuple(config.workers),
-    )
+        if config.num_servers > limits.max_servers:
+            raise JobError(f"num_servers {config.num_servers} is over {limits.max_servers}")
+        if config.num_servers < 1 or config.server_index >= config.num_servers:
+            raise JobError(
+                f"server_index {config.server_index} is not below num_servers {config.num_servers}"
+            )
+        settings = Settings.from_proto(config)
+        specs = []
+        for t in config.tensors:
+            try:
+                dtype = wire_dtype(t.dtype).name
+            except CodecError as e:
+                raise JobError(f"tensor {t.name!r}: {e}") from None
+            if len(t.shape) > limits.max_rank:
+                raise JobError(
+                    f"tensor {t.name!r} has rank {len(t.shape)}; the limit is {limits.max_rank}"
+                )
+            specs.append(TensorSpec(t.name, dtype, tuple(t.shape)))
+        if not specs:
+            raise JobError("the model has no tensors")
+        total = sum(s.numel * wire_dtype(s.dtype).itemsize for s in specs)
+        if total > limits.max_model_bytes:
+            raise JobError(
+                f"the model needs {total} bytes; this server takes at most {limits.max_model_bytes}"
+            )
+        part_bytes = settings.part_bytes
+        parts = sum(-(-s.numel * wire_dtype(s.dtype).itemsize // part_bytes) for s in specs)
+        if parts > limits.max_parts:
+            raise JobError(
+                f"part_bytes {part_bytes} cuts the model into {parts} parts; "
+                f"the limit is {limits.max_parts}"
+            )
+        try:
+            layout = plan_layout(specs, config.num_servers, part_bytes)
+        except ValueError as e:
+            raise JobError(f"layout: {e}") from None
+        if config.layout_digest and config.layout_digest != layout.digest:
+            raise JobError(
+                f"layout digest {config.layout_digest} differs from this server's "
+                f"{layout.digest}: client and server disagree on the layout (different versions?)"
+            )
+        return cls(config.job_id, settings, layout, config.server_index, tuple(config.workers))
+
+    @classmethod
+    def for_model(
+        cls,
+        job_id: str,
+        specs: list[TensorSpec],
+        num_servers: int,
+        settings: Settings,
+        workers: tuple[str, ...] = (),
+    ) -> Job:
+        """A client's view of a new job over ``num_servers`` servers."""
+        try:
+            layout = plan_layout(specs, num_servers, settings.part_bytes)
+        except ValueError as e:
+            raise JobError(f"layout: {e}") from None
+        return cls(job_id, settings, layout, 0, tuple(workers))
+
+    def for_server(self, index: int) -> Job:
+        return Job(self.job_id, self.settings, self.layout, index, self.workers)

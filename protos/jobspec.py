@@ -1,80 +1,101 @@
-"""The job spec: everything the scheduler, servers and workers agree on."""
+"""The job spec: the document the scheduler, servers and workers agree on.
+
+A spec is what a person writes (a YAML or JSON file, flags, ``PS_*``
+variables): the data, the model, the epochs, and the job's settings as
+plain values. :meth:`JobSpec.job_settings` is the one place a spec becomes
+the :class:`~protos.job.Settings` the servers run; the flags and variables
+are derived from the fields here and from the optimizer registry.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from protos.compression import Compression, CompressionError
-from ps_server.schedule import LrSchedule, ScheduleError
+from protos.job import JobError, Mode, Settings
+from protos.optimizers import OPTIMIZERS, OPTION_TYPES, OptimizerError, make_optimizer
+from protos.schedule import LrSchedule, ScheduleError
 
-MODES = ("sync", "async", "ssp")
-OPTIMIZERS = ("sgd", "adam", "adagrad")
+_DEFAULT = Settings()
+ENV_PREFIX = "PS_"  # ps-scheduler reads PS_<FIELD> for every field a flag can set
 
 
 class SpecError(ValueError):
     """A job spec with a missing, unknown or invalid field."""
 
 
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
 @dataclass(frozen=True)
 class JobSpec:
-    data_dir: str
-    servers: tuple[str, ...] = ()
-    job_id: str = "job"
-    model: str = "mnist1d-cnn"
-    mode: str = "ssp"
-    staleness: int = 2
-    backup_workers: int = 0
-    staleness_aware_lr: bool = False
-    compression: str = "none"  # on the wire: none, fp16, bf16, topk:R, bf16,topk:R
-    optimizer: str = "adam"
-    lr: float = 0.01
-    lr_schedule: str = "constant"  # constant, cosine (over the job's updates) or cosine:STEPS
-    lr_final_ratio: float = 0.0  # cosine: the last updates' lr as a fraction of lr
-    momentum: float = 0.0  # sgd
-    beta1: float = 0.9  # adam
-    beta2: float = 0.999  # adam
-    weight_decay: float = 0.0
-    batch_size: int = 100
-    epochs: int = 5
-    expected_workers: int = 1  # leases wait until this many workers have registered
-    seed: int = 0
-    lease_timeout_s: float = 10.0
+    data_dir: str = field(metadata=_help("prepared data set directory (ps-data prepare)"))
+    servers: tuple[str, ...] = field(
+        default=(), metadata=_help("parameter server addresses HOST:PORT, comma-separated")
+    )
+    job_id: str = field(default="job", metadata=_help("the job's name on the servers"))
+    model: str = field(default="mnist1d-cnn", metadata=_help("model to train"))
+    # The job's settings, as a document writes them; Settings.build parses and checks them.
+    mode: str = field(default=_DEFAULT.mode.value, metadata=_help("how workers stay in step"))
+    staleness: int = field(
+        default=_DEFAULT.staleness, metadata=_help("ssp: clocks a worker may run ahead")
+    )
+    backup_workers: int = field(
+        default=_DEFAULT.backup_workers, metadata=_help("sync: steps need all but this many")
+    )
+    staleness_aware_lr: bool = field(
+        default=_DEFAULT.staleness_aware_lr, metadata=_help("async, ssp: lr / staleness")
+    )
+    optimizer: str = field(default=_DEFAULT.optimizer.name, metadata=_help("server optimizer"))
+    lr: float = field(default=_DEFAULT.lr, metadata=_help("learning rate"))
+    lr_schedule: str = field(
+        default="constant",
+        metadata=_help("constant, cosine (decay over the job's updates) or cosine:STEPS"),
+    )
+    lr_final_ratio: float = field(
+        default=0.0, metadata=_help("cosine: the last updates' lr as a fraction of lr")
+    )
+    compression: str = field(
+        default=str(_DEFAULT.compression),
+        metadata=_help("on the wire: none, fp16, bf16, topk:R or e.g. bf16,topk:0.01"),
+    )
+    part_bytes: int = field(
+        default=_DEFAULT.part_bytes, metadata=_help("largest piece of a tensor a server holds")
+    )
+    # The named optimizer's options (momentum, beta1, ...), written flat in a document.
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = field(default=100, metadata=_help("samples per gradient"))
+    epochs: int = field(default=5, metadata=_help("passes over the training shards"))
+    expected_workers: int = field(
+        default=1, metadata=_help("leases wait until this many workers have registered")
+    )
+    seed: int = field(default=0, metadata=_help("model initialisation and shuffling"))
+    lease_timeout_s: float = field(
+        default=10.0, metadata=_help("a worker silent this long loses its lease")
+    )
 
     def __post_init__(self) -> None:
         problems = []
-        if self.mode not in MODES:
-            problems.append(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         for name in ("batch_size", "epochs"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        for name in ("staleness", "backup_workers", "expected_workers", "seed"):
+        for name in ("expected_workers", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            problems.append("beta1 and beta2 must lie in [0, 1)")
-        if self.momentum < 0 or self.weight_decay < 0:
-            problems.append("momentum and weight_decay must not be negative")
-        if not self.lr > 0:
-            problems.append("lr must be positive")
         if not self.lease_timeout_s > 0:
             problems.append("lease_timeout_s must be positive")
-        if self.backup_workers and self.mode != "sync":
-            problems.append("backup_workers applies to sync mode only")
         try:
-            Compression.parse(self.compression)
-        except CompressionError as e:
-            problems.append(str(e))
-        try:
-            self.make_schedule(batches_per_epoch=1)
-        except ScheduleError as e:
+            self.job_settings(batches_per_epoch=1)
+        except (JobError, ScheduleError) as e:
             problems.append(str(e))
         if problems:
             raise SpecError("; ".join(problems))
@@ -83,63 +104,68 @@ class JobSpec:
         """Optimizer steps each server applies over the job: one per batch in async
         and ssp; in sync one per barrier, to which every worker brings a batch."""
         total = max(1, self.epochs * batches_per_epoch)  # a bad epochs is reported on its own
-        if self.mode == "sync":
+        if self.mode == Mode.SYNC.value:
             return max(1, total // max(1, self.expected_workers))
         return total
 
-    def make_schedule(self, batches_per_epoch: int) -> LrSchedule:
-        """The servers' lr schedule; a bare ``cosine`` spans the job's expected updates."""
-        return LrSchedule.parse(
+    def job_settings(self, batches_per_epoch: int) -> Settings:
+        """The settings the servers run: the one translation of a spec into a job.
+        A bare ``cosine`` schedule spans the job's expected updates."""
+        values = {f.name: getattr(self, f.name) for f in fields(Settings)}
+        values["lr_schedule"] = LrSchedule.parse(
             self.lr_schedule, self.lr_final_ratio, self.expected_updates(batches_per_epoch)
         )
+        return Settings.build(**values, **self.optimizer_options)
 
-    def make_optimizer(self):
-        """The server-side optimizer this spec names, with its options."""
-        from ps_server.optimizers import SGD, Adagrad, Adam
-
-        if self.optimizer == "sgd":
-            return SGD(momentum=self.momentum, weight_decay=self.weight_decay)
-        if self.optimizer == "adam":
-            return Adam(beta1=self.beta1, beta2=self.beta2, weight_decay=self.weight_decay)
-        return Adagrad(weight_decay=self.weight_decay)
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as a flat document, with every option of its optimizer spelled out."""
+        doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "optimizer_options"}
+        doc["servers"] = list(self.servers)
+        doc.update(make_optimizer(self.optimizer, **self.optimizer_options).options())
+        return doc
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> JobSpec:
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(doc) - set(known))
+    def from_dict(cls, doc: Mapping[str, Any]) -> JobSpec:
+        """A spec from a flat document (values may be strings, as flags and variables give)."""
+        known = {f.name: f for f in fields(cls) if f.name != "optimizer_options"}
+        unknown = sorted(set(doc) - set(known) - set(OPTION_TYPES))
         if unknown:
-            raise SpecError(f"unknown job field(s): {', '.join(unknown)}")
+            raise SpecError(
+                f"unknown job field(s): {', '.join(unknown)} (known: "
+                f"{', '.join([*known, *OPTION_TYPES])})"
+            )
         if "data_dir" not in doc:
             raise SpecError("data_dir is required")
         values: dict[str, Any] = {}
+        options: dict[str, Any] = {}
         for name, value in doc.items():
-            default = getattr(cls, name, None) if name != "data_dir" else ""
             try:
                 if name == "servers":
-                    values[name] = tuple(str(s) for s in (value or ()))
-                elif isinstance(default, bool):
-                    if not isinstance(value, bool):
-                        raise TypeError("expected true or false")
-                    values[name] = value
-                elif isinstance(default, int):
-                    values[name] = int(value)
-                elif isinstance(default, float):
-                    values[name] = float(value)
+                    if isinstance(value, str):
+                        value = value.split(",")
+                    values[name] = tuple(str(s).strip() for s in (value or ()) if str(s).strip())
+                elif name in known:
+                    values[name] = _convert(value, known[name].default, name)
                 else:
-                    values[name] = str(value)
+                    options[name] = _convert(value, OPTION_TYPES[name](), name)
             except (TypeError, ValueError) as e:
                 raise SpecError(f"{name}: {e}") from None
-        return cls(**values)
+        optimizer = values.get("optimizer", cls.optimizer)
+        try:
+            make_optimizer(optimizer, **options)
+        except OptimizerError as e:
+            raise SpecError(str(e)) from None
+        return cls(**values, optimizer_options=options)
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
         return cls.from_dict(json.loads(text))
 
     @classmethod
-    def from_yaml(cls, path: Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    def from_yaml(cls, path: Path, overrides: Mapping[str, Any] | None = None) -> JobSpec:
         try:
             doc = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
@@ -148,3 +174,81 @@ class JobSpec:
             raise SpecError(f"{path}: expected a mapping of job fields")
         doc.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.from_dict(doc)
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _convert(value: Any, default: Any, name: str) -> Any:
+    """A document's value in the type of the field's default."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise TypeError(f"expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected a whole number, got {value!r}")
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------- flags and variables
+
+
+def flag_names(skip: tuple[str, ...] = ()) -> list[str]:
+    """Every document key a flag sets: the spec's fields, then every optimizer option."""
+    names = [f.name for f in fields(JobSpec) if f.name != "optimizer_options"]
+    return [n for n in [*names, *OPTION_TYPES] if n not in skip]
+
+
+def add_job_arguments(
+    parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), env: bool = False
+) -> None:
+    """One flag per spec field and optimizer option (``--mode``, ``--beta1``, ...), each
+    overriding ``--config``; with ``env``, ``PS_<NAME>`` (e.g. ``PS_BETA1``) gives a default."""
+    parser.add_argument("--config", type=Path, help="job spec as YAML or JSON (flags override it)")
+    specs = {f.name: f for f in fields(JobSpec)}
+    owners = {
+        o: [n for n, c in OPTIMIZERS.items() if o in {f.name for f in fields(c)}]
+        for o in OPTION_TYPES
+    }
+    group = parser.add_argument_group("job settings (override --config)")
+    parser.set_defaults(job_flags=tuple(flag_names(skip)))  # what spec_from_args reads back
+    for name in flag_names(skip):
+        kwargs: dict[str, Any] = {"default": None, "dest": name}
+        if name in specs:
+            spec_field = specs[name]
+            text = spec_field.metadata.get("help", "")
+            if spec_field.default is dataclasses.MISSING:
+                text += " (required)"
+            elif spec_field.default not in ((), ""):
+                text += f" (default {spec_field.default})"
+            default_type = type(spec_field.default)
+        else:
+            default_type = OPTION_TYPES[name]
+            text = f"{'/'.join(owners[name])} option"
+        if name == "mode":
+            kwargs["choices"] = Mode.choices()
+        elif name == "optimizer":
+            kwargs["choices"] = list(OPTIMIZERS)
+        if env:
+            variable = ENV_PREFIX + name.upper()
+            text += f" [env {variable}]"
+            kwargs["default"] = os.environ.get(variable) or None
+        if default_type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        kwargs["help"] = text
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def spec_from_args(args: argparse.Namespace, base: Mapping[str, Any] | None = None) -> JobSpec:
+    """The spec the flags (over ``--config``, over ``base``) give; SpecError if invalid."""
+    overrides = {n: getattr(args, n) for n in args.job_flags if getattr(args, n) is not None}
+    doc = {**(base or {}), **overrides}
+    if args.config:
+        return JobSpec.from_yaml(args.config, doc)
+    return JobSpec.from_dict(doc)

@@ -1,24 +1,61 @@
-"""Server-side optimizers, elementwise, matching ``torch.optim`` step for step.
+"""The optimizers a job may name: their options, the registry, and the update itself.
 
-Each optimizer updates a parameter in place from a gradient and its state.
-Because every operation is elementwise, the same step may be applied to a
-slice of a part (param, grad and each state tensor sliced alike), which is
-how large pushes are applied chunk by chunk. The formulas follow torch's
-single-tensor implementations operation for operation.
+``OPTIMIZERS`` is the one table of optimizer names: argparse choices, job
+specs, ``Client.init``, ``DistributedOptimizer`` and the wire mapping all
+derive from it. An optimizer's options travel as the proto message of the
+same name (``OptimizerConfig.sgd``, ``.adam``, ``.adagrad``), field for field;
+this is checked against the proto at import.
+
+The update runs on the servers. Each optimizer updates a parameter in place
+from a gradient and its state. Because every operation is elementwise, the
+same step may be applied to a slice of a part (param, grad and each state
+tensor sliced alike), which is how large pushes are applied chunk by chunk.
+The formulas follow torch's single-tensor implementations operation for
+operation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from protos import ps_pb2
+
 State = dict[str, Tensor]
 
 
+class OptimizerError(ValueError):
+    """An unknown optimizer, an option it does not have, or an option out of range."""
+
+
+class _Options:
+    """Shared by every optimizer: the name, and the options to and from the wire."""
+
+    name: ClassVar[str]
+
+    def options(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_proto(self, lr: float) -> ps_pb2.OptimizerConfig:
+        message = getattr(ps_pb2.OptimizerConfig(), self.name).__class__(**self.options())
+        return ps_pb2.OptimizerConfig(lr=lr, **{self.name: message})
+
+    def __str__(self) -> str:
+        defaults = type(self)()
+        changed = [
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in self.options().items()
+            if getattr(defaults, k) != v
+        ]
+        return f"{self.name}({', '.join(changed)})"
+
+
 @dataclass(frozen=True)
-class SGD:
+class SGD(_Options):
+    name: ClassVar[str] = "sgd"
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
@@ -26,9 +63,9 @@ class SGD:
 
     def __post_init__(self) -> None:
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
+            raise OptimizerError("nesterov momentum needs momentum > 0 and dampening = 0")
         if self.momentum < 0 or self.weight_decay < 0:
-            raise ValueError("momentum and weight_decay must be non-negative")
+            raise OptimizerError("momentum and weight_decay must be non-negative")
 
     def init_state(self, param: Tensor) -> State:
         return {"momentum_buffer": torch.zeros_like(param)} if self.momentum else {}
@@ -48,7 +85,8 @@ class SGD:
 
 
 @dataclass(frozen=True)
-class Adam:
+class Adam(_Options):
+    name: ClassVar[str] = "adam"
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -56,9 +94,9 @@ class Adam:
 
     def __post_init__(self) -> None:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError("Adam betas must lie in [0, 1)")
+            raise OptimizerError("Adam betas must lie in [0, 1)")
         if self.eps < 0 or self.weight_decay < 0:
-            raise ValueError("eps and weight_decay must be non-negative")
+            raise OptimizerError("eps and weight_decay must be non-negative")
 
     def init_state(self, param: Tensor) -> State:
         return {"exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
@@ -77,7 +115,8 @@ class Adam:
 
 
 @dataclass(frozen=True)
-class Adagrad:
+class Adagrad(_Options):
+    name: ClassVar[str] = "adagrad"
     lr_decay: float = 0.0
     eps: float = 1e-10
     weight_decay: float = 0.0
@@ -85,7 +124,7 @@ class Adagrad:
 
     def __post_init__(self) -> None:
         if min(self.lr_decay, self.eps, self.weight_decay, self.initial_accumulator_value) < 0:
-            raise ValueError("Adagrad options must be non-negative")
+            raise OptimizerError("Adagrad options must be non-negative")
 
     def init_state(self, param: Tensor) -> State:
         return {"sum": torch.full_like(param, self.initial_accumulator_value)}
@@ -101,3 +140,46 @@ class Adagrad:
 
 
 Optimizer = SGD | Adam | Adagrad
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (SGD, Adam, Adagrad)}
+# Every option of every optimizer, with its type: the flags and job-file keys derive from it.
+OPTION_TYPES: dict[str, type] = {
+    f.name: type(f.default) for cls in OPTIMIZERS.values() for f in fields(cls)
+}
+
+
+def make_optimizer(name: str, **options: Any) -> Optimizer:
+    """The optimizer ``name`` with ``options``; OptimizerError names what is wrong."""
+    if name not in OPTIMIZERS:
+        raise OptimizerError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
+    cls = OPTIMIZERS[name]
+    own = [f.name for f in fields(cls)]
+    foreign = sorted(set(options) - set(own))
+    if foreign:
+        raise OptimizerError(
+            f"{', '.join(foreign)}: not an option of {name} (its options: {', '.join(own)})"
+        )
+    return cls(**options)
+
+
+def optimizer_from_proto(config: ps_pb2.OptimizerConfig) -> Optimizer:
+    """The optimizer an OptimizerConfig names; OptimizerError if none or out of range."""
+    kind = config.WhichOneof("kind")
+    if kind is None:
+        raise OptimizerError(f"optimizer: none given ({', '.join(OPTIMIZERS)})")
+    message = getattr(config, kind)
+    return make_optimizer(
+        kind, **{f.name: getattr(message, f.name) for f in fields(OPTIMIZERS[kind])}
+    )
+
+
+def _check_against_proto() -> None:
+    """The registry and the wire agree: a oneof member per optimizer, a field per option."""
+    oneof = ps_pb2.OptimizerConfig.DESCRIPTOR.oneofs_by_name["kind"]
+    assert {f.name for f in oneof.fields} == set(OPTIMIZERS), "OptimizerConfig.kind != OPTIMIZERS"
+    for f in oneof.fields:
+        wire = {x.name for x in f.message_type.fields}
+        assert wire == {x.name for x in fields(OPTIMIZERS[f.name])}, f"{f.name} options != proto"
+
+
+_check_against_proto()

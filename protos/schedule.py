@@ -12,7 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from protos import ps_pb2
+
 KINDS = ("constant", "cosine")
+assert {k.upper() for k in KINDS} == set(ps_pb2.LrSchedule.Kind.keys()), "KINDS != proto"
 
 
 class ScheduleError(ValueError):
@@ -64,6 +67,30 @@ class LrSchedule:
         else:
             total = default_steps
         return cls(kind, total, final_ratio)
+
+    def spec(self) -> str:
+        """``constant`` or ``cosine:STEPS``: what :meth:`parse` reads back (with final_ratio)."""
+        return self.kind if self.kind == "constant" else f"{self.kind}:{self.total_steps}"
+
+    def to_proto(self) -> ps_pb2.LrSchedule | None:
+        """None for a constant schedule: it stays unset on the wire."""
+        if self.kind == "constant":
+            return None
+        return ps_pb2.LrSchedule(
+            kind=ps_pb2.LrSchedule.Kind.Value(self.kind.upper()),
+            total_steps=self.total_steps,
+            final_ratio=self.final_ratio,
+        )
+
+    @classmethod
+    def from_proto(cls, config: ps_pb2.OptimizerConfig) -> LrSchedule:
+        """The schedule an OptimizerConfig carries; ScheduleError if it is not valid."""
+        if not config.HasField("schedule"):
+            return cls()
+        s = config.schedule
+        if s.kind not in ps_pb2.LrSchedule.Kind.values():
+            raise ScheduleError(f"lr schedule kind {s.kind} is not one of {', '.join(KINDS)}")
+        return cls(ps_pb2.LrSchedule.Kind.Name(s.kind).lower(), s.total_steps, s.final_ratio)
 
     def __str__(self) -> str:
         if self.kind == "constant":

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from protos import ps_pb2
-from ps_server.job import job_from_proto, job_to_proto
+from protos.job import Job
 from ps_server.store import Counters, ParameterStore, WorkerRecord, allocate
 
 MANIFEST = "manifest.json"
@@ -69,7 +69,7 @@ def snapshot(store: ParameterStore) -> Snapshot | None:
     c = store.counters
     manifest = {
         "format": FORMAT,
-        "job": base64.b64encode(job_to_proto(store.job).SerializeToString()).decode(),
+        "job": base64.b64encode(store.job.to_proto().SerializeToString()).decode(),
         "job_id": store.job.job_id,
         "steps": store.steps,
         "version": store.version,
@@ -131,11 +131,11 @@ def restore(store: ParameterStore, snap: Snapshot) -> None:
         raise CheckpointError("the store already holds a job")
     m = snap.manifest
     try:
-        job = job_from_proto(ps_pb2.JobConfig.FromString(base64.b64decode(m["job"])))
+        job = Job.from_proto(ps_pb2.JobConfig.FromString(base64.b64decode(m["job"])))
         slots, groups = allocate(job)
         for name, group in groups.items():
             group.param.copy_(_tensor(snap, f"{name}/param", group.param))
-            group.state = job.optimizer.init_state(group.param)
+            group.state = job.settings.optimizer.init_state(group.param)
             for key, value in group.state.items():
                 value.copy_(_tensor(snap, f"{name}/state/{key}", value))
             if m["contributors"]:

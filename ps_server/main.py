@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 
 from protos import observability, security
+from protos.job import Limits
 from protos.shm import default_dir
 from ps_server.checkpoint import Checkpointer, CheckpointError, Every, snapshot
-from ps_server.job import Limits
 from ps_server.metrics import ServerMetrics
 from ps_server.service import ServiceConfig, start_server
 from ps_server.store import ParameterStore

@@ -29,6 +29,7 @@ from protos.codec import (
     decode_frame,
     encode_frames,
 )
+from protos.job import Job, JobError, Limits
 from protos.rpc import (
     MAX_MESSAGE_BYTES,
     SERVICE,
@@ -38,8 +39,7 @@ from protos.rpc import (
 )
 from protos.security import ServerSecurity
 from protos.shm import SegmentCache, SegmentError, Slot, segment_slots
-from ps_server.errors import StoreError
-from ps_server.job import Job, Limits, job_from_proto, job_to_proto, mode_to_proto
+from ps_server.errors import InvalidArgument, StoreError
 from ps_server.metrics import ServerMetrics, Timer
 from ps_server.store import ParameterStore, PartKey, PullDecision, Waiter
 
@@ -95,7 +95,7 @@ class ParameterService:
 
     async def Init(self, request_iterator: AsyncIterator[bytes], context) -> ps_pb2.InitResponse:
         header, chunks = await _collect(request_iterator, context, ps_pb2.InitHeader, "init")
-        job = await self._call(context, lambda: job_from_proto(header.config, self.config.limits))
+        job = await self._call(context, lambda: _job_of(header.config, self.config.limits))
         created = await self._call(context, lambda: self.store.initialise(job, chunks))
         if created:
             log.info(
@@ -103,7 +103,7 @@ class ParameterService:
                 job.job_id,
                 len(self.store.parts),
                 self.store.parameter_bytes(),
-                job.mode.value,
+                job.settings.mode.value,
             )
         await self._notify()
         return ps_pb2.InitResponse(created=created, version=self.store.version)
@@ -189,7 +189,7 @@ class ParameterService:
             del chunks
         if not has_pull:
             return ps_pb2.PullHeader(
-                version=self.store.version, mode=mode_to_proto(job.mode), push=push
+                version=self.store.version, mode=job.settings.mode.to_proto(), push=push
             )
         header, pieces = await self._pulled(request.pull, context, push)
         try:  # the same one, unless it was dropped while the pull waited
@@ -232,7 +232,9 @@ class ParameterService:
             with Timer() as timer:
                 await self._wait(request, context, decide)
             if self.metrics is not None and store.job is not None:
-                self.metrics.wait_seconds.labels(store.job.mode.value).observe(timer.seconds)
+                self.metrics.wait_seconds.labels(store.job.settings.mode.value).observe(
+                    timer.seconds
+                )
         version, clock, pieces = await self._call(
             context, lambda: store.pull(request.job_id, request.worker_id, request.observe)
         )
@@ -241,7 +243,7 @@ class ParameterService:
             self.metrics.pulls.inc()
             self.metrics.bytes_out.inc(sum(p.values.nbytes for p in pieces))
         header = ps_pb2.PullHeader(
-            version=version, worker_clock=clock, mode=mode_to_proto(store.job.mode), push=push
+            version=version, worker_clock=clock, mode=store.job.settings.mode.to_proto(), push=push
         )
         return header, pieces
 
@@ -309,7 +311,7 @@ class ParameterService:
         c = store.counters
         return ps_pb2.StatusResponse(
             initialised=True,
-            config=job_to_proto(store.job),
+            config=store.job.to_proto(),
             version=store.version,
             workers=[
                 ps_pb2.WorkerState(worker_id=w.worker_id, clock=w.clock, active=w.active)
@@ -328,6 +330,13 @@ class ParameterService:
             contributions=len(store.contributors),
             **where,
         )
+
+
+def _job_of(config: ps_pb2.JobConfig, limits: Limits) -> Job:
+    try:
+        return Job.from_proto(config, limits)
+    except JobError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 async def _collect(

@@ -39,6 +39,7 @@ from protos.codec import (
     to_torch,
     wire_dtype,
 )
+from protos.job import Job, Mode
 from protos.layout import Part
 from ps_server.errors import (
     AlreadyExists,
@@ -47,7 +48,6 @@ from ps_server.errors import (
     NotFound,
     StoreError,
 )
-from ps_server.job import Job, Mode
 
 PartKey = tuple[str, int]
 
@@ -163,7 +163,7 @@ class ParameterStore:
                 start = slot.start + offset
                 groups[slot.group].param[start : start + values.numel()] = values
         for group in groups.values():
-            group.state = job.optimizer.init_state(group.param)
+            group.state = job.settings.optimizer.init_state(group.param)
         self.job = job
         self.parts = slots
         self.groups = groups
@@ -205,7 +205,7 @@ class ParameterStore:
                 f"server's version {self.version}"
             )
         if (
-            job.mode is Mode.SYNC
+            job.settings.mode is Mode.SYNC
             and pulled_version == self.version
             and worker_id in self.contributors
         ):
@@ -220,7 +220,7 @@ class ParameterStore:
         self.counters.pushes_received += 1
         staleness = self.version - pulled_version
         self.counters.staleness[staleness] += 1
-        if job.mode is Mode.SYNC:
+        if job.settings.mode is Mode.SYNC:
             if staleness > 0:
                 self.counters.stale_dropped += 1
                 return PushResult(False, False, True, self.version, staleness, 0.0)
@@ -230,7 +230,7 @@ class ParameterStore:
             self._maybe_finish_step()
             return PushResult(True, False, False, self.version, 0, lr)
         lr = self._scheduled_lr()
-        if job.staleness_aware_lr:
+        if job.settings.staleness_aware_lr:
             lr /= max(1, staleness)
         self._apply(lr)
         return PushResult(True, False, False, self.version, staleness, lr)
@@ -249,7 +249,7 @@ class ParameterStore:
         and for top-k as (indices, values) chunks, at least one per part.
         """
         dtypes = job.layout.dtypes
-        compression = job.compression if gradient else None
+        compression = job.settings.compression if gradient else None
         sparse = bool(compression and compression.topk_ratio)
         grad_wire = (
             wire_dtype(compression.gradient_dtype)
@@ -362,7 +362,9 @@ class ParameterStore:
         for group in self.groups.values():
             assert group.accumulator is not None
             group.accumulator.div_(n)
-            self.job.optimizer.step(group.param, group.accumulator, group.state, self.steps, lr)
+            self.job.settings.optimizer.step(
+                group.param, group.accumulator, group.state, self.steps, lr
+            )
         self.contributors = []
         self.version += 1
         self.counters.updates_applied += 1
@@ -370,13 +372,13 @@ class ParameterStore:
     def _scheduled_lr(self) -> float:
         """The job's lr for the next optimizer step, by its schedule."""
         assert self.job is not None
-        return self.job.lr * self.job.schedule.factor(self.steps)
+        return self.job.settings.lr * self.job.settings.lr_schedule.factor(self.steps)
 
     def _apply(self, lr: float) -> None:
         assert self.job is not None
         self.steps += 1
         for group in self.groups.values():
-            self.job.optimizer.step(group.param, group.grad, group.state, self.steps, lr)
+            self.job.settings.optimizer.step(group.param, group.grad, group.state, self.steps, lr)
         self.version += 1
         self.counters.updates_applied += 1
 
@@ -392,7 +394,7 @@ class ParameterStore:
             raise FailedPrecondition(
                 f"worker {worker_id!r} has left the job; it must be made a member again"
             )
-        if job.mode is Mode.SYNC:
+        if job.settings.mode is Mode.SYNC:
             if self.version >= min_version or (self.restored and min_version > self.version + 1):
                 # (the second case: a worker that saw steps lost in a restore gets the current
                 # weights at once instead of waiting for a step no one will push for)
@@ -405,9 +407,9 @@ class ParameterStore:
                 f"required gradients; waiting for {_names(missing)}",
                 missing,
             )
-        if job.mode is Mode.SSP:
+        if job.settings.mode is Mode.SSP:
             c = max(clock, record.clock if record else self._start_clock())
-            bound = c - job.staleness
+            bound = c - job.settings.staleness
             behind = tuple(
                 w.worker_id for w in self.workers.values() if w.active and w.clock < bound
             )
@@ -416,7 +418,7 @@ class ParameterStore:
             clocks = ", ".join(f"{w} at clock {self.workers[w].clock}" for w in behind)
             return PullDecision(
                 False,
-                f"ssp clock {c} (staleness {job.staleness}): waiting for {clocks} "
+                f"ssp clock {c} (staleness {job.settings.staleness}): waiting for {clocks} "
                 f"to reach clock {bound}",
                 behind,
             )
@@ -436,7 +438,7 @@ class ParameterStore:
         if record is None and not observe:
             record = self._join(worker_id)
         assert self.job is not None
-        weight_dtype = self.job.compression.weight_dtype
+        weight_dtype = self.job.settings.compression.weight_dtype
         cast = wire_dtype(weight_dtype).torch if weight_dtype else None
         pieces = []
         for tensor, index in self.parts:
@@ -454,7 +456,7 @@ class ParameterStore:
     def required_workers(self) -> int:
         """Sync: gradients needed to finish a step."""
         assert self.job is not None
-        return max(1, len(self.active_workers()) - self.job.backup_workers)
+        return max(1, len(self.active_workers()) - self.job.settings.backup_workers)
 
     def _start_clock(self) -> int:
         """A joining worker starts at the slowest active worker's clock, so it holds no one."""
@@ -478,7 +480,7 @@ class ParameterStore:
         for w in wanted:
             if w not in self.workers:
                 self.workers[w] = WorkerRecord(w, start)
-        if self.job is not None and self.job.mode is Mode.SYNC:
+        if self.job is not None and self.job.settings.mode is Mode.SYNC:
             self._maybe_finish_step()
         return self.active_workers()
 

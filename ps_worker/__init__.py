@@ -4,11 +4,13 @@ The public API: :class:`DistributedOptimizer`, which puts the servers in
 place of a training loop's ``torch.optim`` optimizer; :class:`Client` with
 ``init``, ``pull``, ``pull_into``, ``push``, ``push_from``, ``set_membership``
 and ``status``; the optimizers :class:`SGD`, :class:`Adam` and
-:class:`Adagrad`; :class:`LrSchedule`; typed errors.
+:class:`Adagrad` (the registry :data:`OPTIMIZERS`); the job's :class:`Settings`
+and :class:`Mode`; :class:`LrSchedule`; typed errors.
 """
 
-from ps_server.optimizers import SGD, Adagrad, Adam
-from ps_server.schedule import LrSchedule
+from protos.job import Mode, Settings
+from protos.optimizers import OPTIMIZERS, SGD, Adagrad, Adam
+from protos.schedule import LrSchedule
 from ps_worker.client import Client, ClientConfig, PushSummary
 from ps_worker.errors import (
     ConflictError,
@@ -22,6 +24,7 @@ from ps_worker.errors import (
 from ps_worker.torch_api import DistributedOptimizer
 
 __all__ = [
+    "OPTIMIZERS",
     "SGD",
     "Adagrad",
     "Adam",
@@ -31,9 +34,11 @@ __all__ = [
     "DistributedOptimizer",
     "InvalidRequestError",
     "LrSchedule",
+    "Mode",
     "PSError",
     "PushSummary",
     "ServerUnavailableError",
+    "Settings",
     "StateError",
     "UnknownJobError",
     "WaitTimeoutError",

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -45,28 +45,21 @@ from protos.codec import (
     to_torch,
     wire_dtype,
 )
-from protos.compression import Compression, CompressionError
+from protos.job import Job, JobError, Settings
 from protos.layout import (
-    DEFAULT_PART_BYTES,
     Layout,
     Part,
     TensorSpec,
-    plan_layout,
     server_pieces,
 )
 from protos.security import ClientSecurity
 from protos.shm import Segment, segment_slots
-from ps_server.job import Job, Mode, job_from_proto, job_to_proto
-from ps_server.optimizers import SGD, Adagrad, Adam, Optimizer
-from ps_server.schedule import LrSchedule, ScheduleError
 from ps_worker.compress import GradientEncoder, PiecesFor
 from ps_worker.errors import InvalidRequestError, PSError, ServerUnavailableError
 from ps_worker.retry import RETRYABLE, RetryPolicy, call_with_retry
 
 T = TypeVar("T")
 Tensors = Mapping[str, torch.Tensor | np.ndarray]
-
-OPTIMIZERS: dict[str, type] = {"sgd": SGD, "adam": Adam, "adagrad": Adagrad}
 
 
 @dataclass(frozen=True)
@@ -234,7 +227,7 @@ class Client:
             return  # not reachable now: stay on TCP, retried as usual
         if reply.hostname != socket.gethostname():
             return
-        compressing = self._job is not None and self._job.compression.enabled
+        compressing = self._job is not None and self._job.settings.compression.enabled
         if config.same_host_shared_memory and os.path.isdir(reply.shm_dir) and not compressing:
             s.shm_dir = reply.shm_dir  # given up if the server cannot open our segment
         path = reply.unix_socket.removeprefix("unix:")
@@ -267,70 +260,44 @@ class Client:
     def init(
         self,
         tensors: Tensors | torch.nn.Module,
+        settings: Settings | None = None,
         *,
-        mode: str | Mode = "async",
-        optimizer: str | Optimizer = "sgd",
-        lr: float = 0.01,
-        staleness: int = 0,
-        backup_workers: int = 0,
-        staleness_aware_lr: bool = False,
-        lr_schedule: str | LrSchedule = "constant",
         workers: Iterable[str] = (),
-        part_bytes: int = DEFAULT_PART_BYTES,
-        compression: str | Compression = "none",
+        **options: Any,
     ) -> bool:
         """Initialise the model on every server; True if this call created it.
 
         Safe to call from every worker: a server that already holds the
         identical job keeps its weights, and one holding a different job
-        raises ConflictError. ``workers`` are the initially active workers
-        (needed for sync, whose barrier counts them); others join on contact.
-        ``compression`` (``fp16``, ``bf16``, ``topk:R``, ``bf16,topk:R``; see
-        :mod:`protos.compression`) sets how gradients and weights travel.
-        ``lr_schedule`` (``constant``, ``cosine:STEPS`` or an :class:`LrSchedule`)
-        scales lr by the servers' count of applied updates.
+        raises ConflictError. The job's settings are ``settings``, or the
+        keywords :meth:`protos.job.Settings.build` takes: ``mode``, ``staleness``,
+        ``backup_workers``, ``staleness_aware_lr``, ``optimizer`` (a name or an
+        optimizer object), its options (``momentum``, ``beta1``, ...), ``lr``,
+        ``lr_schedule`` (``constant`` or ``cosine:STEPS``), ``compression``
+        (``fp16``, ``bf16``, ``topk:R``, ``bf16,topk:R``) and ``part_bytes``.
+        ``workers`` are the initially active workers (needed for sync, whose
+        barrier counts them); others join on contact.
         """
-        if isinstance(compression, str):
-            try:
-                compression = Compression.parse(compression)
-            except CompressionError as e:
-                raise InvalidRequestError(str(e)) from None
-        if isinstance(lr_schedule, str):
-            try:
-                lr_schedule = LrSchedule.parse(lr_schedule)
-            except ScheduleError as e:
-                raise InvalidRequestError(str(e)) from None
+        try:
+            if settings is None:
+                settings = Settings.build(**options)
+            elif options:
+                raise JobError(f"give settings or keywords, not both ({', '.join(options)})")
+        except JobError as e:
+            raise InvalidRequestError(str(e)) from None
         named = _named(tensors)
-        if isinstance(optimizer, str):
-            if optimizer not in OPTIMIZERS:
-                raise ValueError(
-                    f"unknown optimizer {optimizer!r} (choose from {', '.join(OPTIMIZERS)})"
-                )
-            optimizer = OPTIMIZERS[optimizer]()
         specs = [
             TensorSpec(n, _dtype_name(v), tuple(int(d) for d in v.shape)) for n, v in named.items()
         ]
-        layout = plan_layout(specs, len(self._servers), part_bytes)
-        job = Job(
-            job_id=self.job_id,
-            mode=Mode(mode),
-            optimizer=optimizer,
-            lr=float(lr),
-            layout=layout,
-            server_index=0,
-            staleness=staleness,
-            backup_workers=backup_workers,
-            staleness_aware_lr=staleness_aware_lr,
-            compression=compression,
-            schedule=lr_schedule,
-            workers=tuple(workers),
-        )
+        try:
+            job = Job.for_model(self.job_id, specs, len(self._servers), settings, tuple(workers))
+        except JobError as e:
+            raise InvalidRequestError(str(e)) from None
+        layout = job.layout
         flat = {n: to_raw(v) for n, v in named.items()}
 
         def init_one(i: int, s: _ServerState) -> bool:
-            config = job_to_proto(job)
-            config.server_index = i
-            header = ps_pb2.InitHeader(config=config).SerializeToString()
+            header = ps_pb2.InitHeader(config=job.for_server(i).to_proto()).SerializeToString()
             pieces = server_pieces(layout, i, flat)
             reply = self._retry(
                 s,
@@ -354,7 +321,7 @@ class Client:
                     "some worker must call init() first"
                 )
             try:
-                self._set_job(job_from_proto(reply.config))
+                self._set_job(Job.from_proto(reply.config))
             except Exception as e:
                 raise PSError(f"cannot read the job from {self._servers[0].address}: {e}") from e
         return self._job
@@ -362,12 +329,12 @@ class Client:
     def _set_job(self, job: Job) -> None:
         self._job = job
         self._part_maps = {}
-        self._encoder = GradientEncoder(job.layout, job.compression)
-        weight_dtype = job.compression.weight_dtype
+        self._encoder = GradientEncoder(job.layout, job.settings.compression)
+        weight_dtype = job.settings.compression.weight_dtype
         self._weight_wire = wire_dtype(weight_dtype) if weight_dtype else None
         for s in self._servers:  # segments are laid out by the job's layout
             self._drop_shm(s)
-            if job.compression.enabled:
+            if job.settings.compression.enabled:
                 s.shm_dir = ""  # compression is for the wire: shared memory has none
 
     @property

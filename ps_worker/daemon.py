@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from protos import rpc, scheduler_pb2, scheduler_pb2_grpc
+from protos.jobspec import JobSpec
 from protos.security import ClientSecurity
 from ps_worker.client import Client, ClientConfig
 from ps_worker.data import Manifest, load, read_manifest
@@ -22,7 +23,6 @@ from ps_worker.errors import PSError
 from ps_worker.metrics import WorkerMetrics
 from ps_worker.models import build_model
 from ps_worker.retry import RetryPolicy, call_with_retry
-from scheduler.jobspec import JobSpec
 
 log = logging.getLogger("ps_worker")
 
@@ -90,11 +90,10 @@ class WorkerDaemon:
         self.spec = JobSpec.from_json(reply.job_spec_json)
         self.manifest = read_manifest(Path(self.spec.data_dir))
         log.info(
-            "registered as %s; job %s (%s, %s) on %s",
+            "registered as %s; job %s (%s) on %s",
             self.worker_id,
             self.spec.job_id,
             self.spec.model,
-            self.spec.mode,
             self.device,
         )
         self.model = build_model(self.spec.model, self.spec.seed).to(self.device)
@@ -107,21 +106,11 @@ class WorkerDaemon:
         heartbeats = threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat")
         try:
             self.client.wait_for_servers(self.options.scheduler_timeout_s)
-            created = self.client.init(
-                self.model,
-                mode=self.spec.mode,
-                optimizer=self.spec.optimizer,
-                lr=self.spec.lr,
-                staleness=self.spec.staleness,
-                backup_workers=self.spec.backup_workers,
-                staleness_aware_lr=self.spec.staleness_aware_lr,
-                lr_schedule=self.spec.make_schedule(
-                    self.manifest.batches_per_epoch(self.spec.batch_size)
-                ),
-                compression=self.spec.compression,
-            )
+            settings = self.spec.job_settings(self.manifest.batches_per_epoch(self.spec.batch_size))
+            created = self.client.init(self.model, settings)
             if created:
                 log.info("initialised the model on %d server(s)", len(self.spec.servers))
+            log.info("job settings: %s", settings.describe())
             heartbeats.start()
             self._loop()
             self.link.call("Leave", scheduler_pb2.LeaveRequest(worker_id=self.worker_id))

@@ -18,12 +18,13 @@ model's weights and the others start from those.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import fields
+from typing import Any
 
 import torch
 
-from ps_server.optimizers import Optimizer
-from ps_worker.client import OPTIMIZERS, Client, ClientConfig, PushSummary
+from protos.job import JobError, Settings
+from ps_worker.client import Client, ClientConfig, PushSummary
+from ps_worker.errors import InvalidRequestError
 
 
 class DistributedOptimizer:
@@ -37,48 +38,30 @@ class DistributedOptimizer:
         rank: int | None = None,
         world: int | None = None,
         *,
-        mode: str = "async",
-        optimizer: str | Optimizer = "sgd",
-        lr: float = 0.01,
-        staleness: int = 0,
         workers: Iterable[str] = (),
         worker_id: str | None = None,
         config: ClientConfig | None = None,
-        **options,
+        **settings: Any,
     ) -> None:
         """``rank`` and ``world`` (this worker's index and the number of workers) name the
         workers ``worker0`` ... and make them the job's initial members, as sync mode needs;
-        without them the worker gets a unique id and joins on contact. ``options`` are the
-        optimizer's (``momentum``, ``beta1``, ``weight_decay``, ...) and the job's
-        (``backup_workers``, ``staleness_aware_lr``, ``lr_schedule``, ``part_bytes``,
-        ``compression``)."""
+        without them the worker gets a unique id and joins on contact. ``settings`` are the
+        job's, as :meth:`Client.init` takes them (``mode``, ``optimizer``, ``lr``, the
+        optimizer's options such as ``momentum`` or ``beta1``, ``lr_schedule``, ...)."""
         self.model = model
         if (rank is None) != (world is None) or (world is not None and not 0 <= rank < world):
             raise ValueError(f"rank {rank} and world {world}: give both, with 0 <= rank < world")
         if world is not None:
             worker_id = worker_id or f"worker{rank}"
             workers = workers or [f"worker{r}" for r in range(world)]
-        if isinstance(optimizer, str):
-            if optimizer not in OPTIMIZERS:
-                raise ValueError(
-                    f"unknown optimizer {optimizer!r} (choose from {list(OPTIMIZERS)})"
-                )
-            kind = OPTIMIZERS[optimizer]
-            names = {f.name for f in fields(kind)}
-            optimizer = kind(**{k: v for k, v in options.items() if k in names})
-            options = {k: v for k, v in options.items() if k not in names}
+        try:
+            job_settings = Settings.build(**settings)
+        except JobError as e:
+            raise InvalidRequestError(str(e)) from None
         self.client = Client(servers, job_id=job_id, worker_id=worker_id, config=config)
         try:
             self.client.wait_for_servers()
-            self.client.init(
-                model,
-                mode=mode,
-                optimizer=optimizer,
-                lr=lr,
-                staleness=staleness,
-                workers=workers,
-                **options,
-            )
+            self.client.init(model, job_settings, workers=workers)
             self.client.pull_into(model)  # every worker starts from the servers' weights
         except BaseException:
             self.client.close()

@@ -27,12 +27,12 @@ import grpc
 from tqdm import tqdm
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
-from protos.compression import Compression
+from protos.job import Mode, Settings
+from protos.jobspec import JobSpec, SpecError, add_job_arguments, spec_from_args
 from protos.security import TOKEN_ENV, ClientSecurity, SecurityError, read_token
 from ps_worker import Client, ClientConfig, PSError
 from ps_worker.data import DATASETS, MANIFEST, DataError, prepare
 from scheduler import status
-from scheduler.jobspec import JobSpec, SpecError
 from scheduler.launch import BIN, Daemon
 
 POLL_S = 0.25
@@ -246,11 +246,15 @@ def summarise(
         }
         for e in progress["evaluations"]
     ]
+    ran = Settings.from_proto(statuses[0].config)  # what the servers ran, not what was asked
     return {
-        "mode": spec.mode,
-        "staleness": spec.staleness if spec.mode == "ssp" else None,
+        "mode": ran.mode.value,
+        "staleness": ran.staleness if ran.mode is Mode.SSP else None,
         "model": spec.model,
-        "compression": str(Compression.parse(spec.compression)),
+        "optimizer": {"name": ran.optimizer.name, "lr": ran.lr, **ran.optimizer.options()},
+        "settings": ran.describe(),
+        "settings_by_server": [Settings.from_proto(s.config).to_doc() for s in statuses],
+        "compression": str(ran.compression),
         "epochs": spec.epochs,
         "workers": len(progress["workers"]),
         "servers": len(statuses),
@@ -269,7 +273,7 @@ def final_table(summary: dict) -> str:
     for e in summary["accuracy_curve"]:
         lines.append(f"{e['epoch']:>5} {e['loss']:>10.4f} {e['accuracy']:>9.4f}")
     lines.append(
-        f"mode {summary['mode']}, {summary['workers']} workers, {summary['servers']} servers: "
+        f"{summary['settings']}; {summary['workers']} workers, {summary['servers']} servers: "
         f"final test accuracy {summary['final_accuracy']:.4f} in {summary['wall_s']:.1f}s; "
         f"updates applied {max(summary['updates_applied'])}, stale gradients dropped "
         f"{sum(summary['stale_dropped'])}"
@@ -291,22 +295,6 @@ def parse_straggler(text: str) -> tuple[int, float]:
 
 
 def up(args: argparse.Namespace) -> int:
-    overrides = {
-        "model": args.model,
-        "mode": args.mode,
-        "staleness": args.staleness,
-        "backup_workers": args.backup_workers,
-        "optimizer": args.optimizer,
-        "lr": args.lr,
-        "lr_schedule": args.lr_schedule,
-        "lr_final_ratio": args.lr_final_ratio,
-        "batch_size": args.batch_size,
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "lease_timeout_s": args.lease_timeout_s,
-        "staleness_aware_lr": True if args.staleness_aware_lr else None,
-        "compression": args.compression,
-    }
     with ExitStack() as stack:
         work_dir = args.work_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="ps-cluster-"))
@@ -315,14 +303,10 @@ def up(args: argparse.Namespace) -> int:
         try:
             if not (data_dir / MANIFEST).exists():
                 print(f"preparing {args.dataset} in {data_dir} ...", flush=True)
-                prepare(args.dataset, data_dir, args.shards, args.samples, args.seed)
-            base = {"data_dir": str(data_dir), "expected_workers": args.workers}
-            if args.config:
-                spec = JobSpec.from_yaml(args.config, {**base, **overrides})
-            else:
-                spec = JobSpec.from_dict(
-                    {**base, **{k: v for k, v in overrides.items() if v is not None}}
-                )
+                prepare(args.dataset, data_dir, args.shards, args.samples, int(args.seed or 0))
+            spec = spec_from_args(
+                args, {"data_dir": str(data_dir), "expected_workers": args.workers}
+            )
         except (SpecError, DataError, OSError) as e:
             print(f"ps-cluster: {e}", file=sys.stderr)
             return 2
@@ -428,41 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--token-file", type=Path, help="the cluster's token file (or $PS_TOKEN)")
     status.add_arguments(st)
     p = sub.add_parser("up", help="run a job on a local cluster until it finishes")
-    p.add_argument("--config", type=Path, help="job spec as YAML (flags override it)")
     p.add_argument("--dataset", choices=DATASETS, default="mnist1d")
     p.add_argument("--data-dir", type=Path, help="prepared data (prepared here if missing)")
     p.add_argument("--samples", type=int, default=None, help="samples to generate")
     p.add_argument("--shards", type=int, default=16, help="shards to prepare (default 16)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--mode", choices=["sync", "async", "ssp"], default=None)
-    p.add_argument("--staleness", type=int, default=None)
-    p.add_argument("--backup-workers", type=int, default=None)
-    p.add_argument("--staleness-aware-lr", action="store_true")
-    p.add_argument(
-        "--compression",
-        default=None,
-        help="how tensors travel: none, fp16, bf16, topk:R or e.g. bf16,topk:0.01 (default none)",
-    )
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adagrad"], default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument(
-        "--lr-schedule",
-        default=None,
-        help="constant, cosine (decay over the job's updates) or cosine:STEPS (default constant)",
-    )
-    p.add_argument(
-        "--lr-final-ratio",
-        type=float,
-        default=None,
-        help="cosine: the last updates' lr as a fraction of --lr (default 0)",
-    )
-    p.add_argument("--momentum", type=float, default=None, help="sgd momentum")
-    p.add_argument("--beta1", type=float, default=None, help="adam beta1")
-    p.add_argument("--beta2", type=float, default=None, help="adam beta2")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--lease-timeout-s", type=float, default=None)
+    add_job_arguments(p, skip=("data_dir", "servers", "expected_workers"))
     p.add_argument("--servers", type=int, default=2)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument(

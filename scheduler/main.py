@@ -9,48 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from protos import observability, security
+from protos.jobspec import JobSpec, SpecError, add_job_arguments, spec_from_args
 from ps_worker.data import DataError, read_manifest
 from scheduler import status
-from scheduler.jobspec import JobSpec, SpecError
 from scheduler.metrics import SchedulerMetrics
 from scheduler.state import SchedulerState, StateError
 
 log = logging.getLogger("scheduler")
-
-
-def add_job_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per JobSpec field (--data-dir, --mode, ...); they override --config."""
-    parser.add_argument("--config", type=Path, help="job spec as YAML (flags override it)")
-    for f in fields(JobSpec):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "servers":
-            parser.add_argument(flag, help="parameter server addresses, comma-separated")
-        elif f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_const", const=True, default=None)
-        else:
-            required = f.default is dataclasses.MISSING
-            parser.add_argument(
-                flag, default=None, help="(required)" if required else f"(default {f.default!r})"
-            )
-
-
-def spec_from_args(args: argparse.Namespace) -> JobSpec:
-    overrides = {f.name: getattr(args, f.name) for f in fields(JobSpec)}
-    if overrides.get("servers"):
-        overrides["servers"] = [s for s in overrides["servers"].split(",") if s]
-    if args.config:
-        return JobSpec.from_yaml(args.config, overrides)
-    return JobSpec.from_dict({k: v for k, v in overrides.items() if v is not None})
 
 
 async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
@@ -141,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     observability.add_arguments(parser)
     security.add_arguments(parser, serves=True, connects=True)
-    add_job_flags(parser)
+    add_job_arguments(parser, env=True)
     args = parser.parse_args(argv)
     try:
         args.serving = security.server_security(args)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scheduler.jobspec import JobSpec
+from protos.jobspec import JobSpec
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -125,9 +125,12 @@ class SchedulerState:
         row = self.db.execute("SELECT value FROM meta WHERE key='spec'").fetchone()
         if row is not None:
             stored = JobSpec.from_json(row[0])
-            if stored != spec:
+            old, new = stored.to_dict(), spec.to_dict()
+            differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            if differ:
                 raise StateError(
-                    f"the state file holds job {stored.job_id!r} with a different spec; "
+                    f"the state file holds job {stored.job_id!r} with a different spec "
+                    f"(it differs in {', '.join(differ)}); "
                     "use another --state file or the same job spec"
                 )
             return False

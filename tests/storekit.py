@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from protos.codec import pack_chunks, to_raw
+from protos.job import Job, Mode, Settings
 from protos.layout import TensorSpec, plan_layout, server_pieces
-from ps_server.job import Job, Mode
-from ps_server.optimizers import SGD
+from protos.optimizers import SGD
 from ps_server.store import ParameterStore
 
 SPECS = [
@@ -27,17 +27,15 @@ def make_job(
     lr: float = 1.0,
     **kw,
 ) -> Job:
-    layout = plan_layout(SPECS, num_servers, PART_BYTES)
-    return Job(
-        job_id="job",
+    settings = Settings(
         mode=Mode(mode),
         optimizer=optimizer or SGD(),
         lr=lr,
-        layout=layout,
-        server_index=server_index,
-        workers=tuple(workers),
-        **kw,
+        part_bytes=PART_BYTES,
+        **{"staleness": 0, **kw},
     )
+    layout = plan_layout(SPECS, num_servers, PART_BYTES)
+    return Job("job", settings, layout, server_index, tuple(workers))
 
 
 def initial_values() -> dict[str, torch.Tensor]:

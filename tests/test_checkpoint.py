@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from protos.optimizers import Adam
 from ps_server import checkpoint
 from ps_server.checkpoint import CheckpointError
-from ps_server.optimizers import Adam
 from ps_server.store import ParameterStore
 from tests.storekit import new_store, push, weights
 

@@ -105,7 +105,7 @@ def test_second_worker_learns_the_job_from_the_servers(addresses):
         with Client(addresses, job_id="shared", worker_id="second") as second:
             assert not second.init(model, mode="ssp", staleness=3)  # identical: kept
             job = second.job()
-            assert job.mode.value == "ssp" and job.staleness == 3
+            assert job.settings.mode.value == "ssp" and job.settings.staleness == 3
             weights = second.pull()
             for name, p in model.named_parameters():
                 assert torch.equal(weights[name], p.detach())

@@ -15,10 +15,10 @@ import grpc
 import pytest
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
+from protos.jobspec import JobSpec
 from ps_worker import Client, PSError
 from ps_worker.data import prepare
 from scheduler.cluster import LocalCluster
-from scheduler.jobspec import JobSpec
 from scheduler.launch import BIN, Daemon
 from scheduler.state import SchedulerState
 from tests.test_metrics import scrape

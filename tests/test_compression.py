@@ -19,8 +19,8 @@ from protos.codec import (
     wire_dtype,
 )
 from protos.compression import Compression, CompressionError
+from protos.job import Job, JobError
 from ps_server.errors import InvalidArgument
-from ps_server.job import job_from_proto, job_to_proto
 from ps_server.store import ParameterStore
 from ps_worker import Client
 from ps_worker.compress import GradientEncoder
@@ -93,16 +93,16 @@ def test_bad_sparse_chunks_are_refused():
 
 def test_a_jobs_compression_travels_in_its_config_and_must_match():
     job = make_job(compression=Compression.parse("bf16,topk:0.25"))
-    assert job_from_proto(job_to_proto(job)) == job
+    assert Job.from_proto(job.to_proto()) == job
     store = ParameterStore()
     store.initialise(job, chunks(job, initial_values()))
     plain = make_job()
     with pytest.raises(Exception, match="compression"):
         store.initialise(plain, chunks(plain, initial_values()))
-    bad = job_to_proto(job)
+    bad = job.to_proto()
     bad.compression.topk_ratio = 7.0
-    with pytest.raises(InvalidArgument, match="top-k ratio"):
-        job_from_proto(bad)
+    with pytest.raises(JobError, match="top-k ratio"):
+        Job.from_proto(bad)
 
 
 def chunks(job, values, compression: Compression | None = None):

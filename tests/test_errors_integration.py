@@ -12,7 +12,6 @@ import torch
 from protos import ps_pb2, ps_pb2_grpc
 from protos.codec import pack_chunks, to_raw
 from protos.layout import server_pieces
-from ps_server.job import job_to_proto
 from ps_worker import Client, ClientConfig
 from scheduler.launch import servers
 
@@ -207,7 +206,7 @@ def test_oversize_message_is_refused(stub, client):
 def test_conflicting_init_is_refused(stub, client):
     before = client.pull()
     version = client.versions[0]
-    config = job_to_proto(client.job())
+    config = client.job().to_proto()
     config.mode = ps_pb2.SYNC
     error = raw_call(
         lambda: stub.Init(

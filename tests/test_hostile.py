@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from protos import ps_pb2, rpc, scheduler_pb2, scheduler_pb2_grpc
-from ps_server.job import job_to_proto
 from ps_worker import Client, ClientConfig
 from ps_worker.data import prepare
 from scheduler.launch import BIN, Daemon, servers
@@ -38,7 +37,7 @@ def test_hostile_requests_to_a_server_and_the_scheduler(tmp_path):
         with Client([server.address], job_id="h", worker_id="good", config=ClientConfig()) as c:
             c.init(INIT, optimizer="sgd", lr=0.5)
             c.push({k: torch.ones_like(v) for k, v in INIT.items()})
-            good = job_to_proto(c.job())
+            good = c.job().to_proto()
             before = c.pull(observe=True)
         argv = [str(BIN / "ps-scheduler"), "--port", "0", "--state", str(tmp_path / "s.db")]
         argv += ["--data-dir", str(data), "--servers", server.address, "--model", "digits-mlp"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ps_server.optimizers import SGD, Adagrad, Adam
+from protos.optimizers import SGD, Adagrad, Adam
 
 CASES = [
     (SGD(), torch.optim.SGD, {}),

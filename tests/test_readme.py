@@ -111,3 +111,11 @@ def test_readme_local_cluster(tmp_path):
     result = ShellBlock(tmp_path).run(line)
     assert result.returncode == 0, result.stderr
     assert re.search(r"final test accuracy 0\.9\d", result.stdout), result.stdout
+
+
+def test_readme_names_every_job_setting():
+    from protos.jobspec import flag_names
+
+    text = README.read_text()
+    missing = [name for name in flag_names() if f"`{name}`" not in text]
+    assert not missing, f"the README's job settings omit {missing}"

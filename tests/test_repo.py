@@ -1,5 +1,6 @@
 """Repository hygiene: generated protobuf modules are current, the code is ruff clean."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +24,42 @@ def test_ruff_is_clean():
         [str(ruff), "check", "--quiet", str(ROOT)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Which packages each package may import: protos is shared by all; the client library never
+# reaches into the scheduler or the server; only the launchers (scheduler) use the client.
+ALLOWED = {
+    "protos": {"protos"},
+    "ps_server": {"protos", "ps_server"},
+    "ps_worker": {"protos", "ps_worker"},
+    "scheduler": {"protos", "scheduler", "ps_worker"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & set(ALLOWED)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("package", list(ALLOWED))
+def test_packages_import_only_what_their_layer_allows(package):
+    wrong = {
+        str(p.relative_to(ROOT)): sorted(_imports(p) - ALLOWED[package])
+        for p in (ROOT / package).rglob("*.py")
+        if not p.name.endswith(("_pb2.py", "_pb2_grpc.py"))
+    }
+    assert not {k: v for k, v in wrong.items() if v}
+
+
+@pytest.mark.timeout(60)
+def test_every_package_says_what_it_is_for():
+    for package in [*ALLOWED, "benchmarks"]:
+        doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text()))
+        assert doc and len(doc) > 60 and doc != f"{package} package.", package

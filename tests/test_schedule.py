@@ -7,13 +7,13 @@ import math
 
 import pytest
 
+from protos.job import Job, JobError
+from protos.jobspec import JobSpec, SpecError
+from protos.schedule import LrSchedule, ScheduleError
 from ps_server import checkpoint
-from ps_server.errors import AlreadyExists, InvalidArgument
-from ps_server.job import job_from_proto, job_to_proto
-from ps_server.schedule import LrSchedule, ScheduleError
+from ps_server.errors import AlreadyExists
 from ps_server.store import ParameterStore
 from ps_worker.data import Manifest, ShardFile
-from scheduler.jobspec import JobSpec, SpecError
 from tests.storekit import chunks_for, initial_values, make_job, new_store, push, weights
 
 COSINE = LrSchedule("cosine", total_steps=4, final_ratio=0.1)
@@ -61,22 +61,22 @@ def test_final_ratio_must_be_a_fraction():
 
 
 def test_a_jobs_schedule_travels_in_its_config_and_must_match():
-    job = make_job(schedule=COSINE)
-    assert job_from_proto(job_to_proto(job)) == job
-    assert not job_to_proto(make_job()).optimizer.HasField("schedule")  # constant: unset
+    job = make_job(lr_schedule=COSINE)
+    assert Job.from_proto(job.to_proto()) == job
+    assert not make_job().to_proto().optimizer.HasField("schedule")  # constant: unset
     store = ParameterStore()
     store.initialise(job, chunks_for(job, initial_values()))
-    other = make_job(schedule=LrSchedule("cosine", 5, 0.1))
-    with pytest.raises(AlreadyExists, match="differs in: schedule"):
+    other = make_job(lr_schedule=LrSchedule("cosine", 5, 0.1))
+    with pytest.raises(AlreadyExists, match="differs in: lr_schedule"):
         store.initialise(other, chunks_for(other, initial_values()))
-    bad = job_to_proto(job)
+    bad = job.to_proto()
     bad.optimizer.schedule.total_steps = 0
-    with pytest.raises(InvalidArgument, match="at least 1"):
-        job_from_proto(bad)
+    with pytest.raises(JobError, match="at least 1"):
+        Job.from_proto(bad)
 
 
 def test_async_pushes_step_down_the_schedule():
-    store, job = new_store("async", lr=1.0, schedule=COSINE)
+    store, job = new_store("async", lr=1.0, lr_schedule=COSINE)
     lrs = [push(store, job, "a", clock, 1.0).lr for clock in range(1, 7)]
     assert lrs == pytest.approx([COSINE.factor(step) for step in range(6)])
     shift = sum(lrs)  # SGD: every weight moved by lr * 1.0 per push
@@ -85,7 +85,7 @@ def test_async_pushes_step_down_the_schedule():
 
 
 def test_staleness_aware_lr_scales_the_scheduled_lr():
-    store, job = new_store("async", lr=1.0, schedule=COSINE, staleness_aware_lr=True)
+    store, job = new_store("async", lr=1.0, lr_schedule=COSINE, staleness_aware_lr=True)
     push(store, job, "fast", 1, 1.0)
     push(store, job, "fast", 2, 1.0)
     stale = push(store, job, "slow", 1, 1.0, pulled=0)
@@ -93,7 +93,7 @@ def test_staleness_aware_lr_scales_the_scheduled_lr():
 
 
 def test_a_sync_step_uses_one_lr_for_every_contribution():
-    store, job = new_store("sync", workers=["a", "b"], lr=1.0, schedule=COSINE)
+    store, job = new_store("sync", workers=["a", "b"], lr=1.0, lr_schedule=COSINE)
     first = [push(store, job, w, 1, 1.0).lr for w in ("a", "b")]
     second = [push(store, job, w, 2, 1.0).lr for w in ("a", "b")]
     assert first == [1.0, 1.0] and second == pytest.approx([COSINE.factor(1)] * 2)
@@ -101,7 +101,7 @@ def test_a_sync_step_uses_one_lr_for_every_contribution():
 
 
 def test_a_restored_server_resumes_its_schedule(tmp_path):
-    store, job = new_store("async", lr=1.0, schedule=COSINE)
+    store, job = new_store("async", lr=1.0, lr_schedule=COSINE)
     for clock in (1, 2, 3):
         push(store, job, "a", clock, 1.0)
     checkpoint.write(checkpoint.snapshot(store), tmp_path)
@@ -120,12 +120,12 @@ def test_a_bare_cosine_spans_the_jobs_expected_updates():
     batches = manifest([250, 250, 100]).batches_per_epoch(100)
     assert batches == 3 + 3 + 1
     spec = JobSpec(data_dir="d", epochs=4, lr_schedule="cosine", lr_final_ratio=0.05)
-    assert spec.make_schedule(batches) == LrSchedule("cosine", 28, 0.05)
+    assert spec.job_settings(batches).lr_schedule == LrSchedule("cosine", 28, 0.05)
     sync = JobSpec(data_dir="d", mode="sync", epochs=4, expected_workers=4, lr_schedule="cosine")
-    assert sync.make_schedule(batches).total_steps == 7  # every barrier takes 4 batches
+    assert sync.job_settings(batches).lr_schedule.total_steps == 7  # every barrier takes 4 batches
     fixed = JobSpec(data_dir="d", lr_schedule="cosine:1000")
-    assert fixed.make_schedule(batches).total_steps == 1000
-    assert JobSpec(data_dir="d").make_schedule(batches) == LrSchedule()
+    assert fixed.job_settings(batches).lr_schedule.total_steps == 1000
+    assert JobSpec(data_dir="d").job_settings(batches).lr_schedule == LrSchedule()
 
 
 def test_a_bad_schedule_in_a_job_spec_is_refused():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from scheduler.jobspec import JobSpec, SpecError
+from protos.jobspec import JobSpec, SpecError
 from scheduler.state import Completion, SchedulerState, StateError, UnknownWorker
 
 SHARDS = 4

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from protos import ps_pb2
+from protos.optimizers import Adam
 from ps_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from ps_server.optimizers import Adam
 from ps_server.store import ParameterStore, Waiter
 from tests.storekit import chunks_for, grads, initial_values, make_job, new_store, push, weights
 

@@ -1,0 +1,65 @@
+"""Typed reasons beside a status code: what a client decides on, never the message text.
+
+A server that wants a client to do something other than fail (fall back to
+another transport, make a new segment) aborts with a status carrying a
+``google.rpc.ErrorInfo`` whose ``reason`` is one of the constants here; the
+client reads it with :func:`reason_of`. Messages stay for people.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "gradstore"
+
+# The server cannot open the client's shared-memory segment (not on this host, gone,
+# dropped while idle, or of the wrong size): the client makes a new one or uses streams.
+SHM_SEGMENT_UNAVAILABLE = "SHM_SEGMENT_UNAVAILABLE"
+# The server offers no shared-memory path at all: the client uses streams.
+SHM_UNSUPPORTED = "SHM_UNSUPPORTED"
+
+REASONS = (SHM_SEGMENT_UNAVAILABLE, SHM_UNSUPPORTED)
+
+
+def status_with_reason(
+    code: grpc.StatusCode, message: str, reason: str, **metadata: str
+) -> grpc.Status:
+    """A status for ``context.abort_with_status`` carrying an ErrorInfo with ``reason``."""
+    assert reason in REASONS, reason
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
+    return rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    )
+
+
+async def abort_with_reason(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    **metadata: str,
+) -> NoReturn:
+    """Abort an asyncio handler with ``code``, ``message`` and an ErrorInfo ``reason``."""
+    await context.abort_with_status(status_with_reason(code, message, reason, **metadata))
+    raise AssertionError("unreachable")  # abort_with_status always raises
+
+
+def reason_of(error: grpc.RpcError) -> str | None:
+    """The ErrorInfo reason (of this project's domain) a failed call carries, if any."""
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except (AttributeError, ValueError):
+        return None
+    if status is None:
+        return None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == DOMAIN:
+            return info.reason
+    return None

@@ -1,0 +1,144 @@
+"""The job model: one registry, one translation each way, clear refusals."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from protos import ps_pb2
+from protos.compression import Compression
+from protos.job import Job, JobError, Mode, Settings
+from protos.jobspec import JobSpec, SpecError, add_job_arguments, flag_names, spec_from_args
+from protos.layout import TensorSpec
+from protos.optimizers import OPTIMIZERS, SGD, Adagrad, Adam, OptimizerError, make_optimizer
+from protos.schedule import LrSchedule
+
+pytestmark = pytest.mark.timeout(30)
+SPECS = [TensorSpec("w", "float32", (10, 3)), TensorSpec("b", "float32", (3,))]
+
+
+def every_setting() -> Settings:
+    return Settings(
+        mode=Mode.SYNC,
+        staleness=5,
+        backup_workers=2,
+        staleness_aware_lr=True,
+        optimizer=SGD(momentum=0.9, dampening=0.1, weight_decay=1e-4),
+        lr=0.25,
+        lr_schedule=LrSchedule("cosine", 100, 0.2),
+        compression=Compression.parse("bf16,topk:0.1"),
+        part_bytes=64,
+    )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        Settings(),
+        every_setting(),
+        Settings(optimizer=Adam(0.0, 0.95, 1e-6, 0.01), lr=3e-3),
+        Settings(mode=Mode.ASYNC, optimizer=Adagrad(0.1, 1e-9, 0.0, 0.5)),
+    ],
+)
+def test_a_job_survives_the_wire_and_the_document_form(settings):
+    job = Job.for_model("j", SPECS, 2, settings, ("a", "b"))
+    for index in (0, 1):
+        back = Job.from_proto(job.for_server(index).to_proto())
+        assert back == job.for_server(index) and back.workers == ("a", "b")
+    assert Settings.build(**settings.to_doc()) == settings
+
+
+def test_the_registry_matches_the_proto_and_every_derived_table():
+    oneof = ps_pb2.OptimizerConfig.DESCRIPTOR.oneofs_by_name["kind"]
+    assert [f.name for f in oneof.fields] == list(OPTIMIZERS)
+    assert Mode.choices() == ["sync", "async", "ssp"]
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser)
+    choices = {a.dest: a.choices for a in parser._actions}
+    assert choices["optimizer"] == list(OPTIMIZERS) and choices["mode"] == Mode.choices()
+    assert set(Settings.names()) <= set(flag_names())  # every setting has a flag
+
+
+def test_a_config_without_an_optimizer_or_with_an_unknown_mode_is_refused():
+    config = Job.for_model("j", SPECS, 1, Settings()).to_proto()
+    config.optimizer.ClearField("adam")
+    with pytest.raises(JobError, match="optimizer: none given"):
+        Job.from_proto(config)
+    config = Job.for_model("j", SPECS, 1, Settings()).to_proto()
+    config.mode = 7
+    with pytest.raises(JobError, match="mode 7 is not one of sync, async, ssp"):
+        Job.from_proto(config)
+    config = Job.for_model("j", SPECS, 1, Settings()).to_proto()
+    config.optimizer.adam.beta1 = 1.5
+    with pytest.raises(JobError, match="betas"):
+        Job.from_proto(config)
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [
+        ({"optimizer": "lion"}, "unknown optimizer 'lion' \\(choose from sgd, adam, adagrad\\)"),
+        ({"optimizer": "adam", "momentum": 0.9}, "momentum: not an option of adam"),
+        ({"mode": "bsp"}, "mode 'bsp' is not one of sync, async, ssp"),
+        ({"mode": "ssp", "backup_workers": 1}, "backup_workers applies to sync mode only"),
+        ({"lr": 0}, "learning rate"),
+        ({"staleness": -1}, "staleness must be a whole number >= 0"),
+        ({"part_bytes": 0}, "part_bytes"),
+        ({"colour": "red"}, "unknown job setting\\(s\\) colour"),
+        ({"optimizer": SGD(), "momentum": 0.9}, "give options to the optimizer object"),
+        ({"lr_schedule": "cosine"}, "at least 1"),
+        ({"compression": "zip"}, "unknown item 'zip'"),
+    ],
+)
+def test_bad_settings_are_refused_with_what_is_wrong(given, error):
+    with pytest.raises(JobError, match=error):
+        Settings.build(**given)
+
+
+def test_build_applies_options_to_the_named_optimizer():
+    s = Settings.build(optimizer="sgd", momentum=0.9, weight_decay=1e-4, lr=1)
+    assert s.optimizer == SGD(momentum=0.9, weight_decay=1e-4) and s.lr == 1.0
+    assert Settings.build(beta1=0).optimizer == Adam(beta1=0.0)  # the default optimizer's
+    assert make_optimizer("adagrad", lr_decay=0.5) == Adagrad(lr_decay=0.5)
+    with pytest.raises(OptimizerError):
+        make_optimizer("sgd", nesterov=True)  # nesterov needs momentum
+
+
+def test_job_differences_name_the_settings():
+    a = Job.for_model("j", SPECS, 1, Settings())
+    b = Job.for_model("j", SPECS, 1, Settings(optimizer=Adam(beta1=0.0), staleness=3))
+    assert a.differences(b) == ["staleness", "optimizer"]
+
+
+def test_a_spec_document_holds_every_option_and_reads_back():
+    spec = JobSpec.from_dict(
+        {
+            "data_dir": "d",
+            "optimizer": "sgd",
+            "momentum": "0.9",
+            "nesterov": "true",
+            "staleness_aware_lr": "no",
+        }
+    )
+    assert spec.job_settings(10).optimizer == SGD(momentum=0.9, nesterov=True)
+    doc = spec.to_dict()
+    assert doc["momentum"] == 0.9 and doc["dampening"] == 0.0 and "beta1" not in doc
+    assert JobSpec.from_json(spec.to_json()) == JobSpec.from_dict(doc)
+    with pytest.raises(SpecError, match="beta1: not an option of sgd"):
+        JobSpec.from_dict({**doc, "beta1": 0})
+    with pytest.raises(SpecError, match="nesterov: expected true or false"):
+        JobSpec.from_dict({"data_dir": "d", "optimizer": "sgd", "nesterov": "maybe"})
+
+
+def test_flags_override_the_file_and_variables_give_defaults(tmp_path, monkeypatch):
+    config = tmp_path / "job.yaml"
+    config.write_text("data_dir: d\noptimizer: sgd\nmomentum: 0.5\nlr: 0.1\n")
+    monkeypatch.setenv("PS_WEIGHT_DECAY", "0.001")
+    monkeypatch.setenv("PS_STALENESS", "")  # empty: unset
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser, env=True)
+    args = parser.parse_args(["--config", str(config), "--momentum", "0.9", "--nesterov"])
+    settings = spec_from_args(args).job_settings(10)
+    assert settings.optimizer == SGD(momentum=0.9, nesterov=True, weight_decay=0.001)
+    assert settings.lr == 0.1 and settings.staleness == Settings().staleness

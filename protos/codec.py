@@ -115,14 +115,6 @@ def to_torch(raw: np.ndarray, dtype: WireDType | str | int) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if wire.name == "bfloat16" else tensor
 
 
-def from_raw(raw: np.ndarray, dtype: WireDType | str | int) -> np.ndarray:
-    """Raw values as a numpy array of their value dtype (bfloat16 widens to float32)."""
-    wire = dtype if isinstance(dtype, WireDType) else wire_dtype(dtype)
-    if wire.name == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw
-
-
 @dataclass(frozen=True)
 class Piece:
     """A run of raw values to send: ``values`` are elements offset.. of a part."""
@@ -157,18 +149,6 @@ def split_piece(piece: Piece, chunk_bytes: int) -> Iterator[Piece]:
         )
 
 
-def to_chunk(piece: Piece) -> ps_pb2.TensorChunk:
-    """One chunk message for one piece (copies the bytes once, as protobuf requires)."""
-    return ps_pb2.TensorChunk(
-        tensor=piece.tensor,
-        part=piece.part,
-        offset=piece.offset,
-        dtype=piece.dtype.proto,
-        data=piece.values.tobytes(),
-        indices=b"" if piece.indices is None else piece.indices.tobytes(),
-    )
-
-
 def group_pieces(pieces: Iterable[Piece], chunk_bytes: int) -> Iterator[list[Piece]]:
     """Cut pieces to at most chunk_bytes and group them into messages of about chunk_bytes."""
     batch: list[Piece] = []
@@ -185,64 +165,9 @@ def group_pieces(pieces: Iterable[Piece], chunk_bytes: int) -> Iterator[list[Pie
         yield batch
 
 
-def pack_chunks(
-    pieces: Iterable[Piece], chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[list[ps_pb2.TensorChunk]]:
-    """Group pieces into per-message lists of protobuf chunks of about chunk_bytes each.
-
-    Every tensor part is sent even when empty, so a receiver can check
-    that nothing is missing. (The data path uses :func:`encode_frames`,
-    which writes the same messages with one copy fewer.)
-    """
-    for group in group_pieces(pieces, chunk_bytes):
-        yield [to_chunk(p) for p in group]
-
-
-def encode_tensor(
-    name: str,
-    value: np.ndarray | torch.Tensor,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    part: int = 0,
-) -> list[list[ps_pb2.TensorChunk]]:
-    """Encode one whole tensor as one part: a list of messages' chunk lists."""
-    piece = Piece(name, part, 0, to_raw(value), dtype_of(value))
-    return list(pack_chunks([piece], chunk_bytes))
-
-
-def decode_tensor(
-    chunks: Iterable[ps_pb2.TensorChunk], shape: tuple[int, ...], dtype: str
-) -> torch.Tensor:
-    """Reassemble a tensor sent as one part; checks coverage, dtype and sizes.
-
-    A tensor sent as a single chunk is returned as a view of that chunk's
-    bytes; otherwise the chunks are copied into a new tensor once.
-    """
-    wire = wire_dtype(dtype)
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    chunk_list = list(chunks)
-    if len(chunk_list) == 1 and chunk_list[0].offset == 0:
-        raw = check_chunk(chunk_list[0], wire, numel)
-        if raw.size != numel:
-            raise CodecError(f"tensor {chunk_list[0].tensor!r}: {raw.size} of {numel} values")
-        return to_torch(raw, wire).reshape(shape)
-    out = np.empty(numel, dtype=wire.raw)
-    covered = 0
-    for chunk in sorted(chunk_list, key=lambda c: c.offset):
-        if chunk.offset != covered:
-            raise CodecError(f"tensor {chunk.tensor!r}: gap or overlap at element {covered}")
-        raw = check_chunk(chunk, wire, numel)
-        out[chunk.offset : chunk.offset + raw.size] = raw
-        covered += raw.size
-    if covered != numel:
-        raise CodecError(
-            f"tensor {chunk_list[0].tensor if chunk_list else '?'!r}: {covered} of {numel} values"
-        )
-    return to_torch(out, wire).reshape(shape)
-
-
-def check_chunk(chunk: ps_pb2.TensorChunk, wire: WireDType, part_numel: int) -> np.ndarray:
+def check_chunk(chunk: RawChunk, wire: WireDType, part_numel: int) -> np.ndarray:
     """Decode a dense chunk and check its dtype and that it fits a part of part_numel values."""
-    if getattr(chunk, "indices", None):
+    if chunk.indices:
         raise CodecError(
             f"tensor {chunk.tensor!r} part {chunk.part}: sparse (top-k) values where dense "
             "ones are expected"
@@ -269,13 +194,13 @@ def check_sparse_chunk(
     return indices, values
 
 
-def _check_values(chunk: ps_pb2.TensorChunk, wire: WireDType, part_numel: int) -> np.ndarray:
+def _check_values(chunk: RawChunk, wire: WireDType, part_numel: int) -> np.ndarray:
     if chunk.dtype != wire.proto:
         got = _BY_PROTO[chunk.dtype].name if chunk.dtype in _BY_PROTO else str(chunk.dtype)
         raise CodecError(
             f"tensor {chunk.tensor!r} part {chunk.part}: dtype {got}, expected {wire.name}"
         )
-    data = chunk.data  # each access of a bytes field copies: read it once
+    data = chunk.data
     if len(data) % wire.itemsize:
         raise CodecError(
             f"tensor {chunk.tensor!r} part {chunk.part}: {len(data)} bytes is not a whole "

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from protos import ps_pb2
 from protos.codec import (
     CodecError,
     Piece,
+    RawChunk,
     WireDType,
     check_chunk,
     check_sparse_chunk,
@@ -144,7 +144,7 @@ class ParameterStore:
 
     # ----------------------------------------------------------------- init
 
-    def initialise(self, job: Job, chunks: Sequence[ps_pb2.TensorChunk]) -> bool:
+    def initialise(self, job: Job, chunks: Sequence[RawChunk]) -> bool:
         """Hold this server's parts of ``job`` with the given initial values.
 
         Returns False, changing nothing, when an identical job is already held.
@@ -180,7 +180,7 @@ class ParameterStore:
         worker_id: str,
         clock: int,
         pulled_version: int,
-        chunks: Sequence[ps_pb2.TensorChunk],
+        chunks: Sequence[RawChunk],
     ) -> PushResult:
         """Apply (or accumulate, or drop) one worker's gradient for this server's parts."""
         job = self.check_job(job_id)
@@ -239,7 +239,7 @@ class ParameterStore:
         self,
         job: Job,
         slots: dict[PartKey, Slot],
-        chunks: Sequence[ps_pb2.TensorChunk],
+        chunks: Sequence[RawChunk],
         what: str,
         gradient: bool = False,
     ) -> dict[PartKey, list[GradChunk]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from protos.codec import pack_chunks, to_raw
+from protos.codec import DEFAULT_CHUNK_BYTES, Piece, RawChunk, decode_frame, encode_frames, to_raw
 from protos.job import Job, Mode, Settings
 from protos.layout import TensorSpec, plan_layout, server_pieces
 from protos.optimizers import SGD
@@ -47,10 +47,16 @@ def initial_values() -> dict[str, torch.Tensor]:
     }
 
 
-def chunks_for(job: Job, values: dict[str, torch.Tensor], chunk_bytes: int = 1 << 20):
+def raw_chunks(pieces: list[Piece], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[RawChunk]:
+    """The chunks a server reads from the frames a client writes: what production feeds."""
+    return [c for m in encode_frames(None, pieces, chunk_bytes) for c in decode_frame(m).chunks]
+
+
+def chunks_for(
+    job: Job, values: dict[str, torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> list[RawChunk]:
     flat = {name: to_raw(v) for name, v in values.items()}
-    pieces = server_pieces(job.layout, job.server_index, flat)
-    return [c for message in pack_chunks(pieces, chunk_bytes) for c in message]
+    return raw_chunks(server_pieces(job.layout, job.server_index, flat), chunk_bytes)
 
 
 def grads(value: float) -> dict[str, torch.Tensor]:
@@ -67,15 +73,16 @@ def new_store(mode: str = "async", **kw) -> tuple[ParameterStore, Job]:
 
 def weights(store: ParameterStore) -> dict[str, torch.Tensor]:
     """Reassemble the tensors from the store's parts (single-server jobs)."""
-    assert store.job is not None
+    job = store.job
+    assert job is not None
     out = {}
-    for spec in store.job.layout.specs:
+    for spec in job.layout.specs:
         flat = torch.empty(
             spec.numel, dtype={"float32": torch.float32, "float64": torch.float64}[spec.dtype]
         )
-        for (tensor, index), slot in store.parts.items():
-            if tensor == spec.name:
-                flat[slot.part.start : slot.part.stop] = store.values(tensor, index)
+        for part in job.layout.parts_on(job.server_index):
+            if part.tensor == spec.name:
+                flat[part.start : part.stop] = store.values(part.tensor, part.index)
         out[spec.name] = flat.reshape(spec.shape)
     return out
 

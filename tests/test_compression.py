@@ -3,6 +3,8 @@ real client and server moving half the bytes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,6 @@ from protos.codec import (
     check_sparse_chunk,
     decode_frame,
     encode_frames,
-    pack_chunks,
     to_raw,
     wire_dtype,
 )
@@ -26,7 +27,7 @@ from ps_worker import Client
 from ps_worker.compress import GradientEncoder
 from ps_worker.errors import InvalidRequestError
 from scheduler.launch import servers
-from tests.storekit import SPECS, grads, initial_values, make_job
+from tests.storekit import SPECS, grads, initial_values, make_job, raw_chunks
 from tests.test_metrics import scrape
 
 pytestmark = pytest.mark.timeout(120)
@@ -80,13 +81,13 @@ def test_sparse_chunks_round_trip_even_when_split():
 
 
 def test_bad_sparse_chunks_are_refused():
-    (chunk,) = next(pack_chunks([sparse_piece([1, 9], [1.0, 2.0])]))
+    (chunk,) = raw_chunks([sparse_piece([1, 9], [1.0, 2.0])])
     with pytest.raises(CodecError, match="past its 5 values"):
         check_sparse_chunk(chunk, wire_dtype("float32"), 5)
-    chunk.indices = chunk.indices[:4]
+    chunk = replace(chunk, indices=chunk.indices[:4])
     with pytest.raises(CodecError, match="1 indices for 2 values"):
         check_sparse_chunk(chunk, wire_dtype("float32"), 50)
-    chunk.indices = b"\x00" * 5
+    chunk = replace(chunk, indices=memoryview(b"\x00" * 5))
     with pytest.raises(CodecError, match="whole uint32"):
         check_sparse_chunk(chunk, wire_dtype("float32"), 50)
 
@@ -109,7 +110,7 @@ def chunks(job, values, compression: Compression | None = None):
     encoder = GradientEncoder(job.layout, compression or Compression())
     flat = {n: v.reshape(-1) for n, v in values.items()}
     pieces = encoder.encode(flat)(job.server_index)
-    return [c for message in pack_chunks(pieces) for c in message]
+    return raw_chunks(pieces)
 
 
 def test_bf16_gradients_apply_rounded_and_weights_stay_full_precision():
@@ -144,7 +145,7 @@ def test_top_k_with_error_feedback_loses_nothing():
         pieces = encoder.encode(g)(0)
         sent = sum(p.values.size for p in pieces)
         assert sent == sum(max(1, -(-s.numel // 10)) for s in SPECS)  # k per tensor
-        store.push("job", "w", clock, store.version, [c for m in pack_chunks(pieces) for c in m])
+        store.push("job", "w", clock, store.version, raw_chunks(pieces))
         for name in total:
             total[name] += g[name].double()
     for spec in SPECS:  # SGD, lr 1: applied = initial - weights; applied + residual = sum

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from protos import ps_pb2, ps_pb2_grpc
-from protos.codec import pack_chunks, to_raw
+from protos.codec import to_raw
 from protos.layout import server_pieces
 from ps_worker import Client, ClientConfig
 from scheduler.launch import servers
@@ -44,8 +44,14 @@ def client(server):
 
 
 def grad_chunks(client, value=1.0):
+    """A gradient as protobuf chunks, one a part, for a raw client to spoil."""
     flat = {k: to_raw(torch.full_like(v, value)) for k, v in INIT.items()}
-    return [c for m in pack_chunks(server_pieces(client.layout, 0, flat)) for c in m]
+    return [
+        ps_pb2.TensorChunk(
+            tensor=p.tensor, part=p.part, dtype=p.dtype.proto, data=p.values.tobytes()
+        )
+        for p in server_pieces(client.layout, 0, flat)
+    ]
 
 
 def push_request(chunks, job="errors", worker="bad", clock=1, pulled=0):

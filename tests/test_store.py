@@ -1,6 +1,7 @@
 """The parameter store, driven directly: every mode, membership, retries, errors."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -200,25 +201,31 @@ def bad(job, mutate):
     return chunks
 
 
+def edit(**fields):
+    """A mutation: the first chunk with some fields replaced (callables get the chunk)."""
+
+    def apply(chunks):
+        c = chunks[0]
+        chunks[0] = replace(c, **{k: v(c) if callable(v) else v for k, v in fields.items()})
+
+    return apply
+
+
+def filled(pattern: bytes):
+    return lambda c: memoryview(pattern * (len(c.data) // len(pattern)))
+
+
 ERRORS = [
-    ("unknown tensor", lambda c: setattr(c[0], "tensor", "nope"), "unknown tensor 'nope'"),
-    ("part not held", lambda c: setattr(c[0], "part", 9), "part 9 is not held"),
-    ("wrong dtype", lambda c: setattr(c[0], "dtype", ps_pb2.FLOAT16), "dtype float16"),
-    ("byte length", lambda c: setattr(c[0], "data", c[0].data[:-1]), "not a whole number"),
-    ("short", lambda c: setattr(c[0], "data", c[0].data[:-4]), "missing|of \\d+ values"),
+    ("unknown tensor", edit(tensor="nope"), "unknown tensor 'nope'"),
+    ("part not held", edit(part=9), "part 9 is not held"),
+    ("wrong dtype", edit(dtype=ps_pb2.FLOAT16), "dtype float16"),
+    ("byte length", edit(data=lambda c: c.data[:-1]), "not a whole number"),
+    ("short", edit(data=lambda c: c.data[:-4]), "missing|of \\d+ values"),
     ("missing part", lambda c: c.pop(), "0 of"),
     ("duplicated chunk", lambda c: c.append(c[0]), "sent twice|exceed"),
-    ("out of range", lambda c: setattr(c[0], "offset", 1000), "exceed"),
-    (
-        "nan",
-        lambda c: setattr(c[0], "data", b"\x00\x00\xc0\x7f" * (len(c[0].data) // 4)),
-        "NaN or Inf",
-    ),
-    (
-        "inf",
-        lambda c: setattr(c[0], "data", b"\x00\x00\x80\x7f" * (len(c[0].data) // 4)),
-        "NaN or Inf",
-    ),
+    ("out of range", edit(offset=1000), "exceed"),
+    ("nan", edit(data=filled(b"\x00\x00\xc0\x7f")), "NaN or Inf"),
+    ("inf", edit(data=filled(b"\x00\x00\x80\x7f")), "NaN or Inf"),
 ]
 
 

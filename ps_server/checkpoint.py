@@ -24,16 +24,17 @@ import json
 import os
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from protos import ps_pb2
 from protos.job import Job
-from ps_server.store import Counters, ParameterStore, WorkerRecord, allocate
+from ps_server.flat import GroupState
+from ps_server.store import Counters, ParameterStore, StoreState, StoreView, WorkerState
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -57,24 +58,27 @@ class Snapshot:
 
 def snapshot(store: ParameterStore) -> Snapshot | None:
     """Copy the store's state (None before the model is initialised)."""
-    if store.job is None:
+    state = store.snapshot_state()
+    if state is None:
         return None
+    view = state.view
+    assert view.job is not None
     tensors: dict[str, torch.Tensor] = {}
-    for name, group in store.groups.items():
-        tensors[f"{name}/param"] = group.param.clone()
+    for name, group in state.groups.items():
+        tensors[f"{name}/param"] = group.param
         for key, value in group.state.items():
-            tensors[f"{name}/state/{key}"] = value.clone()
-        if store.contributors and group.accumulator is not None:
-            tensors[f"{name}/accumulator"] = group.accumulator.clone()
-    c = store.counters
+            tensors[f"{name}/state/{key}"] = value
+        if group.accumulator is not None:
+            tensors[f"{name}/accumulator"] = group.accumulator
+    c = view.counters
     manifest = {
         "format": FORMAT,
-        "job": base64.b64encode(store.job.to_proto().SerializeToString()).decode(),
-        "job_id": store.job.job_id,
-        "steps": store.steps,
-        "version": store.version,
-        "workers": [[w.worker_id, w.clock, w.active] for w in store.workers.values()],
-        "contributors": list(store.contributors),
+        "job": base64.b64encode(view.job.to_proto().SerializeToString()).decode(),
+        "job_id": view.job.job_id,
+        "steps": view.steps,
+        "version": view.version,
+        "workers": [[w.worker_id, w.clock, w.active] for w in view.workers],
+        "contributors": list(view.contributors),
         "counters": {
             "updates_applied": c.updates_applied,
             "pushes_received": c.pushes_received,
@@ -129,44 +133,48 @@ def restore(store: ParameterStore, snap: Snapshot) -> None:
     """Make an empty store hold the checkpointed state."""
     if store.job is not None:
         raise CheckpointError("the store already holds a job")
-    m = snap.manifest
     try:
-        job = Job.from_proto(ps_pb2.JobConfig.FromString(base64.b64decode(m["job"])))
-        slots, groups = allocate(job)
-        for name, group in groups.items():
-            group.param.copy_(_tensor(snap, f"{name}/param", group.param))
-            group.state = job.settings.optimizer.init_state(group.param)
-            for key, value in group.state.items():
-                value.copy_(_tensor(snap, f"{name}/state/{key}", value))
-            if m["contributors"]:
-                group.accumulator = _tensor(snap, f"{name}/accumulator", group.param).clone()
-        counters = m["counters"]
-        restored = Counters(
-            counters["updates_applied"],
-            counters["pushes_received"],
-            counters["stale_dropped"],
-            counters["duplicates"],
-            Counter({int(k): v for k, v in counters["staleness"].items()}),
-        )
-        workers = {
-            w: WorkerRecord(w, int(clock), bool(active)) for w, clock, active in m["workers"]
-        }
-    except CheckpointError:
-        raise
+        store.restore_state(_state(snap))
     except Exception as e:
         raise CheckpointError(f"the checkpoint does not describe a valid job: {e}") from e
-    store.job, store.parts, store.groups = job, slots, groups
-    store.steps, store.version = int(m["steps"]), int(m["version"])
-    store.workers, store.contributors = workers, list(m["contributors"])
-    store.counters = restored
-    store.restored = True
 
 
-def _tensor(snap: Snapshot, key: str, like: torch.Tensor) -> torch.Tensor:
-    value = snap.tensors.get(key)
-    if value is None or value.shape != like.shape or value.dtype != like.dtype:
-        raise CheckpointError(f"tensor {key!r} is missing or does not fit the job")
-    return value
+def _state(snap: Snapshot) -> StoreState:
+    """The store state a checkpoint describes (its tensors are checked by the store)."""
+    m = snap.manifest
+    job = Job.from_proto(ps_pb2.JobConfig.FromString(base64.b64decode(m["job"])))
+    c = m["counters"]
+    counters = Counters(
+        int(c["updates_applied"]),
+        int(c["pushes_received"]),
+        int(c["stale_dropped"]),
+        int(c["duplicates"]),
+        MappingProxyType({int(k): int(v) for k, v in c["staleness"].items()}),
+    )
+    view = StoreView(
+        job,
+        int(m["steps"]),
+        int(m["version"]),
+        tuple(WorkerState(w, int(clock), bool(active)) for w, clock, active in m["workers"]),
+        tuple(m["contributors"]),
+        counters,
+    )
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in snap.tensors.items():
+        name, _, rest = key.partition("/")
+        groups.setdefault(name, {})[rest] = value
+    return StoreState(
+        view,
+        {  # a group without its parameters is left out: the store says it is missing
+            name: GroupState(
+                found["param"],
+                {k.removeprefix("state/"): v for k, v in found.items() if k.startswith("state/")},
+                found.get("accumulator"),
+            )
+            for name, found in groups.items()
+            if "param" in found
+        },
+    )
 
 
 def _sha256(path: Path) -> str:

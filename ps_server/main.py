@@ -142,7 +142,7 @@ async def serve(args: argparse.Namespace) -> int:
     metrics = None
     if args.metrics_port is not None:
         age = (lambda: time.monotonic() - checkpointer.written_at) if checkpointer else None
-        metrics = ServerMetrics(store, age)
+        metrics = ServerMetrics(age)
         metrics_port = observability.serve_metrics(
             metrics.registry, args.metrics_port, args.host, "ps-server"
         )

@@ -1,8 +1,9 @@
 """Prometheus metrics of a parameter server (``ps-server --metrics-port``).
 
-Counters move as requests are served; the store's own state (version,
-active workers, stale drops, checkpoint age) is read at scrape time, so the
-numbers a scrape shows are never out of step with what Status reports.
+Counters move as requests are served. The store's own state (version,
+active workers, stale drops) comes from an immutable :class:`StoreView` the
+service publishes on its event loop after every change: the scrape thread
+reads that snapshot, never the store's live state.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ps_server.store import ParameterStore
+from ps_server.store import StoreView
 
 LATENCY_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 WAIT_BUCKETS = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -22,9 +23,8 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 class ServerMetrics:
     """The metrics of one server, in their own registry."""
 
-    def __init__(
-        self, store: ParameterStore, checkpoint_age: Callable[[], float] | None = None
-    ) -> None:
+    def __init__(self, checkpoint_age: Callable[[], float] | None = None) -> None:
+        self._view = StoreView()
         self.registry = registry = CollectorRegistry()
         self.pushes = Counter("ps_pushes", "Pushes received", registry=registry)
         self.pulls = Counter("ps_pulls", "Pulls served", registry=registry)
@@ -50,16 +50,16 @@ class ServerMetrics:
             registry=registry,
         )
         Gauge("ps_version", "Updates applied so far", registry=registry).set_function(
-            lambda: store.version
+            lambda: self._view.version
         )
         Gauge("ps_active_workers", "Workers the server counts", registry=registry).set_function(
-            lambda: len(store.active_workers()) if store.job else 0
+            lambda: len(self._view.active_workers)
         )
         Gauge(
             "ps_stale_dropped", "Stale gradients dropped (sync) so far", registry=registry
-        ).set_function(lambda: store.counters.stale_dropped)
+        ).set_function(lambda: self._view.counters.stale_dropped)
         Gauge("ps_updates_applied", "Optimizer updates applied", registry=registry).set_function(
-            lambda: store.counters.updates_applied
+            lambda: self._view.counters.updates_applied
         )
         if checkpoint_age is not None:
             Gauge(
@@ -67,6 +67,10 @@ class ServerMetrics:
                 "Seconds since the last checkpoint was written",
                 registry=registry,
             ).set_function(checkpoint_age)
+
+    def publish(self, view: StoreView) -> None:
+        """Show this state from now on (called on the event loop; one atomic reference swap)."""
+        self._view = view
 
 
 class Timer:

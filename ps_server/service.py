@@ -8,7 +8,6 @@ barrier or the ssp bound awaits a condition without holding a thread.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -40,8 +39,9 @@ from protos.rpc import (
 from protos.security import ServerSecurity
 from protos.shm import SegmentCache, SegmentError, Slot, segment_slots
 from ps_server.errors import InvalidArgument, StoreError
+from ps_server.flat import PartKey
 from ps_server.metrics import ServerMetrics, Timer
-from ps_server.store import ParameterStore, PartKey, PullDecision, Waiter
+from ps_server.store import ParameterStore, PullDecision, Waiter
 
 log = logging.getLogger("ps_server")
 
@@ -79,9 +79,9 @@ class ParameterService:
         self.store = store
         self.config = config or ServiceConfig()
         self.changed = asyncio.Condition()
-        self._tokens = itertools.count()
         self.segments = SegmentCache(self.config.shm_dir) if self.config.shm_dir else None
         self._segment_layout: tuple[Job, list[Slot], int, dict[PartKey, int]] | None = None
+        self._publish()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -89,7 +89,14 @@ class ParameterService:
         except StoreError as e:
             await abort(context, e)
 
+    def _publish(self) -> None:
+        """Give the metrics a fresh view of the store (on the event loop, between changes)."""
+        if self.metrics is not None:
+            self.metrics.publish(self.store.view())
+
     async def _notify(self) -> None:
+        """The store changed: publish it and wake the waiting pulls."""
+        self._publish()
         async with self.changed:
             self.changed.notify_all()
 
@@ -101,7 +108,7 @@ class ParameterService:
             log.info(
                 "initialised job %s: %d parts, %d bytes, mode %s",
                 job.job_id,
-                len(self.store.parts),
+                len(job.layout.parts_on(job.server_index)),
                 self.store.parameter_bytes(),
                 job.settings.mode.value,
             )
@@ -239,6 +246,7 @@ class ParameterService:
             context, lambda: store.pull(request.job_id, request.worker_id, request.observe)
         )
         assert store.job is not None
+        self._publish()  # a first pull may have added a worker
         if self.metrics is not None:
             self.metrics.pulls.inc()
             self.metrics.bytes_out.inc(sum(p.values.nbytes for p in pieces))
@@ -268,8 +276,7 @@ class ParameterService:
         budget = self.config.max_wait_s
         if remaining is not None:  # answer before the caller's own deadline fires
             budget = min(budget, remaining - min(1.0, 0.1 * remaining) - 0.02)
-        token = next(self._tokens)
-        self.store.waiters[token] = Waiter(request.worker_id, request.clock, request.min_version)
+        token = self.store.add_waiter(Waiter(request.worker_id, request.clock, request.min_version))
         try:
             async with self.changed:
                 await asyncio.wait_for(
@@ -285,7 +292,7 @@ class ParameterService:
         except StoreError as e:  # e.g. the worker was removed while it waited
             await abort(context, e)
         finally:
-            del self.store.waiters[token]
+            self.store.remove_waiter(token)
 
     async def SetMembership(
         self, request: ps_pb2.MembershipRequest, context
@@ -298,36 +305,36 @@ class ParameterService:
         return ps_pb2.MembershipResponse(active_workers=active, version=self.store.version)
 
     async def Status(self, request: ps_pb2.StatusRequest, context) -> ps_pb2.StatusResponse:
-        store = self.store
         where = {
             "hostname": socket.gethostname(),
             "unix_socket": self.config.unix_socket,
             "shm_dir": self.config.shm_dir,
         }
-        if store.job is None:
+        view = self.store.view()
+        if view.job is None:
             return ps_pb2.StatusResponse(initialised=False, **where)
-        if request.job_id and request.job_id != store.job.job_id:
-            await self._call(context, lambda: store.check_job(request.job_id))
-        c = store.counters
+        if request.job_id and request.job_id != view.job.job_id:
+            await self._call(context, lambda: self.store.check_job(request.job_id))
+        c = view.counters
         return ps_pb2.StatusResponse(
             initialised=True,
-            config=store.job.to_proto(),
-            version=store.version,
+            config=view.job.to_proto(),
+            version=view.version,
             workers=[
                 ps_pb2.WorkerState(worker_id=w.worker_id, clock=w.clock, active=w.active)
-                for w in store.workers.values()
+                for w in view.workers
             ],
             waiting=[
                 ps_pb2.Waiter(worker_id=w.worker_id, reason=d.reason, waiting_for=d.waiting_for)
-                for w, d in store.waiting()
+                for w, d in self.store.waiting()
             ],
             updates_applied=c.updates_applied,
             pushes_received=c.pushes_received,
             stale_dropped=c.stale_dropped,
             duplicates=c.duplicates,
             staleness_histogram=dict(c.staleness),
-            parameter_bytes=store.parameter_bytes(),
-            contributions=len(store.contributors),
+            parameter_bytes=view.parameter_bytes,
+            contributions=len(view.contributors),
             **where,
         )
 

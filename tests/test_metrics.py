@@ -8,10 +8,12 @@ import urllib.request
 import pytest
 import torch
 
+from ps_server.metrics import ServerMetrics
 from ps_worker import Client
 from scheduler.launch import servers
+from tests.storekit import new_store, push
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -22,6 +24,24 @@ def scrape(url: str) -> dict[str, float]:
     }
 
 
+def test_gauges_show_the_published_view_not_the_live_store():
+    metrics = ServerMetrics()
+    value = metrics.registry.get_sample_value
+    assert (value("ps_version"), value("ps_active_workers")) == (0, 0)  # before any job
+    store, job = new_store("sync", workers=["a", "b"])
+    push(store, job, "a", 1, 1.0)
+    push(store, job, "b", 1, 1.0)
+    metrics.publish(store.view())
+    push(store, job, "a", 2, 1.0)
+    push(store, job, "b", 2, 1.0)
+    push(store, job, "b", 3, 1.0, pulled=0)  # stale: dropped
+    assert value("ps_version") == 1 and value("ps_stale_dropped") == 0  # as published
+    metrics.publish(store.view())
+    assert value("ps_version") == value("ps_updates_applied") == 2
+    assert value("ps_stale_dropped") == 1 and value("ps_active_workers") == 2
+
+
+@pytest.mark.integration
 def test_a_servers_counters_move_during_a_job(tmp_path):
     checkpoints = tmp_path / "ckpt"
     extra = ("--metrics-port", "0", "--checkpoint-dir", str(checkpoints))

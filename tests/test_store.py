@@ -1,15 +1,20 @@
 """The parameter store, driven directly: every mode, membership, retries, errors."""
 
+import ast
+import dataclasses
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+import ps_server
 from protos import ps_pb2
 from protos.optimizers import Adam
 from ps_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from ps_server.store import ParameterStore, Waiter
+from ps_server.flat import GroupState
+from ps_server.store import ParameterStore, StoreState, Waiter
 from tests.storekit import chunks_for, grads, initial_values, make_job, new_store, push, weights
 
 
@@ -29,12 +34,14 @@ def test_async_applies_every_push_at_once():
         assert result.applied and result.version == clock
     push(store, job, "b", 1, 2.0)
     assert_weights(store, 5.0)
-    assert store.counters.updates_applied == 4
+    assert store.view().counters.updates_applied == 4
 
 
 def test_init_splits_tensors_into_parts():
-    store, _ = new_store()
-    assert len([k for k in store.parts if k[0] == "big"]) == 4
+    store, job = new_store()
+    assert len([p for p in job.layout.parts_on(0) if p.tensor == "big"]) == 4
+    _, _, pieces = store.pull("job", "x", observe=True)
+    assert [p.values.size for p in pieces if p.tensor == "big"] == [12, 12, 12, 4]
     for name, value in initial_values().items():
         torch.testing.assert_close(weights(store)[name], value)
 
@@ -44,7 +51,7 @@ def test_retried_push_is_acknowledged_not_applied():
     assert push(store, job, "a", 1, 1.0).applied
     retry = push(store, job, "a", 1, 1.0, pulled=0)
     assert retry.duplicate and not retry.applied
-    assert store.counters.duplicates == 1 and store.version == 1
+    assert store.view().counters.duplicates == 1 and store.version == 1
     assert_weights(store, 1.0)
 
 
@@ -55,7 +62,7 @@ def test_staleness_aware_lr_and_histogram():
     result = push(store, job, "slow", 1, 3.0, pulled=0)  # three versions behind
     assert result.staleness == 3 and math.isclose(result.lr, 1 / 3)
     assert_weights(store, 4.0)  # 3 * 1.0 + 3.0 / 3
-    assert store.counters.staleness == {0: 3, 3: 1}
+    assert store.view().counters.staleness == {0: 3, 3: 1}
 
 
 # -------------------------------------------------------------------- sync
@@ -77,7 +84,7 @@ def test_sync_applies_the_mean_once_per_step():
         push(store, job, w, 2, g)
     assert store.version == 2
     assert_weights(store, 5.0)
-    assert store.counters.updates_applied == 2
+    assert store.view().counters.updates_applied == 2
 
 
 def test_sync_drops_gradients_of_older_steps():
@@ -86,7 +93,7 @@ def test_sync_drops_gradients_of_older_steps():
     push(store, job, "b", 1, 1.0)
     late = push(store, job, "a", 2, 100.0, pulled=0)
     assert late.dropped and not late.applied and late.staleness == 1
-    assert store.counters.stale_dropped == 1
+    assert store.view().counters.stale_dropped == 1
     assert_weights(store, 1.0)
 
 
@@ -187,9 +194,11 @@ def test_joining_worker_starts_at_the_slowest_clock():
 def test_waiting_lists_reasons():
     store, job = new_store("sync", workers=["a", "b"])
     push(store, job, "a", 1, 1.0)
-    store.waiters["token"] = Waiter("a", 1, 1)
+    token = store.add_waiter(Waiter("a", 1, 1))
     ((waiter, decision),) = store.waiting()
     assert waiter.worker_id == "a" and decision.waiting_for == ("b",)
+    store.remove_waiter(token)
+    assert store.waiting() == []
 
 
 # ----------------------------------------------------------------- errors
@@ -238,8 +247,9 @@ def test_bad_push_changes_nothing(what, mutate, message, mode):
         store.push("job", "a", 1, 0, bad(job, mutate))
     after = weights(store)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert store.version == 0 and store.counters.pushes_received == 0
-    assert store.workers["a"].clock == 0 and not store.contributors
+    view = store.view()
+    assert view.version == 0 and view.counters.pushes_received == 0
+    assert ("a", 0) in [(w.worker_id, w.clock) for w in view.workers] and not view.contributors
     assert push(store, job, "a", 1, 1.0).applied  # still serving
 
 
@@ -276,3 +286,71 @@ def test_observing_pull_neither_joins_nor_waits():
     version, clock, pieces = store.pull("job", "evaluator", observe=True)
     assert version == 0 and clock == 0 and pieces
     assert store.active_workers() == ["a", "b"]  # the sync barrier still counts two
+
+
+# ------------------------------------------------------------ owned state
+
+
+def test_a_view_is_an_immutable_snapshot():
+    store, job = new_store("sync", workers=["a", "b"])
+    push(store, job, "a", 1, 1.0)
+    view = store.view()
+    push(store, job, "b", 1, 1.0)  # finishes step 0
+    assert (view.version, view.contributors, view.counters.pushes_received) == (0, ("a",), 1)
+    assert view.active_workers == ("a", "b")
+    assert view.parameter_bytes == 43 * 4 + 4 * 8
+    later = store.view()
+    assert (later.version, later.contributors, later.counters.pushes_received) == (1, (), 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.version = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        view.counters.staleness[0] = 9  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        store.version = 5  # type: ignore[misc]
+
+
+def test_state_copies_out_and_back_in_exactly():
+    store, job = new_store("sync", workers=["a", "b"], optimizer=Adam())
+    push(store, job, "a", 1, 1.0)
+    push(store, job, "b", 1, 3.0)
+    push(store, job, "a", 2, 2.0)  # step 1 half done: the partial sum travels too
+    state = store.snapshot_state()
+    assert state is not None and state.view == store.view()
+    copy = ParameterStore()
+    copy.restore_state(state)
+    assert copy.view() == store.view()
+    for s in (store, copy):
+        push(s, job, "b", 2, 4.0)
+    assert copy.version == store.version == 2
+    for name, value in weights(store).items():
+        assert torch.equal(value, weights(copy)[name]), name
+    assert ParameterStore().snapshot_state() is None
+
+
+def test_a_state_that_does_not_fit_changes_nothing():
+    store, job = new_store("async", optimizer=Adam())
+    push(store, job, "a", 1, 1.0)
+    state = store.snapshot_state()
+    assert state is not None
+    float32 = state.groups["float32"]
+    broken = {**state.groups, "float32": GroupState(float32.param[:-1], float32.state)}
+    fresh = ParameterStore()
+    with pytest.raises(InvalidArgument, match="'float32/param' is missing or does not fit"):
+        fresh.restore_state(StoreState(state.view, broken))
+    no_state = {**state.groups, "float64": GroupState(state.groups["float64"].param, {})}
+    with pytest.raises(InvalidArgument, match="'float64/state/exp_avg' is missing"):
+        fresh.restore_state(StoreState(state.view, no_state))
+    assert fresh.job is None and fresh.snapshot_state() is None
+    with pytest.raises(AlreadyExists, match="already holds job 'job'"):
+        store.restore_state(state)
+
+
+def test_the_store_knows_nothing_of_grpc():
+    for module in ("store.py", "flat.py"):
+        tree = ast.parse((Path(ps_server.__file__).parent / module).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in imported if m and m.split(".")[0] in ("grpc", "ps_server")} - {
+            "ps_server.errors",
+            "ps_server.flat",
+        }, module

@@ -37,7 +37,8 @@ from protos.rpc import (
     start_with_health,
 )
 from protos.security import ServerSecurity
-from protos.shm import SegmentCache, SegmentError, Slot, segment_slots
+from protos.shm import Segment, SegmentCache, SegmentError, Slot, segment_slots
+from protos.status import SHM_SEGMENT_UNAVAILABLE, SHM_UNSUPPORTED, abort_with_reason
 from ps_server.errors import InvalidArgument, StoreError
 from ps_server.flat import PartKey
 from ps_server.metrics import ServerMetrics, Timer
@@ -66,7 +67,10 @@ async def abort(context: grpc.aio.ServicerContext, error: StoreError) -> NoRetur
 class ParameterService:
     """Handlers of the ParameterServer service (registered by :func:`protos.rpc.generic_handler`).
 
-    Init and Push receive, and Pull sends, raw stream messages (bytes).
+    Every push, whatever its form, goes through :meth:`_push` and every pull
+    through :meth:`_pull`; a handler only translates its message form: stream
+    frames (Push, Pull), one unary message (Step) or a shared-memory segment
+    (ShmStep). Init and Push receive, and Pull sends, raw stream messages (bytes).
     """
 
     def __init__(
@@ -100,6 +104,8 @@ class ParameterService:
         async with self.changed:
             self.changed.notify_all()
 
+    # -------------------------------------------------------------- handlers
+
     async def Init(self, request_iterator: AsyncIterator[bytes], context) -> ps_pb2.InitResponse:
         header, chunks = await _collect(request_iterator, context, ps_pb2.InitHeader, "init")
         job = await self._call(context, lambda: _job_of(header.config, self.config.limits))
@@ -116,57 +122,43 @@ class ParameterService:
         return ps_pb2.InitResponse(created=created, version=self.store.version)
 
     async def Push(self, request_iterator: AsyncIterator[bytes], context) -> ps_pb2.PushResponse:
-        h, chunks = await _collect(request_iterator, context, ps_pb2.PushHeader, "push")
-        return await self._push(h, chunks, context)
-
-    async def _push(
-        self, h: ps_pb2.PushHeader, chunks: list[RawChunk], context
-    ) -> ps_pb2.PushResponse:
-        with Timer() as timer:
-            result = await self._call(
-                context,
-                lambda: self.store.push(h.job_id, h.worker_id, h.clock, h.pulled_version, chunks),
-            )
-        if self.metrics is not None:
-            self.metrics.pushes.inc()
-            self.metrics.bytes_in.inc(
-                sum(len(c.data) + len(c.indices or b"") for c in chunks)  # top-k: indices too
-            )
-            self.metrics.apply_seconds.observe(timer.seconds)
-            if result.applied or result.dropped:
-                self.metrics.staleness.observe(result.staleness)
-        await self._notify()
-        return ps_pb2.PushResponse(
-            applied=result.applied,
-            duplicate=result.duplicate,
-            dropped=result.dropped,
-            version=result.version,
-            staleness=result.staleness,
-            lr=result.lr,
-        )
+        """A push as a stream of frames."""
+        header, chunks = await _collect(request_iterator, context, ps_pb2.PushHeader, "push")
+        return await self._push(header, chunks, context)
 
     async def Pull(self, request: ps_pb2.PullRequest, context) -> AsyncIterator[bytes]:
-        for frame in await self._pull_frames(request, context, self.config.chunk_bytes):
+        """A pull answered as a stream of frames of about chunk_bytes each."""
+        header, pieces = await self._pull(request, context)
+        for frame in encode_frames(header.SerializeToString(), pieces, self.config.chunk_bytes):
             yield frame
 
     async def Step(self, message: bytes, context) -> bytes:
-        """A push, then the pull that follows it, answered as one message."""
+        """A push, then the pull that follows it, in one message each way."""
         try:
             frame = decode_frame(message)
             if frame.header is None:
                 raise CodecError("step: the message must carry the header")
-            header = ps_pb2.StepHeader.FromString(bytes(frame.header))
+            step = ps_pb2.StepHeader.FromString(bytes(frame.header))
         except (CodecError, DecodeError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step: {e}")
-        response = await self._push(header.push, frame.chunks, context)
-        (reply,) = await self._pull_frames(header.pull, context, None, response)
+        push = await self._push(step.push, frame.chunks, context)
+        header, pieces = await self._pull(step.pull, context, push)
+        one = max(1, sum(p.values.nbytes for p in pieces))
+        (reply,) = encode_frames(header.SerializeToString(), pieces, one)
         return reply
 
     async def ShmStep(self, request: ps_pb2.ShmStepRequest, context) -> ps_pb2.PullHeader:
-        """A push and/or a pull whose tensor data is in a same-host client's segment."""
+        """A push and/or a pull whose tensor data is in a same-host client's segment.
+
+        Every refusal of the segment carries a typed reason (:mod:`protos.status`),
+        on which the client makes a new segment or falls back to streams.
+        """
         if self.segments is None:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "this server has no shared-memory path"
+            await abort_with_reason(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server has no shared-memory path",
+                SHM_UNSUPPORTED,
             )
         has_push, has_pull = request.HasField("push"), request.HasField("pull")
         if not has_push and not has_pull:
@@ -176,123 +168,20 @@ class ParameterService:
             lambda: self.store.check_job(request.push.job_id if has_push else request.pull.job_id),
         )
         slots, size, offsets = self._segment_slots(job)
-        try:
-            segment = self.segments.get(request.segment, size)
-        except SegmentError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"shm step: {e}")
+        segment = await self._segment(request.segment, size, context)
         push = None
         if has_push:
-            chunks = [
-                RawChunk(
-                    slot.part.tensor,
-                    slot.part.index,
-                    0,
-                    job.layout.dtypes[slot.part.tensor].proto,
-                    segment.buffer[slot.offset : slot.offset + slot.part.nbytes],
-                )
-                for slot in slots
-            ]
-            push = await self._push(request.push, chunks, context)
-            del chunks
+            push = await self._push(request.push, _chunks_in(segment, slots, job), context)
         if not has_pull:
             return ps_pb2.PullHeader(
                 version=self.store.version, mode=job.settings.mode.to_proto(), push=push
             )
-        header, pieces = await self._pulled(request.pull, context, push)
-        try:  # the same one, unless it was dropped while the pull waited
-            segment = self.segments.get(request.segment, size)
-        except SegmentError as e:  # the client makes a new one; its push is then a duplicate
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"shm step: {e}")
-        for piece in pieces:
-            raw = piece.values
-            start = offsets[piece.tensor, piece.part] + piece.offset * raw.itemsize
-            np.frombuffer(segment.buffer, raw.dtype, raw.size, start)[:] = raw
+        header, pieces = await self._pull(request.pull, context, push)
+        # The same segment, unless it was dropped while the pull waited: the client then makes
+        # a new one, and its push is a duplicate.
+        segment = await self._segment(request.segment, size, context)
+        _write_into(segment, offsets, pieces)
         return header
-
-    def _segment_slots(self, job: Job) -> tuple[list[Slot], int, dict[PartKey, int]]:
-        """Where this server's parts live in a client's segment (computed once per job)."""
-        if self._segment_layout is None or self._segment_layout[0] is not job:
-            slots, size = segment_slots(job.layout, job.server_index)
-            offsets = {(slot.part.tensor, slot.part.index): slot.offset for slot in slots}
-            self._segment_layout = (job, slots, size, offsets)
-        return self._segment_layout[1:]
-
-    async def _pulled(
-        self,
-        request: ps_pb2.PullRequest,
-        context,
-        push: ps_pb2.PushResponse | None = None,
-    ) -> tuple[ps_pb2.PullHeader, list[Piece]]:
-        """Wait as the mode requires; the header and views of the weights to send.
-
-        The views share memory with the parameters: copy or encode them before
-        the next await, so no push can tear them.
-        """
-        store = self.store
-
-        def decide() -> PullDecision:
-            return store.pull_decision(
-                request.job_id, request.worker_id, request.clock, request.min_version
-            )
-
-        if not request.observe and not (await self._call(context, decide)).ready:
-            with Timer() as timer:
-                await self._wait(request, context, decide)
-            if self.metrics is not None and store.job is not None:
-                self.metrics.wait_seconds.labels(store.job.settings.mode.value).observe(
-                    timer.seconds
-                )
-        version, clock, pieces = await self._call(
-            context, lambda: store.pull(request.job_id, request.worker_id, request.observe)
-        )
-        assert store.job is not None
-        self._publish()  # a first pull may have added a worker
-        if self.metrics is not None:
-            self.metrics.pulls.inc()
-            self.metrics.bytes_out.inc(sum(p.values.nbytes for p in pieces))
-        header = ps_pb2.PullHeader(
-            version=version, worker_clock=clock, mode=store.job.settings.mode.to_proto(), push=push
-        )
-        return header, pieces
-
-    async def _pull_frames(
-        self,
-        request: ps_pb2.PullRequest,
-        context,
-        chunk_bytes: int | None,
-        push: ps_pb2.PushResponse | None = None,
-    ) -> list[bytes]:
-        """Wait as the mode requires, then encode the weights (chunk_bytes None: one message)."""
-        header, pieces = await self._pulled(request, context, push)
-        if chunk_bytes is None:
-            chunk_bytes = max(1, sum(p.values.nbytes for p in pieces))
-        return list(encode_frames(header.SerializeToString(), pieces, chunk_bytes))
-
-    async def _wait(
-        self, request: ps_pb2.PullRequest, context, decide: Callable[[], PullDecision]
-    ) -> None:
-        """Wait until the pull may proceed, or abort with the reason before the deadline."""
-        remaining = context.time_remaining()
-        budget = self.config.max_wait_s
-        if remaining is not None:  # answer before the caller's own deadline fires
-            budget = min(budget, remaining - min(1.0, 0.1 * remaining) - 0.02)
-        token = self.store.add_waiter(Waiter(request.worker_id, request.clock, request.min_version))
-        try:
-            async with self.changed:
-                await asyncio.wait_for(
-                    self.changed.wait_for(lambda: decide().ready), max(budget, 0.0)
-                )
-        except (TimeoutError, asyncio.TimeoutError):
-            decision = await self._call(context, decide)
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"pull by worker {request.worker_id!r} timed out after {max(budget, 0):.1f}s: "
-                f"{decision.reason}",
-            )
-        except StoreError as e:  # e.g. the worker was removed while it waited
-            await abort(context, e)
-        finally:
-            self.store.remove_waiter(token)
 
     async def SetMembership(
         self, request: ps_pb2.MembershipRequest, context
@@ -337,6 +226,144 @@ class ParameterService:
             contributions=len(view.contributors),
             **where,
         )
+
+    # ------------------------------------------------- the one push, the one pull
+
+    async def _push(
+        self, header: ps_pb2.PushHeader, chunks: list[RawChunk], context
+    ) -> ps_pb2.PushResponse:
+        """Apply one push (from any handler), count it and wake the waiting pulls."""
+        h = header
+        with Timer() as timer:
+            result = await self._call(
+                context,
+                lambda: self.store.push(h.job_id, h.worker_id, h.clock, h.pulled_version, chunks),
+            )
+        if self.metrics is not None:
+            self.metrics.pushes.inc()
+            self.metrics.bytes_in.inc(
+                sum(len(c.data) + len(c.indices or b"") for c in chunks)  # top-k: indices too
+            )
+            self.metrics.apply_seconds.observe(timer.seconds)
+            if result.applied or result.dropped:
+                self.metrics.staleness.observe(result.staleness)
+        await self._notify()
+        return ps_pb2.PushResponse(
+            applied=result.applied,
+            duplicate=result.duplicate,
+            dropped=result.dropped,
+            version=result.version,
+            staleness=result.staleness,
+            lr=result.lr,
+        )
+
+    async def _pull(
+        self,
+        request: ps_pb2.PullRequest,
+        context,
+        push: ps_pb2.PushResponse | None = None,
+    ) -> tuple[ps_pb2.PullHeader, list[Piece]]:
+        """Serve one pull (from any handler): wait as the mode requires, then the header
+        (carrying ``push``, a step's push reply) and views of the weights to send.
+
+        The views share memory with the parameters: copy or encode them before
+        the next await, so no push can tear them.
+        """
+        store = self.store
+
+        def decide() -> PullDecision:
+            return store.pull_decision(
+                request.job_id, request.worker_id, request.clock, request.min_version
+            )
+
+        if not request.observe and not (await self._call(context, decide)).ready:
+            with Timer() as timer:
+                await self._wait(request, context, decide)
+            if self.metrics is not None and store.job is not None:
+                self.metrics.wait_seconds.labels(store.job.settings.mode.value).observe(
+                    timer.seconds
+                )
+        version, clock, pieces = await self._call(
+            context, lambda: store.pull(request.job_id, request.worker_id, request.observe)
+        )
+        assert store.job is not None
+        self._publish()  # a first pull may have added a worker
+        if self.metrics is not None:
+            self.metrics.pulls.inc()
+            self.metrics.bytes_out.inc(sum(p.values.nbytes for p in pieces))
+        header = ps_pb2.PullHeader(
+            version=version, worker_clock=clock, mode=store.job.settings.mode.to_proto(), push=push
+        )
+        return header, pieces
+
+    async def _wait(
+        self, request: ps_pb2.PullRequest, context, decide: Callable[[], PullDecision]
+    ) -> None:
+        """Wait until the pull may proceed, or abort with the reason before the deadline."""
+        remaining = context.time_remaining()
+        budget = self.config.max_wait_s
+        if remaining is not None:  # answer before the caller's own deadline fires
+            budget = min(budget, remaining - min(1.0, 0.1 * remaining) - 0.02)
+        token = self.store.add_waiter(Waiter(request.worker_id, request.clock, request.min_version))
+        try:
+            async with self.changed:
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: decide().ready), max(budget, 0.0)
+                )
+        except (TimeoutError, asyncio.TimeoutError):
+            decision = await self._call(context, decide)
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"pull by worker {request.worker_id!r} timed out after {max(budget, 0):.1f}s: "
+                f"{decision.reason}",
+            )
+        except StoreError as e:  # e.g. the worker was removed while it waited
+            await abort(context, e)
+        finally:
+            self.store.remove_waiter(token)
+
+    # ------------------------------------------------------------ shared memory
+
+    async def _segment(self, name: str, size: int, context) -> Segment:
+        """The client's segment; a refusal carries SHM_SEGMENT_UNAVAILABLE."""
+        assert self.segments is not None
+        try:
+            return self.segments.get(name, size)
+        except SegmentError as e:
+            # "shm step: cannot open segment" stays in the message for clients that read it
+            await abort_with_reason(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"shm step: {e}", SHM_SEGMENT_UNAVAILABLE
+            )
+
+    def _segment_slots(self, job: Job) -> tuple[list[Slot], int, dict[PartKey, int]]:
+        """Where this server's parts live in a client's segment (computed once per job)."""
+        if self._segment_layout is None or self._segment_layout[0] is not job:
+            slots, size = segment_slots(job.layout, job.server_index)
+            offsets = {(slot.part.tensor, slot.part.index): slot.offset for slot in slots}
+            self._segment_layout = (job, slots, size, offsets)
+        return self._segment_layout[1:]
+
+
+def _chunks_in(segment: Segment, slots: list[Slot], job: Job) -> list[RawChunk]:
+    """A push's chunks as views of the client's segment: every held part, in place."""
+    return [
+        RawChunk(
+            slot.part.tensor,
+            slot.part.index,
+            0,
+            job.layout.dtypes[slot.part.tensor].proto,
+            segment.buffer[slot.offset : slot.offset + slot.part.nbytes],
+        )
+        for slot in slots
+    ]
+
+
+def _write_into(segment: Segment, offsets: dict[PartKey, int], pieces: list[Piece]) -> None:
+    """Copy a pull's pieces to their places in the client's segment."""
+    for piece in pieces:
+        raw = piece.values
+        start = offsets[piece.tensor, piece.part] + piece.offset * raw.itemsize
+        np.frombuffer(segment.buffer, raw.dtype, raw.size, start)[:] = raw
 
 
 def _job_of(config: ps_pb2.JobConfig, limits: Limits) -> Job:

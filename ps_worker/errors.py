@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import grpc
 
+from protos.status import reason_of
+
 
 class PSError(Exception):
-    """A request a parameter server refused or could not answer."""
+    """A request a parameter server refused or could not answer.
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    ``reason``: the typed reason (a :mod:`protos.status` constant) the server gave
+    beside the status code, if any: what a client decides on, never the message.
+    """
+
+    def __init__(
+        self, message: str, code: grpc.StatusCode | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 class InvalidRequestError(PSError, ValueError):
@@ -56,4 +65,4 @@ def from_rpc_error(error: grpc.RpcError, server: str, what: str) -> PSError:
     details = error.details() if hasattr(error, "details") else str(error)
     cls = _BY_CODE.get(code, PSError) if code is not None else PSError
     name = code.name if code is not None else "ERROR"
-    return cls(f"{what} on {server} failed ({name}): {details}", code)
+    return cls(f"{what} on {server} failed ({name}): {details}", code, reason_of(error))

@@ -1,0 +1,93 @@
+"""A worker's side of the protocol as a plain object: no sockets, no threads, no tensors.
+
+It holds what the worker knows between calls (its clock, the version of each
+server's weights it last pulled, the step a sync pull waits for), writes the
+headers and requests a push, a pull or a fused step sends to each server,
+and reads what the servers' replies mean. The transports only carry them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from protos import ps_pb2
+
+
+@dataclass(frozen=True)
+class PushSummary:
+    """What the servers did with one push."""
+
+    clock: int
+    applied: bool  # applied (or, in sync, accumulated) by every server
+    duplicate: bool  # a retry every server had already processed
+    dropped: bool  # sync: too late for its step on some server
+    staleness: tuple[int, ...]  # per server
+    lr: tuple[float, ...]  # per server
+    versions: tuple[int, ...]  # each server's version after this push
+
+
+class ProtocolState:
+    """The clock and per-server versions of one worker in one job."""
+
+    def __init__(self, job_id: str, worker_id: str, servers: int) -> None:
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.clock = 0  # iterations this worker has pushed
+        self.pulled_versions = [0] * servers  # each server's version last pulled
+        self.min_versions = [0] * servers  # sync: the step the next pull waits for
+
+    @property
+    def next_clock(self) -> int:
+        """The clock of the next push."""
+        return self.clock + 1
+
+    def push_header(self, server: int, clock: int) -> ps_pb2.PushHeader:
+        return ps_pb2.PushHeader(
+            job_id=self.job_id,
+            worker_id=self.worker_id,
+            clock=clock,
+            pulled_version=self.pulled_versions[server],
+        )
+
+    def pull_request(self, server: int, observe: bool = False) -> ps_pb2.PullRequest:
+        """A pull; ``observe`` reads without waiting and without taking part."""
+        return self._pull(self.clock, self.min_versions[server], observe)
+
+    def step_header(self, server: int, clock: int) -> ps_pb2.StepHeader:
+        """A push at ``clock`` and the pull of the version that follows it."""
+        pull = self._pull(clock, self.pulled_versions[server] + 1, False)
+        return ps_pb2.StepHeader(push=self.push_header(server, clock), pull=pull)
+
+    def after_push(self, clock: int, replies: Sequence[ps_pb2.PushResponse]) -> PushSummary:
+        """Record a push every server answered; what it did."""
+        self.clock = clock
+        self.min_versions = [v + 1 for v in self.pulled_versions]  # sync: the next step
+        return PushSummary(
+            clock=clock,
+            applied=all(r.applied for r in replies),
+            duplicate=all(r.duplicate for r in replies),
+            dropped=any(r.dropped for r in replies),
+            staleness=tuple(r.staleness for r in replies),
+            lr=tuple(r.lr for r in replies),
+            versions=tuple(r.version for r in replies),
+        )
+
+    def after_pull(self, headers: Sequence[ps_pb2.PullHeader], observe: bool = False) -> None:
+        """Record the versions every server sent (an observing pull changes nothing)."""
+        if observe:
+            return
+        if len(headers) != len(self.pulled_versions):
+            raise ValueError(f"{len(headers)} pull headers for {len(self.pulled_versions)} servers")
+        self.pulled_versions = [h.version for h in headers]
+        self.min_versions = list(self.pulled_versions)
+        self.clock = max([self.clock, *(h.worker_clock for h in headers)])
+
+    def _pull(self, clock: int, min_version: int, observe: bool) -> ps_pb2.PullRequest:
+        return ps_pb2.PullRequest(
+            job_id=self.job_id,
+            worker_id=self.worker_id,
+            clock=clock,
+            min_version=min_version,
+            observe=observe,
+        )

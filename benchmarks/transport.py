@@ -177,7 +177,7 @@ def measure_latency(calls: int) -> dict:
             ) as c:
                 c.init({"w": torch.zeros(1)}, mode="async", optimizer="sgd", lr=0.1)
                 grads = {"w": torch.zeros(1)}
-                target = c._servers[0].channel  # the channel the client itself uses
+                target = c._router.links[0].channel  # the channel the client itself uses
                 check = target.unary_unary(
                     "/grpc.health.v1.Health/Check",
                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,

@@ -12,7 +12,8 @@ from protos import ps_pb2, rpc
 from protos.layout import TensorSpec, plan_layout
 from protos.shm import ALIGN, Segment, SegmentCache, SegmentError, segment_slots
 from ps_worker import Client, ClientConfig
-from ps_worker.client import _SharedBuffers
+from ps_worker.payload import SharedBuffers
+from ps_worker.transport import SharedMemory
 from scheduler.launch import servers
 
 # ------------------------------------------------------------------ segments
@@ -131,8 +132,8 @@ def test_a_server_that_cannot_see_the_segment_gets_the_stream_path(shm_servers, 
     m = model()
     with Client(addresses, job_id="shm", worker_id="w") as c:
         assert c.transports == ["shm", "shm"]
-        for s in c._servers:
-            s.shm_dir = str(elsewhere)
+        for route in c._router.routes:
+            route.shm.directory = str(elsewhere)
         c.init(m, optimizer="sgd", lr=0.5)
         ones_step(c, m)
         assert c.transports == ["unix", "unix"]
@@ -150,10 +151,10 @@ def test_a_segment_the_server_dropped_is_made_anew(shm_servers):
     with Client(addresses, job_id="shm", worker_id="w") as c:
         c.init(m, optimizer="sgd", lr=0.5)
         ones_step(c, m)  # both servers have opened a segment of this client
-        for i, s in enumerate(c._servers):  # a segment the server never saw and cannot open
-            s.shm.close()
-            s.shm = _SharedBuffers.create(str(shm), c.layout, i)
-            s.shm.segment.unlink()
+        for i, route in enumerate(c._router.routes):  # a segment the server never saw
+            route.shm.drop()
+            route.shm.buffers = SharedBuffers.create(str(shm), c._plan, i)
+            route.shm.buffers.segment.unlink()  # so it cannot open it
         ones_step(c, m)
         assert c.transports == ["shm", "shm"]
     for (name, p), q in zip(m.named_parameters(), model().parameters(), strict=True):
@@ -215,3 +216,22 @@ def test_a_server_without_shared_memory_says_so(tmp_path):
         finally:
             channel.close()
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_client_refused_shared_memory_with_its_reason_uses_streams(tmp_path):
+    """A server without shared memory refuses a ShmStep with SHM_UNSUPPORTED (as if its
+    directory had gone since it said otherwise): the client uses streams from then on."""
+    with servers(1, tmp_path, "--shm-dir", "none") as (daemon,):
+        with Client([daemon.address], job_id="x", worker_id="w") as c:
+            c.init({"w": torch.ones(3)}, optimizer="sgd", lr=1.0)
+            route = c._router.routes[0]
+            route.shm = SharedMemory(route.link, 0, str(tmp_path), 10.0, 10.0)
+            route.shm.use(c._plan)
+            assert c.transports == ["shm"]
+            assert c.push({"w": torch.ones(3)}).applied
+            assert torch.equal(c.pull()["w"], torch.zeros(3))
+            assert c.transports == ["unix"]
+            assert c.status()[0].pushes_received == 1
+        assert not list(tmp_path.glob("gradstore-*"))

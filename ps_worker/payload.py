@@ -1,0 +1,153 @@
+"""Tensor data in one description for every transport.
+
+A push is :class:`Gradients`: each server's pieces for the wire, encoded
+once, which a stream and a fused step message take alike, and the parts a
+shared-memory segment copies as they are. A pull lands in a :class:`Sink`:
+every part a server sends, as a wire chunk or as a segment's slot, is checked
+against the layout and copied into place by the same code.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Mapping
+
+import torch
+
+from protos.codec import Piece, RawChunk, check_chunk, decode_frame, to_torch, wire_dtype
+from protos.job import Job
+from protos.layout import Part
+from protos.shm import Segment, segment_slots
+from ps_worker.compress import GradientEncoder, PiecesFor
+from ps_worker.errors import PSError
+
+PartKey = tuple[str, int]  # (tensor, part index)
+
+
+class Plan:
+    """What a job fixes for moving its tensors: each server's parts, the push encoder
+    (which holds top-k residuals) and the wire dtype of pulled weights, if any."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.layout = job.layout
+        compression = job.settings.compression
+        self.compressing = compression.enabled
+        self.encoder = GradientEncoder(self.layout, compression)
+        weight = compression.weight_dtype
+        self.weight_wire = wire_dtype(weight) if weight else None
+        self.parts = [
+            {(p.tensor, p.index): p for p in self.layout.parts_on(i)}
+            for i in range(self.layout.num_servers)
+        ]
+
+    def share_bytes(self, server: int) -> int:
+        """Bytes of the model a server holds."""
+        return sum(p.nbytes for p in self.parts[server].values())
+
+    def gradients(self, flat: Mapping[str, torch.Tensor]) -> Gradients:
+        return Gradients(self.encoder, flat)
+
+    def sink(self, server: int, dest: Mapping[str, torch.Tensor], address: str) -> Sink:
+        return Sink(self, server, dest, address)
+
+
+class Gradients:
+    """One push: the flat gradients, and each server's pieces for the wire, encoded (and
+    top-k residuals moved) exactly once, at the first request, from whichever server's
+    thread asks first."""
+
+    def __init__(self, encoder: GradientEncoder, flat: Mapping[str, torch.Tensor]) -> None:
+        self._encoder = encoder
+        self._flat = flat
+        self._lock = threading.Lock()
+        self._encoded: PiecesFor | None = None
+
+    def pieces(self, server: int) -> list[Piece]:
+        with self._lock:
+            if self._encoded is None:
+                self._encoded = functools.cache(self._encoder.encode(self._flat))
+        return self._encoded(server)
+
+    def values(self, part: Part) -> torch.Tensor:
+        """A part's gradient as it is, on its device (shared memory has no wire to encode for)."""
+        return self._flat[part.tensor][part.start : part.stop]
+
+
+class Sink:
+    """Where one server's pulled parts go: slices of flat destination tensors."""
+
+    def __init__(
+        self, plan: Plan, server: int, dest: Mapping[str, torch.Tensor], address: str
+    ) -> None:
+        self._plan = plan
+        self._parts = plan.parts[server]
+        self._dest = dest
+        self._address = address
+
+    def frame(self, message: bytes) -> bytes | None:
+        """Write a pulled message's chunks into place; its header's bytes, if it has one."""
+        frame = decode_frame(message)
+        for chunk in frame.chunks:
+            self.chunk(chunk)
+        return None if frame.header is None else bytes(frame.header)
+
+    def chunk(self, chunk: RawChunk) -> None:
+        """Check a wire chunk against the layout and write it (from the job's weight wire
+        dtype, if it has one)."""
+        part = self._parts.get((chunk.tensor, chunk.part))
+        if part is None:
+            raise PSError(
+                f"server {self._address} sent tensor {chunk.tensor!r} part {chunk.part}, "
+                "which the layout does not give it"
+            )
+        wire = self._plan.layout.dtypes[part.tensor]
+        weight = self._plan.weight_wire
+        if weight is not None and chunk.dtype == weight.proto:
+            wire = weight
+        self.put(part, chunk.offset, to_torch(check_chunk(chunk, wire, part.count), wire))
+
+    def put(self, part: Part, offset: int, values: torch.Tensor) -> None:
+        """Values of a part from element ``offset`` on, into place (converting dtype)."""
+        start = part.start + offset
+        self._dest[part.tensor][start : start + values.numel()].copy_(values)
+
+
+class SharedBuffers:
+    """This client's segment for one server, with a torch view of every part in it."""
+
+    def __init__(self, segment: Segment, views: dict[PartKey, tuple[Part, torch.Tensor]]) -> None:
+        self.segment = segment
+        self.views = views
+
+    @classmethod
+    def create(cls, directory: str, plan: Plan, server: int) -> SharedBuffers:
+        slots, size = segment_slots(plan.layout, server)
+        segment = Segment.create(directory, size)
+        views = {}
+        for slot in slots:
+            part = slot.part
+            dtype = plan.layout.dtypes[part.tensor].torch
+            view = (
+                torch.frombuffer(segment.buffer, dtype=dtype, count=part.count, offset=slot.offset)
+                if part.count
+                else torch.empty(0, dtype=dtype)
+            )
+            views[part.tensor, part.index] = (part, view)
+        return cls(segment, views)
+
+    def write(self, grads: Gradients) -> None:
+        """A push's gradients into their slots."""
+        for part, view in self.views.values():
+            view.copy_(grads.values(part))
+
+    def read(self, sink: Sink) -> None:
+        """Every slot, as the server left it, into the sink."""
+        for part, view in self.views.values():
+            sink.put(part, 0, view)
+
+    def close(self) -> None:
+        self.views.clear()
+        self.segment.unlink()
+        self.segment.close()

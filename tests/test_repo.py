@@ -34,6 +34,7 @@ ALLOWED = {
     "ps_worker": {"protos", "ps_worker"},
     "scheduler": {"protos", "scheduler", "ps_worker"},
 }
+MAX_MODULE_LINES = 520  # "modules small enough to read in one sitting"
 
 
 def _imports(path: Path) -> set[str]:
@@ -63,3 +64,14 @@ def test_every_package_says_what_it_is_for():
     for package in [*ALLOWED, "benchmarks"]:
         doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text()))
         assert doc and len(doc) > 60 and doc != f"{package} package.", package
+
+
+@pytest.mark.timeout(60)
+def test_no_module_is_too_long_to_read_in_one_sitting():
+    long = {}
+    for package in [*ALLOWED, "benchmarks", "tests"]:
+        for p in (ROOT / package).rglob("*.py"):
+            lines = len(p.read_text().splitlines())
+            if lines > MAX_MODULE_LINES and not p.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+                long[str(p.relative_to(ROOT))] = lines
+    assert not long

@@ -29,6 +29,7 @@ from protos.jobspec import ENV_PREFIX, flag_names
 from ps_worker import Client, ClientConfig, DistributedOptimizer
 from ps_worker.data import prepare
 from scheduler.launch import BIN, Daemon, servers
+from tests.test_cluster import cluster_up
 from tests.test_compose import compose, localise, service_env
 
 pytestmark = pytest.mark.integration
@@ -207,39 +208,14 @@ def run_daemons(tmp_path: Path, scheduler_argv: list[str], env: dict[str, str], 
                     d.stop()
 
 
-def via_cluster(tmp_path: Path, digits: Path, extra: list[str]) -> None:
-    summary = tmp_path / "summary.json"
-    result = subprocess.run(
-        [
-            str(BIN / "ps-cluster"),
-            "up",
-            "--data-dir",
-            str(digits),
-            "--model",
-            MODEL,
-            "--epochs",
-            "1",
-            "--batch-size",
-            "50",
-            "--servers",
-            "2",
-            "--workers",
-            "1",
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--summary-json",
-            str(summary),
-            "--quiet",
-            "--timeout-s",
-            "120",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=150,
+def via_cluster(tmp_path: Path, digits: Path, extra: list[str]) -> tuple[dict, dict]:
+    """``ps-cluster up`` (2 servers, 1 worker, 1 epoch of digits): its summary and job file."""
+    summary = cluster_up(
+        tmp_path,
+        *("--data-dir", str(digits), "--model", MODEL, "--epochs", "1", "--batch-size", "50"),
+        *("--workers", "1", "--timeout-s", "120", *extra),
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(summary.read_text()), json.loads((tmp_path / "work/job.json").read_text())
+    return summary, json.loads((tmp_path / "work/job.json").read_text())
 
 
 def check_reported(docs: list[dict[str, Any]], case: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from protos.codec import CodecError, wire_dtype
 from protos.compression import Compression, CompressionError
 from protos.layout import DEFAULT_PART_BYTES, Layout, TensorSpec, plan_layout
 from protos.optimizers import (
+    OPTIMIZERS,
     OPTION_TYPES,
     Adam,
     Optimizer,
@@ -34,6 +35,22 @@ from protos.schedule import LrSchedule, ScheduleError
 
 class JobError(ValueError):
     """A job setting that is unknown, out of range, or inconsistent with another."""
+
+
+OPTIMIZER_CLASSES = tuple(OPTIMIZERS.values())
+# The whole-number settings: the least each may be, and the bound of its wire field.
+_WHOLE = (("staleness", 0, 1 << 32), ("backup_workers", 0, 1 << 32), ("part_bytes", 1, 1 << 64))
+
+
+def _positive_float(value: Any) -> float | None:
+    """``value`` as a float if it is a finite positive real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
 
 
 class Mode(str, Enum):
@@ -86,22 +103,28 @@ class Settings:
         problems = []
         if not isinstance(self.mode, Mode):
             problems.append(f"mode {self.mode!r} is not a Mode")
-        for name in ("staleness", "backup_workers"):
+        for name, low, wire in _WHOLE:  # each must fit its field on the wire
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                problems.append(f"{name} must be a whole number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                problems.append(f"{name} must be a whole number >= {low}, got {value!r}")
+            elif value >= wire:
+                problems.append(f"{name} must be at most {wire - 1}, got {value!r}")
         if not isinstance(self.staleness_aware_lr, bool):
             problems.append(
                 f"staleness_aware_lr must be true or false, got {self.staleness_aware_lr!r}"
             )
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if _positive_float(self.lr) is None:
             problems.append(f"the learning rate lr must be a positive number, got {self.lr!r}")
-        if (
-            isinstance(self.part_bytes, bool)
-            or not isinstance(self.part_bytes, int)
-            or self.part_bytes < 1
+        else:
+            object.__setattr__(self, "lr", float(self.lr))
+        for name, kinds, what in (
+            ("optimizer", OPTIMIZER_CLASSES, f"an optimizer ({', '.join(OPTIMIZERS)})"),
+            ("lr_schedule", (LrSchedule,), "an lr schedule (constant or cosine:STEPS)"),
+            ("compression", (Compression,), "a compression (none, fp16, bf16, topk:R)"),
         ):
-            problems.append(f"part_bytes must be a whole number >= 1, got {self.part_bytes!r}")
+            value = getattr(self, name)
+            if not isinstance(value, kinds):
+                problems.append(f"{name} must be {what}, by name or as an object, got {value!r}")
         if self.backup_workers and self.mode is not Mode.SYNC:
             problems.append("backup_workers applies to sync mode only")
         if problems:
@@ -145,8 +168,6 @@ class Settings:
                 raise JobError("lr_final_ratio goes with an lr_schedule given as a string")
             if isinstance(values.get("compression"), str):
                 values["compression"] = Compression.parse(values["compression"])
-            if isinstance(values.get("lr"), int) and not isinstance(values["lr"], bool):
-                values["lr"] = float(values["lr"])
             return cls(**values)
         except (OptimizerError, ScheduleError, CompressionError, TypeError) as e:
             raise JobError(str(e)) from None

@@ -16,6 +16,7 @@ operation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -32,9 +33,33 @@ class OptimizerError(ValueError):
 
 
 class _Options:
-    """Shared by every optimizer: the name, and the options to and from the wire."""
+    """Shared by every optimizer: the name, the options' types, and the options to and from
+    the wire."""
 
     name: ClassVar[str]
+
+    def _check_types(self) -> None:
+        """Each option is of its default's type: a bool option is True or False, a number
+        option a finite real number (stored as a float). Runs before the range checks."""
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(f.default, bool):
+                if not isinstance(value, bool):
+                    raise OptimizerError(
+                        f"{self.name} option {f.name} must be true or false, got {value!r}"
+                    )
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise OptimizerError(f"{self.name} option {f.name} must be a number, got {value!r}")
+            try:
+                value = float(value)
+            except OverflowError:
+                value = math.inf
+            if not math.isfinite(value):
+                raise OptimizerError(
+                    f"{self.name} option {f.name} must be a finite number, got {value!r}"
+                )
+            object.__setattr__(self, f.name, value)
 
     def options(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
@@ -62,6 +87,7 @@ class SGD(_Options):
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise OptimizerError("nesterov momentum needs momentum > 0 and dampening = 0")
         if self.momentum < 0 or self.weight_decay < 0:
@@ -93,6 +119,7 @@ class Adam(_Options):
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise OptimizerError("Adam betas must lie in [0, 1)")
         if self.eps < 0 or self.weight_decay < 0:
@@ -123,6 +150,7 @@ class Adagrad(_Options):
     initial_accumulator_value: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if min(self.lr_decay, self.eps, self.weight_decay, self.initial_accumulator_value) < 0:
             raise OptimizerError("Adagrad options must be non-negative")
 

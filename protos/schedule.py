@@ -34,6 +34,11 @@ class LrSchedule:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ScheduleError(f"lr schedule {self.kind!r} is not one of {', '.join(KINDS)}")
+        steps, ratio = self.total_steps, self.final_ratio
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 1 << 64:
+            raise ScheduleError(f"lr schedule total_steps {steps!r}: not a whole number < 2**64")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise ScheduleError(f"lr_final_ratio {ratio!r} is not a number in [0, 1]")
         if self.kind == "cosine" and self.total_steps < 1:
             raise ScheduleError("a cosine lr schedule needs total_steps of at least 1")
         if self.kind == "constant" and (self.total_steps or self.final_ratio):

@@ -142,3 +142,50 @@ def test_flags_override_the_file_and_variables_give_defaults(tmp_path, monkeypat
     settings = spec_from_args(args).job_settings(10)
     assert settings.optimizer == SGD(momentum=0.9, nesterov=True, weight_decay=0.001)
     assert settings.lr == 0.1 and settings.staleness == Settings().staleness
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [
+        ({"lr": True}, "learning rate lr must be a positive number, got True"),
+        ({"lr": 10**400}, "learning rate lr must be a positive number"),
+        ({"optimizer": 42}, "optimizer must be an optimizer .* got 42"),
+        ({"optimizer": None}, "optimizer must be .* got None"),
+        ({"compression": 3}, "compression must be .* got 3"),
+        ({"lr_schedule": None}, "lr_schedule must be .* got None"),
+        ({"staleness": 1 << 32}, "staleness must be at most 4294967295"),
+        ({"mode": "sync", "backup_workers": 1 << 40}, "backup_workers must be at most"),
+        ({"part_bytes": 1 << 64}, "part_bytes must be at most"),
+        ({"lr_schedule": "cosine:" + "9" * 25}, "total_steps 9+: not a whole number < 2"),
+        ({"lr_schedule": "cosine:10", "lr_final_ratio": "x"}, "lr_final_ratio 'x' is not a number"),
+        ({"optimizer": "sgd", "momentum": float("nan")}, "sgd option momentum must be a finite"),
+        ({"optimizer": "sgd", "dampening": float("inf")}, "sgd option dampening must be a finite"),
+        ({"optimizer": "sgd", "momentum": "0.9"}, "momentum must be a number, got '0.9'"),
+        ({"optimizer": "sgd", "momentum": True}, "sgd option momentum must be a number, got True"),
+        ({"optimizer": "sgd", "momentum": 0.9, "nesterov": "maybe"}, "nesterov must be true or f"),
+        ({"eps": float("nan")}, "adam option eps must be a finite number, got nan"),
+        ({"eps": float("inf")}, "adam option eps must be a finite number"),
+        ({"weight_decay": float("inf")}, "adam option weight_decay must be a finite number"),
+        ({"beta1": None}, "adam option beta1 must be a number, got None"),
+        ({"optimizer": "adagrad", "lr_decay": float("nan")}, "adagrad option lr_decay must be"),
+    ],
+)
+def test_values_of_the_wrong_type_or_not_finite_are_refused_naming_the_setting(given, error):
+    """Each of these was accepted (and failed later, deep in to_proto, on the servers as
+    NaN weights, or not at all: lr=True ran at lr 1) or refused with a bare TypeError."""
+    with pytest.raises(JobError, match=error):
+        Settings.build(**given)
+
+
+def test_a_config_with_non_finite_optimizer_options_is_refused():
+    for kind, option in (("sgd", "momentum"), ("adam", "eps"), ("adagrad", "lr_decay")):
+        config = Job.for_model("j", SPECS, 1, Settings.build(optimizer=kind)).to_proto()
+        setattr(getattr(config.optimizer, kind), option, float("nan"))
+        with pytest.raises(JobError, match=f"{kind} option {option} must be a finite number"):
+            Job.from_proto(config)
+
+
+def test_whole_number_options_are_stored_as_floats():
+    s = Settings.build(optimizer="sgd", momentum=1, lr=1)
+    assert s.optimizer == SGD(momentum=1.0) and isinstance(s.optimizer.momentum, float)
+    assert s.to_doc() == Settings.build(optimizer="sgd", momentum=1.0, lr=1.0).to_doc()

@@ -13,6 +13,7 @@ files, ``PS_*`` variables, ``Client.init``, ``DistributedOptimizer``) ends in
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
@@ -352,14 +353,21 @@ class Job:
         specs: list[TensorSpec],
         num_servers: int,
         settings: Settings,
-        workers: tuple[str, ...] = (),
+        workers: Iterable[str] = (),
     ) -> Job:
-        """A client's view of a new job over ``num_servers`` servers."""
+        """A client's view of a new job over ``num_servers`` servers; ``workers`` are
+        worker ids (a list of strings: a bare string is refused, not split into letters)."""
+        try:
+            ids = None if isinstance(workers, (str, bytes)) else tuple(workers)
+        except TypeError:
+            ids = None
+        if ids is None or not all(isinstance(w, str) and w for w in ids):
+            raise JobError(f"workers must be a list of non-empty worker ids, got {workers!r}")
         try:
             layout = plan_layout(specs, num_servers, settings.part_bytes)
         except ValueError as e:
             raise JobError(f"layout: {e}") from None
-        return cls(job_id, settings, layout, 0, tuple(workers))
+        return cls(job_id, settings, layout, 0, ids)
 
     def for_server(self, index: int) -> Job:
         return Job(self.job_id, self.settings, self.layout, index, self.workers)

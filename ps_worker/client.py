@@ -161,6 +161,11 @@ class Client:
         try:
             if settings is None:
                 settings = Settings.build(**options)
+            elif not isinstance(settings, Settings):
+                raise JobError(
+                    f"settings must be a protos.job.Settings (or give the settings as "
+                    f"keywords), got {settings!r}"
+                )
             elif options:
                 raise JobError(f"give settings or keywords, not both ({', '.join(options)})")
         except JobError as e:
@@ -170,9 +175,7 @@ class Client:
             TensorSpec(n, dtype_name(v), tuple(int(d) for d in v.shape)) for n, v in values.items()
         ]
         try:
-            job = Job.for_model(
-                self.job_id, specs, len(self._router.links), settings, tuple(workers)
-            )
+            job = Job.for_model(self.job_id, specs, len(self._router.links), settings, workers)
         except JobError as e:
             raise InvalidRequestError(str(e)) from None
         layout = job.layout

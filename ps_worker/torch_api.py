@@ -49,6 +49,9 @@ class DistributedOptimizer:
         job's, as :meth:`Client.init` takes them (``mode``, ``optimizer``, ``lr``, the
         optimizer's options such as ``momentum`` or ``beta1``, ``lr_schedule``, ...)."""
         self.model = model
+        whole = [v for v in (rank, world) if v is not None]
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in whole):
+            raise InvalidRequestError(f"rank {rank!r} and world {world!r} must be whole numbers")
         if (rank is None) != (world is None) or (world is not None and not 0 <= rank < world):
             raise ValueError(f"rank {rank} and world {world}: give both, with 0 <= rank < world")
         if world is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from protos import ps_pb2
 from protos.compression import Compression
@@ -13,6 +14,8 @@ from protos.jobspec import JobSpec, SpecError, add_job_arguments, flag_names, sp
 from protos.layout import TensorSpec
 from protos.optimizers import OPTIMIZERS, SGD, Adagrad, Adam, OptimizerError, make_optimizer
 from protos.schedule import LrSchedule
+from ps_worker import Client, ClientConfig, DistributedOptimizer
+from ps_worker.errors import InvalidRequestError
 
 pytestmark = pytest.mark.timeout(30)
 SPECS = [TensorSpec("w", "float32", (10, 3)), TensorSpec("b", "float32", (3,))]
@@ -189,3 +192,33 @@ def test_whole_number_options_are_stored_as_floats():
     s = Settings.build(optimizer="sgd", momentum=1, lr=1)
     assert s.optimizer == SGD(momentum=1.0) and isinstance(s.optimizer.momentum, float)
     assert s.to_doc() == Settings.build(optimizer="sgd", momentum=1.0, lr=1.0).to_doc()
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [
+        ({"lr": "0.1"}, "learning rate lr must be a positive number, got '0.1'"),
+        ({"staleness": True}, "staleness must be a whole number >= 0, got True"),
+        ({"optimizer": 42}, "optimizer must be an optimizer"),
+        ({"mode": None}, "mode None is not one of"),
+        ({"compression": 3}, "compression must be a compression"),
+        ({"settings": "adam"}, "settings must be a protos.job.Settings .* got 'adam'"),
+        ({"settings": {"lr": 0.1}}, "settings must be a protos.job.Settings"),
+        ({"workers": "worker0"}, "workers must be a list of non-empty worker ids, got 'worker0'"),
+        ({"workers": 5}, "workers must be a list of non-empty worker ids, got 5"),
+        ({"workers": ["a", ""]}, "workers must be a list of non-empty worker ids"),
+    ],
+)
+def test_client_init_refuses_bad_arguments_before_calling_a_server(given, error):
+    """No server listens on port 1: each refusal comes before any call. A bare string of
+    workers was split into one-letter worker ids; settings='adam' was an AttributeError."""
+    model = torch.nn.Linear(2, 2)
+    client = Client(["127.0.0.1:1"], job_id="j", worker_id="w", config=ClientConfig())
+    with client, pytest.raises(InvalidRequestError, match=error):
+        client.init(model, **given)
+
+
+@pytest.mark.parametrize(("rank", "world"), [("0", 2), (0, "2"), (0.0, 2), (True, 2)])
+def test_distributed_optimizer_refuses_a_rank_or_world_that_is_not_a_whole_number(rank, world):
+    with pytest.raises(InvalidRequestError, match="must be whole numbers"):
+        DistributedOptimizer(torch.nn.Linear(2, 2), ["127.0.0.1:1"], "j", rank, world)

@@ -146,6 +146,8 @@ class JobSpec:
                 if name == "servers":
                     if isinstance(value, str):
                         value = value.split(",")
+                    elif value is not None and not isinstance(value, (list, tuple)):
+                        raise TypeError(f"expected HOST:PORT addresses, got {value!r}")
                     values[name] = tuple(str(s).strip() for s in (value or ()) if str(s).strip())
                 elif name in known:
                     values[name] = _convert(value, known[name].default, name)
@@ -180,19 +182,32 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def _convert(value: Any, default: Any, name: str) -> Any:
-    """A document's value in the type of the field's default."""
+    """A document's value in the type of the field's default. A string is parsed; a value
+    of another kind (null, a list, a mapping, true for a number) is an error, not
+    converted: ``data_dir: null`` is not the directory "None", ``staleness: true`` not 1."""
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
         raise TypeError(f"expected true or false, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        kinds = {int: "a whole number", float: "a number", str: "text"}
+        raise TypeError(f"expected {kinds.get(type(default), 'text')}, got {value!r}")
     if isinstance(default, int):
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a whole number, got {value!r}") from None
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(f"expected a whole number, got {value!r}")
         return int(value)
     if isinstance(default, float):
-        return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
     return str(value)
 
 

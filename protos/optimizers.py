@@ -120,8 +120,11 @@ class Adam(_Options):
 
     def __post_init__(self) -> None:
         self._check_types()
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise OptimizerError("Adam betas must lie in [0, 1)")
+        for beta in ("beta1", "beta2"):
+            if not 0 <= getattr(self, beta) < 1:
+                raise OptimizerError(
+                    f"Adam betas must lie in [0, 1): {beta} is {getattr(self, beta)}"
+                )
         if self.eps < 0 or self.weight_decay < 0:
             raise OptimizerError("eps and weight_decay must be non-negative")
 

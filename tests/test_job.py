@@ -222,3 +222,32 @@ def test_client_init_refuses_bad_arguments_before_calling_a_server(given, error)
 def test_distributed_optimizer_refuses_a_rank_or_world_that_is_not_a_whole_number(rank, world):
     with pytest.raises(InvalidRequestError, match="must be whole numbers"):
         DistributedOptimizer(torch.nn.Linear(2, 2), ["127.0.0.1:1"], "j", rank, world)
+
+
+@pytest.mark.parametrize(
+    ("doc", "error"),
+    [
+        ({"data_dir": None}, "data_dir: expected text, got None"),  # was the directory "None"
+        ({"job_id": ["a"]}, "job_id: expected text, got \\['a'\\]"),
+        ({"optimizer": [1, 2]}, "optimizer: expected text, got \\[1, 2\\]"),
+        ({"staleness": True}, "staleness: expected a whole number, got True"),  # was 1
+        ({"epochs": True}, "epochs: expected a whole number, got True"),
+        ({"lr": True}, "lr: expected a number, got True"),  # was 1.0
+        ({"staleness": "1.5"}, "staleness: expected a whole number, got '1.5'"),
+        ({"lr": "fast"}, "lr: expected a number, got 'fast'"),
+        ({"optimizer": "sgd", "momentum": None}, "momentum: expected a number, got None"),
+        ({"servers": 5}, "servers: expected HOST:PORT addresses, got 5"),
+        ({"beta1": 1}, "beta1 is 1"),
+        ({"mode": "SSP"}, "mode 'SSP' is not one of sync, async, ssp"),
+    ],
+)
+def test_a_spec_document_refuses_values_of_the_wrong_kind_naming_the_field(doc, error):
+    with pytest.raises(SpecError, match=error):
+        JobSpec.from_dict({"data_dir": "d", **doc})
+
+
+def test_a_job_file_that_is_not_a_mapping_is_refused(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("- data_dir: d\n- lr: 0.1\n")
+    with pytest.raises(SpecError, match="expected a mapping of job fields"):
+        JobSpec.from_yaml(config)

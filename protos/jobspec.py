@@ -220,6 +220,11 @@ def flag_names(skip: tuple[str, ...] = ()) -> list[str]:
     return [n for n in [*names, *OPTION_TYPES] if n not in skip]
 
 
+def job_variables() -> list[str]:
+    """The ``PS_<NAME>`` variable of every job flag, as ps-scheduler reads them."""
+    return [ENV_PREFIX + name.upper() for name in flag_names()]
+
+
 def add_job_arguments(
     parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), env: bool = False
 ) -> None:
@@ -251,7 +256,7 @@ def add_job_arguments(
         elif name == "optimizer":
             kwargs["choices"] = list(OPTIMIZERS)
         if env:
-            variable = ENV_PREFIX + name.upper()
+            variable = ENV_PREFIX + name.upper()  # as job_variables() names it
             text += f" [env {variable}]"
             kwargs["default"] = os.environ.get(variable) or None
         if default_type is bool:

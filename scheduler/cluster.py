@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from protos.job import Mode, Settings
-from protos.jobspec import JobSpec, SpecError, add_job_arguments, spec_from_args
+from protos.jobspec import JobSpec, SpecError, add_job_arguments, job_variables, spec_from_args
 from protos.security import TOKEN_ENV, ClientSecurity, SecurityError, read_token
 from ps_worker import Client, ClientConfig, PSError
 from ps_worker.data import DATASETS, MANIFEST, DataError, prepare
@@ -154,7 +154,10 @@ class LocalCluster:
             *self.observability_args,
         ]
         n = sum(1 for _ in self.work_dir.glob("scheduler*.log"))
-        self.scheduler = Daemon(argv, self.work_dir / f"scheduler{n}.log", env=self.env)
+        # job.json is the whole job: PS_* variables in this environment must not override it
+        # (ps-scheduler reads them as flags); empty is unset.
+        env = {**self.env, **dict.fromkeys(job_variables(), "")}
+        self.scheduler = Daemon(argv, self.work_dir / f"scheduler{n}.log", env=env)
         self._scheduler_port = self.scheduler.address.rsplit(":", 1)[1]
         return self.scheduler
 
@@ -300,13 +303,13 @@ def up(args: argparse.Namespace) -> int:
             stack.enter_context(tempfile.TemporaryDirectory(prefix="ps-cluster-"))
         )
         data_dir = args.data_dir or work_dir / "data"
-        try:
-            if not (data_dir / MANIFEST).exists():
-                print(f"preparing {args.dataset} in {data_dir} ...", flush=True)
-                prepare(args.dataset, data_dir, args.shards, args.samples, int(args.seed or 0))
+        try:  # the spec first: a bad setting leaves nothing behind, not even prepared data
             spec = spec_from_args(
                 args, {"data_dir": str(data_dir), "expected_workers": args.workers}
             )
+            if not (data_dir / MANIFEST).exists():
+                print(f"preparing {args.dataset} in {data_dir} ...", flush=True)
+                prepare(args.dataset, data_dir, args.shards, args.samples, int(args.seed or 0))
         except (SpecError, DataError, OSError) as e:
             print(f"ps-cluster: {e}", file=sys.stderr)
             return 2

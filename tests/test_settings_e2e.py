@@ -346,5 +346,47 @@ def test_a_setting_for_another_optimizer_is_refused_before_anything_starts(tmp_p
     assert not list(tmp_path.glob("*.log"))  # nothing was started
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--lr", "nan"], "learning rate lr must be a positive number, got nan"),
+        (["--staleness", "1.5"], "staleness: expected a whole number, got '1.5'"),
+        (["--part-bytes", "0"], "part_bytes must be a whole number >= 1"),
+        (["--beta1", "1"], "beta1 is 1"),
+    ],
+)
+def test_a_bad_setting_leaves_no_prepared_data_behind(tmp_path, flags, error):
+    """Without --data-dir, ps-cluster prepares the data into the work dir: it did so before
+    it read the settings, so a bad one left W/data behind."""
+    work = tmp_path / "w"
+    argv = [str(BIN / "ps-cluster"), "up", "--work-dir", str(work), "--dataset", "digits"]
+    result = subprocess.run(
+        [*argv, "--samples", "400", "--shards", "2", *flags],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert error in result.stderr
+    assert not work.exists(), list(work.rglob("*"))
+
+
+@pytest.mark.timeout(180)
+def test_ps_cluster_up_is_not_overridden_by_ps_variables_in_its_environment(
+    tmp_path, digits, monkeypatch
+):
+    """ps-cluster starts ps-scheduler on its job file, and ps-scheduler reads PS_<NAME> as
+    flags over its --config: a PS_LR left in the shell (from the compose setup) changed
+    the job, and a PS_OPTIMIZER made it fail."""
+    for name, value in {"PS_LR": "0.5", "PS_STALENESS": "7", "PS_OPTIMIZER": "sgd"}.items():
+        monkeypatch.setenv(name, value)
+    case = {"lr": 0.02}
+    summary, job_file = via_cluster(tmp_path, digits, as_flags(case))
+    for doc in summary["settings_by_server"]:
+        assert (doc["lr"], doc["staleness"], doc["optimizer"]) == (0.02, 2, "adam"), doc
+    assert (job_file["lr"], job_file["optimizer"]) == (0.02, "adam")
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

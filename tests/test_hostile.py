@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from protos import ps_pb2, rpc, scheduler_pb2, scheduler_pb2_grpc
+from protos.job import Job, Settings
+from protos.layout import TensorSpec
 from ps_worker import Client, ClientConfig
 from ps_worker.data import prepare
 from scheduler.launch import BIN, Daemon, servers
@@ -151,6 +153,60 @@ def test_hostile_requests_to_a_server_and_the_scheduler(tmp_path):
         assert status.pushes_received == 1 and status.version == 1
         for k in before:
             assert torch.equal(before[k], after[k]), k
+        assert server.proc.poll() is None
+
+
+def test_hostile_optimizer_options_in_an_init_leave_the_server_uninitialised(tmp_path):
+    """A hand-made JobConfig with options no client would send: each is INVALID_ARGUMENT
+    naming the option, the server stays uninitialised, and a good init still works. NaN
+    and infinite options were accepted (NaN weights after the first update)."""
+    specs = [TensorSpec(n, "float32", tuple(v.shape)) for n, v in INIT.items()]
+
+    def config(edit) -> bytes:
+        message = Job.for_model("h", specs, 1, Settings.build(optimizer="sgd")).to_proto()
+        edit(message)
+        return init_message(message)
+
+    def options(kind: str, **values):
+        def edit(c: ps_pb2.JobConfig) -> None:
+            c.optimizer.ClearField(c.optimizer.WhichOneof("kind"))
+            getattr(c.optimizer, kind).SetInParent()
+            for name, value in values.items():
+                setattr(getattr(c.optimizer, kind), name, value)
+
+        return edit
+
+    nan, inf = float("nan"), float("inf")
+    cases = [
+        (options("sgd", momentum=nan), "sgd option momentum must be a finite number"),
+        (options("sgd", weight_decay=inf), "sgd option weight_decay must be a finite number"),
+        (options("adam", eps=-1.0), "eps and weight_decay must be non-negative"),
+        (options("adam", eps=nan), "adam option eps must be a finite number"),
+        (options("adam", beta2=inf), "adam option beta2 must be a finite number"),
+        (options("adagrad", lr_decay=nan), "adagrad option lr_decay must be a finite number"),
+        (options("adagrad", initial_accumulator_value=-inf), "initial_accumulator_value"),
+        (lambda c: setattr(c.optimizer, "lr", nan), "learning rate"),
+        (lambda c: c.optimizer.ClearField("sgd"), "optimizer: none given"),
+        (lambda c: setattr(c, "mode", 42), "mode 42"),
+        (lambda c: c.optimizer.schedule.MergeFrom(ps_pb2.LrSchedule(kind=9)), "lr schedule kind"),
+        (lambda c: setattr(c.compression, "gradient_dtype", 77), "dtype"),
+        (lambda c: setattr(c, "part_bytes", 0), "part_bytes"),
+    ]
+    with servers(1, tmp_path) as (server,), grpc.insecure_channel(server.address) as channel:
+        calls = rpc.calls(channel)
+        for edit, message in cases:
+            error = raw(lambda edit=edit: calls.init(iter([config(edit)]), timeout=10))
+            assert error.code() == INVALID, (message, error.code(), error.details())
+            assert message.lower() in (error.details() or "").lower(), (message, error)
+            status = ps_pb2.StatusResponse.FromString(
+                channel.unary_unary(rpc.method("Status"))(
+                    ps_pb2.StatusRequest().SerializeToString(), timeout=10
+                )
+            )
+            assert not status.initialised, message
+        with Client([server.address], job_id="h", worker_id="good", config=ClientConfig()) as c:
+            assert c.init(INIT, optimizer="sgd", lr=0.5)
+            assert c.status()[0].initialised
         assert server.proc.poll() is None
 
 

@@ -94,9 +94,12 @@ class JobSpec:
         if not self.lease_timeout_s > 0:
             problems.append("lease_timeout_s must be positive")
         try:
-            self.job_settings(batches_per_epoch=1)
+            settings = self.job_settings(batches_per_epoch=1)
         except (JobError, ScheduleError) as e:
             problems.append(str(e))
+        else:  # one spelling per value, so that specs of the same job compare equal
+            object.__setattr__(self, "compression", str(settings.compression))
+            object.__setattr__(self, "lr_schedule", self.lr_schedule.strip())
         if problems:
             raise SpecError("; ".join(problems))
 

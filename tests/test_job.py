@@ -16,6 +16,7 @@ from protos.optimizers import OPTIMIZERS, SGD, Adagrad, Adam, OptimizerError, ma
 from protos.schedule import LrSchedule
 from ps_worker import Client, ClientConfig, DistributedOptimizer
 from ps_worker.errors import InvalidRequestError
+from scheduler.state import SchedulerState, StateError
 
 pytestmark = pytest.mark.timeout(30)
 SPECS = [TensorSpec("w", "float32", (10, 3)), TensorSpec("b", "float32", (3,))]
@@ -251,3 +252,25 @@ def test_a_job_file_that_is_not_a_mapping_is_refused(tmp_path):
     config.write_text("- data_dir: d\n- lr: 0.1\n")
     with pytest.raises(SpecError, match="expected a mapping of job fields"):
         JobSpec.from_yaml(config)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"optimizer": "sgd"}, {"optimizer": "sgd", "momentum": 0, "nesterov": "false"}),
+        ({}, {"beta1": 0.9, "beta2": "0.999", "eps": 1e-8, "weight_decay": 0}),
+        ({}, {"mode": "ssp", "lr": "1e-2", "compression": "none", "lr_final_ratio": 0}),
+        ({"compression": "bf16"}, {"compression": "bfloat16"}),
+        ({"compression": "bf16,topk:0.01"}, {"compression": "topk:0.01, BF16"}),
+        ({"lr_schedule": "cosine:100"}, {"lr_schedule": " cosine:100 "}),
+    ],
+)
+def test_a_restarted_scheduler_resumes_the_same_job_however_it_is_spelled(tmp_path, first, second):
+    """create_or_resume compares spec documents: the same job with explicit default options
+    or another spelling of its compression was 'a different spec'."""
+    base = {"data_dir": "d", "servers": "a:1"}
+    state = SchedulerState(str(tmp_path / "s.db"))
+    assert state.create_or_resume(JobSpec.from_dict({**base, **first}), 2)
+    assert not state.create_or_resume(JobSpec.from_dict({**base, **second}), 2)
+    with pytest.raises(StateError, match="differs in lr"):
+        state.create_or_resume(JobSpec.from_dict({**base, **second, "lr": 0.5}), 2)

@@ -225,7 +225,12 @@ def flag_names(skip: tuple[str, ...] = ()) -> list[str]:
 
 def job_variables() -> list[str]:
     """The ``PS_<NAME>`` variable of every job flag, as ps-scheduler reads them."""
-    return [ENV_PREFIX + name.upper() for name in flag_names()]
+    return [variable_of(name) for name in flag_names()]
+
+
+def variable_of(name: str) -> str:
+    """The environment variable ps-scheduler reads for a job field: ``beta1`` -> ``PS_BETA1``."""
+    return ENV_PREFIX + name.upper()
 
 
 def add_job_arguments(
@@ -259,7 +264,7 @@ def add_job_arguments(
         elif name == "optimizer":
             kwargs["choices"] = list(OPTIMIZERS)
         if env:
-            variable = ENV_PREFIX + name.upper()  # as job_variables() names it
+            variable = variable_of(name)
             text += f" [env {variable}]"
             kwargs["default"] = os.environ.get(variable) or None
         if default_type is bool:

@@ -25,7 +25,7 @@ import yaml
 
 from protos import ps_pb2
 from protos.job import Settings
-from protos.jobspec import ENV_PREFIX, flag_names
+from protos.jobspec import ENV_PREFIX, flag_names, variable_of
 from ps_worker import Client, ClientConfig, DistributedOptimizer
 from ps_worker.data import prepare
 from scheduler.launch import BIN, Daemon, servers
@@ -280,10 +280,10 @@ def test_ps_scheduler_flags(tmp_path, digits, case):
 def test_compose_variables(tmp_path, digits, case):
     service = compose()["services"]["scheduler"]
     forwarded = set(service["environment"])
-    needed = {ENV_PREFIX + n.upper() for n in flag_names(skip=("data_dir", "servers"))}
+    needed = {variable_of(n) for n in flag_names(skip=("data_dir", "servers"))}
     assert needed <= forwarded, f"the compose scheduler drops {needed - forwarded}"
     # Every setting explicitly: the compose file's own defaults (ssp, staleness 1, ...) yield.
-    variables = {ENV_PREFIX + k.upper(): _env_value(v) for k, v in expected(CASES[case]).items()}
+    variables = {variable_of(k): _env_value(v) for k, v in expected(CASES[case]).items()}
     variables |= {"PS_MODEL": MODEL, "PS_EXPECTED_WORKERS": "1"}
     host = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env = {**host, **variables}

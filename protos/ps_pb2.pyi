@@ -188,16 +188,18 @@ class InitResponse(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "worker_id", "clock", "pulled_version")
+    __slots__ = ("job_id", "worker_id", "clock", "pulled_version", "session")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     PULLED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     clock: int
     pulled_version: int
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., pulled_version: _Optional[int] = ...) -> None: ...
+    session: str
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., pulled_version: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunks")
@@ -224,18 +226,20 @@ class PushResponse(_message.Message):
     def __init__(self, applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., dropped: _Optional[bool] = ..., version: _Optional[int] = ..., staleness: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job_id", "worker_id", "clock", "min_version", "observe")
+    __slots__ = ("job_id", "worker_id", "clock", "min_version", "observe", "session")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     OBSERVE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     clock: int
     min_version: int
     observe: bool
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., min_version: _Optional[int] = ..., observe: _Optional[bool] = ...) -> None: ...
+    session: str
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., min_version: _Optional[int] = ..., observe: _Optional[bool] = ..., session: _Optional[str] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "worker_clock", "mode", "push")
@@ -298,6 +302,34 @@ class MembershipResponse(_message.Message):
     active_workers: _containers.RepeatedScalarFieldContainer[str]
     version: int
     def __init__(self, active_workers: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id", "session")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: str
+    session: str
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ("active_workers",)
+    ACTIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    active_workers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, active_workers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EndJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class EndJobResponse(_message.Message):
+    __slots__ = ("ended",)
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    ended: bool
+    def __init__(self, ended: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -69,6 +69,16 @@ class ParameterServerStub:
                 request_serializer=protos_dot_ps__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/ps.ParameterServer/Leave',
+                request_serializer=protos_dot_ps__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__pb2.LeaveResponse.FromString,
+                _registered_method=True)
+        self.EndJob = channel.unary_unary(
+                '/ps.ParameterServer/EndJob',
+                request_serializer=protos_dot_ps__pb2.EndJobRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__pb2.EndJobResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -116,6 +126,18 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +175,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=protos_dot_ps__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_ps__pb2.StatusResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=protos_dot_ps__pb2.LeaveRequest.FromString,
+                    response_serializer=protos_dot_ps__pb2.LeaveResponse.SerializeToString,
+            ),
+            'EndJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndJob,
+                    request_deserializer=protos_dot_ps__pb2.EndJobRequest.FromString,
+                    response_serializer=protos_dot_ps__pb2.EndJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +376,60 @@ class ParameterServer:
             '/ps.ParameterServer/Status',
             protos_dot_ps__pb2.StatusRequest.SerializeToString,
             protos_dot_ps__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.ParameterServer/Leave',
+            protos_dot_ps__pb2.LeaveRequest.SerializeToString,
+            protos_dot_ps__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.ParameterServer/EndJob',
+            protos_dot_ps__pb2.EndJobRequest.SerializeToString,
+            protos_dot_ps__pb2.EndJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

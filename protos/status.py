@@ -23,7 +23,11 @@ SHM_SEGMENT_UNAVAILABLE = "SHM_SEGMENT_UNAVAILABLE"
 # The server offers no shared-memory path at all: the client uses streams.
 SHM_UNSUPPORTED = "SHM_UNSUPPORTED"
 
-REASONS = (SHM_SEGMENT_UNAVAILABLE, SHM_UNSUPPORTED)
+# Another live client already uses this worker_id (a different session): the client fails,
+# it must not retry; each process needs its own worker_id (e.g. from its rank).
+WORKER_ID_IN_USE = "WORKER_ID_IN_USE"
+
+REASONS = (SHM_SEGMENT_UNAVAILABLE, SHM_UNSUPPORTED, WORKER_ID_IN_USE)
 
 
 def status_with_reason(

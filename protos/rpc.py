@@ -1,6 +1,6 @@
 """How the ParameterServer service is called: method paths, serializers, channel options.
 
-Status and SetMembership use the generated protobuf classes. Init, Push,
+Status, SetMembership, Leave and EndJob use the generated protobuf classes. Init, Push,
 Pull and Step carry tensor data: their stream messages travel as raw bytes, written
 and read by :func:`protos.codec.encode_frames` / :func:`protos.codec.decode_frame`
 (still valid protobuf for the same .proto, so any protobuf client can talk
@@ -44,6 +44,8 @@ class Calls:
     shm_step: grpc.UnaryUnaryMultiCallable
     set_membership: grpc.UnaryUnaryMultiCallable
     status: grpc.UnaryUnaryMultiCallable
+    leave: grpc.UnaryUnaryMultiCallable
+    end_job: grpc.UnaryUnaryMultiCallable
 
 
 def calls(channel: grpc.Channel) -> Calls:
@@ -82,6 +84,16 @@ def calls(channel: grpc.Channel) -> Calls:
             method("Status"),
             request_serializer=ps_pb2.StatusRequest.SerializeToString,
             response_deserializer=ps_pb2.StatusResponse.FromString,
+        ),
+        leave=channel.unary_unary(
+            method("Leave"),
+            request_serializer=ps_pb2.LeaveRequest.SerializeToString,
+            response_deserializer=ps_pb2.LeaveResponse.FromString,
+        ),
+        end_job=channel.unary_unary(
+            method("EndJob"),
+            request_serializer=ps_pb2.EndJobRequest.SerializeToString,
+            response_deserializer=ps_pb2.EndJobResponse.FromString,
         ),
     )
 

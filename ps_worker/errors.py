@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from protos.status import reason_of
+from protos.status import WORKER_ID_IN_USE, reason_of
 
 
 class PSError(Exception):
@@ -28,6 +28,12 @@ class InvalidRequestError(PSError, ValueError):
 
 class StateError(PSError):
     """FAILED_PRECONDITION: e.g. a push before the model is initialised."""
+
+
+class WorkerIdInUseError(StateError):
+    """FAILED_PRECONDITION with reason WORKER_ID_IN_USE: another live client (another
+    session) works under this worker id. Never retried: give each process its own id
+    (e.g. from its rank), or let the client choose a unique one."""
 
 
 class ConflictError(PSError):
@@ -58,11 +64,17 @@ _BY_CODE: dict[grpc.StatusCode, type[PSError]] = {
     grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
 }
 
+# A typed reason that means more than its status code.
+_BY_REASON: dict[str, type[PSError]] = {WORKER_ID_IN_USE: WorkerIdInUseError}
+
 
 def from_rpc_error(error: grpc.RpcError, server: str, what: str) -> PSError:
     """Translate a gRPC error into the matching typed exception (``server`` names the peer)."""
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
+    reason = reason_of(error)
     cls = _BY_CODE.get(code, PSError) if code is not None else PSError
+    if reason in _BY_REASON:
+        cls = _BY_REASON[reason]
     name = code.name if code is not None else "ERROR"
-    return cls(f"{what} on {server} failed ({name}): {details}", code, reason_of(error))
+    return cls(f"{what} on {server} failed ({name}): {details}", code, reason)

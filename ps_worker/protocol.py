@@ -1,9 +1,12 @@
 """A worker's side of the protocol as a plain object: no sockets, no threads, no tensors.
 
 It holds what the worker knows between calls (its clock, the version of each
-server's weights it last pulled, the step a sync pull waits for), writes the
-headers and requests a push, a pull or a fused step sends to each server,
-and reads what the servers' replies mean. The transports only carry them.
+server's weights it last pulled, the step a sync pull waits for, whether it
+has taken part in the job), writes the headers and requests a push, a pull or
+a fused step sends to each server, and reads what the servers' replies mean.
+The transports only carry them. Every header but an observing pull's carries
+the client's session, by which a server tells two live clients with one
+worker id apart.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ class PushSummary:
 class ProtocolState:
     """The clock and per-server versions of one worker in one job."""
 
-    def __init__(self, job_id: str, worker_id: str, servers: int) -> None:
+    def __init__(self, job_id: str, worker_id: str, servers: int, session: str = "") -> None:
         self.job_id = job_id
         self.worker_id = worker_id
+        self.session = session  # this client's random id, on every push and joining pull
+        self.member = False  # has pushed or pulled as a worker: the servers count it
         self.clock = 0  # iterations this worker has pushed
         self.pulled_versions = [0] * servers  # each server's version last pulled
         self.min_versions = [0] * servers  # sync: the step the next pull waits for
@@ -43,11 +48,13 @@ class ProtocolState:
         return self.clock + 1
 
     def push_header(self, server: int, clock: int) -> ps_pb2.PushHeader:
+        self.member = True
         return ps_pb2.PushHeader(
             job_id=self.job_id,
             worker_id=self.worker_id,
             clock=clock,
             pulled_version=self.pulled_versions[server],
+            session=self.session,
         )
 
     def pull_request(self, server: int, observe: bool = False) -> ps_pb2.PullRequest:
@@ -84,10 +91,19 @@ class ProtocolState:
         self.clock = max([self.clock, *(h.worker_clock for h in headers)])
 
     def _pull(self, clock: int, min_version: int, observe: bool) -> ps_pb2.PullRequest:
+        """A pull request; one that does not observe joins the job (and carries the session)."""
+        self.member = self.member or not observe
         return ps_pb2.PullRequest(
             job_id=self.job_id,
             worker_id=self.worker_id,
             clock=clock,
             min_version=min_version,
             observe=observe,
+            session="" if observe else self.session,
+        )
+
+    def leave_request(self) -> ps_pb2.LeaveRequest:
+        """This worker is done: it stops counting for the sync barrier and the ssp bound."""
+        return ps_pb2.LeaveRequest(
+            job_id=self.job_id, worker_id=self.worker_id, session=self.session
         )

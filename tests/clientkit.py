@@ -43,13 +43,18 @@ def rpc_error(code: grpc.StatusCode, message: str) -> FakeRpcError:
     return FakeRpcError(Status(code, message, None))
 
 
+def refused(code: grpc.StatusCode, message: str, reason: str) -> FakeRpcError:
+    """A failed call with a typed reason."""
+    return FakeRpcError(status.status_with_reason(code, message, reason))
+
+
 def refusal(reason: str | None) -> FakeRpcError:
     """ShmStep's refusal of a segment, with ``reason`` or (None) with the message alone."""
     message = "shm step: cannot open segment gradstore-x"
     code = grpc.StatusCode.INVALID_ARGUMENT
     if reason is None:  # the client must not read the message
         return rpc_error(code, message)
-    return FakeRpcError(status.status_with_reason(code, message, reason))
+    return refused(code, message, reason)
 
 
 class Status(grpc.Status):
@@ -74,6 +79,7 @@ class FakeServer:
         self.version = 0
         self.refuse: list[grpc.RpcError] = []
         self.calls: list[str] = []
+        self.sessions: list[str] = []  # the session of every push header and pull request
         self.segments: SegmentCache | None = None
         self.opened: set[str] = set()  # the segments this server has mapped
 
@@ -86,17 +92,21 @@ class FakeServer:
             frame = decode_frame(message)
             header = header or frame.header
             self._apply(frame.chunks)
-        assert ps_pb2.PushHeader.FromString(bytes(header)).job_id == "job"
+        push = ps_pb2.PushHeader.FromString(bytes(header))
+        assert push.job_id == "job"
+        self.sessions.append(push.session)
         return self._pushed()
 
     def pull(self, request: ps_pb2.PullRequest, timeout: float) -> Iterator[bytes]:
         self.calls.append("pull")
+        self.sessions.append(request.session)
         return encode_frames(self._header(request).SerializeToString(), self._pieces(), 64)
 
     def step(self, message: bytes, timeout: float) -> bytes:
         self.calls.append("step")
         frame = decode_frame(message)
         header = ps_pb2.StepHeader.FromString(bytes(frame.header))
+        self.sessions += [header.push.session, header.pull.session]
         self._apply(frame.chunks)
         pulled = self._header(header.pull, self._pushed())
         (reply,) = encode_frames(pulled.SerializeToString(), self._pieces(), 1 << 62)
@@ -106,6 +116,9 @@ class FakeServer:
         self.calls.append("shm")
         if self.refuse:
             raise self.refuse.pop(0)
+        for field in ("push", "pull"):
+            if request.HasField(field):
+                self.sessions.append(getattr(request, field).session)
         slots, size = segment_slots(self.layout, self.server)
         if self.segments is None:
             self.segments = SegmentCache(self.shm_dir)

@@ -93,3 +93,16 @@ def test_a_reply_missing_for_a_server_is_an_error():
     with pytest.raises(ValueError, match="1 pull headers for 2 servers"):
         state.after_pull([pulled(1)])
     assert state.pulled_versions == [0, 0]
+
+
+def test_every_header_but_an_observing_pulls_carries_the_session_and_makes_a_member():
+    """The session lets a server refuse a second live client under the same worker id; an
+    observing pull never joins, so it carries none and leaves the client a non-member."""
+    state = ProtocolState("job", "w", 2, session="abc")
+    assert state.pull_request(0, observe=True).session == "" and not state.member
+    assert state.pull_request(0).session == "abc" and state.member
+    state = ProtocolState("job", "w", 2, session="abc")
+    assert state.push_header(1, 1).session == "abc" and state.member
+    step = ProtocolState("job", "w", 2, session="abc").step_header(0, 1)
+    assert step.push.session == step.pull.session == "abc"
+    assert state.leave_request() == ps_pb2.LeaveRequest(job_id="job", worker_id="w", session="abc")

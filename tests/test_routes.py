@@ -12,11 +12,17 @@ import torch
 from protos import ps_pb2, status
 from protos.security import ClientSecurity
 from ps_worker.config import ClientConfig
-from ps_worker.errors import InvalidRequestError, PSError, from_rpc_error
+from ps_worker.errors import (
+    InvalidRequestError,
+    PSError,
+    StateError,
+    WorkerIdInUseError,
+    from_rpc_error,
+)
 from ps_worker.link import Link
 from ps_worker.payload import Plan
 from ps_worker.protocol import ProtocolState
-from ps_worker.retry import RetryPolicy
+from ps_worker.retry import RetryPolicy, call_with_retry
 from ps_worker.routes import RENEW, STREAMS, Route, Router, after_refusal
 from ps_worker.transport import SharedMemory, Streams, UnaryStep
 from tests.clientkit import (
@@ -27,6 +33,7 @@ from tests.clientkit import (
     full_grads,
     plan_of,
     refusal,
+    refused,
     rpc_error,
 )
 
@@ -241,3 +248,27 @@ def test_a_link_reconnects_once_when_its_unix_socket_fails():
         assert lost == [link]
     finally:
         link.close()
+
+
+def test_a_worker_id_in_use_is_its_own_error_never_retried_nor_a_fallback(tmp_path):
+    """A second live client with the same worker id: the server's refusal (with its
+    message) surfaces at once as WorkerIdInUseError, over shared memory as over streams."""
+    message = "worker id 'w' is in use by another live client"
+    in_use = refused(grpc.StatusCode.FAILED_PRECONDITION, message, status.WORKER_ID_IN_USE)
+    attempts = []
+
+    def call(timeout):
+        attempts.append(timeout)
+        raise in_use
+
+    with pytest.raises(WorkerIdInUseError, match=message) as info:
+        call_with_retry(call, 5.0, RetryPolicy(), "s:1", "push")
+    assert isinstance(info.value, StateError) and info.value.reason == status.WORKER_ID_IN_USE
+    assert len(attempts) == 1
+    plan = plan_of(1)
+    fake = FakeServer(plan, 0)
+    router, route = router_with(plan, fake, tmp_path)
+    fake.refuse = [in_use]
+    with pytest.raises(WorkerIdInUseError, match=message):
+        pull_via(router, plan)
+    assert route.shm is not None and fake.calls == ["shm"]  # no fallback to streams

@@ -41,7 +41,7 @@ def test_every_transport_pushes_pulls_and_steps_the_same(transport_of, server, t
     plan = plan_of()
     fake = FakeServer(plan, server)
     transport = transport_of(plan, fake)
-    state = ProtocolState("job", "w", 2)
+    state = ProtocolState("job", "w", 2, session="s1")
     replies = transport.push(state.push_header(server, 1), full_grads(plan, 2.0))
     assert replies.applied and replies.version == 1
     dest = empty_dest()
@@ -60,6 +60,17 @@ def test_every_transport_pushes_pulls_and_steps_the_same(transport_of, server, t
     }
     assert fake.calls == calls[transport.name]
     assert list(tmp_path.iterdir()) == []  # segments are unlinked once the server mapped them
+    assert fake.sessions == ["s1"] * 4  # push, pull, and both halves of the step
+
+
+def test_an_observing_pull_carries_no_session_on_any_transport(transport_of):
+    """It never joins, so no server may take it for a client of the worker id."""
+    plan = plan_of()
+    fake = FakeServer(plan, 0)
+    state = ProtocolState("job", "w", 2, session="s1")
+    sink = plan.sink(0, empty_dest(), "f")
+    transport_of(plan, fake).pull(state.pull_request(0, observe=True), sink)
+    assert fake.sessions == [""] and not state.member
 
 
 def test_a_push_is_encoded_once_however_many_servers_ask():

@@ -2,8 +2,9 @@
 
 The public API: :class:`DistributedOptimizer`, which puts the servers in
 place of a training loop's ``torch.optim`` optimizer; :class:`Client` with
-``init``, ``pull``, ``pull_into``, ``push``, ``push_from``, ``set_membership``
-and ``status``; the optimizers :class:`SGD`, :class:`Adam` and
+``init``, ``pull``, ``pull_into``, ``push``, ``push_from``, ``set_membership``,
+``status``, ``leave``, ``join`` and ``state_dict``; :func:`shard`, each rank's
+share of a dataset; the optimizers :class:`SGD`, :class:`Adam` and
 :class:`Adagrad` (the registry :data:`OPTIMIZERS`); the job's :class:`Settings`
 and :class:`Mode`; :class:`LrSchedule`; typed errors.
 """
@@ -20,7 +21,9 @@ from ps_worker.errors import (
     StateError,
     UnknownJobError,
     WaitTimeoutError,
+    WorkerIdInUseError,
 )
+from ps_worker.sharding import shard
 from ps_worker.torch_api import DistributedOptimizer
 
 __all__ = [
@@ -42,4 +45,6 @@ __all__ = [
     "StateError",
     "UnknownJobError",
     "WaitTimeoutError",
+    "WorkerIdInUseError",
+    "shard",
 ]

@@ -9,8 +9,14 @@
 
 Every call contacts all servers concurrently, carries a deadline, and is
 retried (on UNAVAILABLE, or CANCELLED by a server shutting down, with backoff and
-jitter) until it runs out.
-Pushes are idempotent per ``(worker_id, clock)``, so retries are safe.
+jitter) until it runs out; one that waits longer than a few seconds logs what it
+waits for (:mod:`ps_worker.waits`). Pushes are idempotent per ``(worker_id, clock)``,
+so retries are safe. Each client is one session: a second live client under the
+same worker id is refused (:class:`~ps_worker.errors.WorkerIdInUseError`). A
+client that took part in the job leaves it when it closes (or the process ends),
+so the others stop waiting for it at once; :meth:`Client.join` also waits for
+every other worker to finish. Servers, worker id and token may come from the
+environment (:mod:`ps_worker.environment`).
 
 The parts: :mod:`ps_worker.protocol` (clock, versions, headers; no I/O),
 :mod:`ps_worker.payload` (tensor data in one description),
@@ -20,10 +26,13 @@ The parts: :mod:`ps_worker.protocol` (clock, versions, headers; no I/O),
 
 from __future__ import annotations
 
-import os
-import socket
+import atexit
+import dataclasses
+import logging
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -35,9 +44,17 @@ from protos import ps_pb2
 from protos.codec import encode_frames, to_raw
 from protos.job import Job, JobError, Settings
 from protos.layout import Layout, TensorSpec, server_pieces
+from ps_worker import environment
 from ps_worker.compress import GradientEncoder
 from ps_worker.config import ClientConfig
-from ps_worker.errors import InvalidRequestError, PSError, ServerUnavailableError
+from ps_worker.environment import unique_worker_id as default_worker_id
+from ps_worker.errors import (
+    InvalidRequestError,
+    PSError,
+    ServerUnavailableError,
+    WaitTimeoutError,
+    from_rpc_error,
+)
 from ps_worker.link import Link
 from ps_worker.payload import Plan
 from ps_worker.protocol import ProtocolState, PushSummary
@@ -48,17 +65,24 @@ from ps_worker.tensors import (
     dtype_name,
     module_destinations,
     module_grads,
+    module_state,
     named,
 )
+from ps_worker.waits import WaitReporter, describe_active, no_answer, why_held
 
 __all__ = ["Client", "ClientConfig", "PushSummary", "default_worker_id"]
 
 T = TypeVar("T")
+log = logging.getLogger("ps_worker")
+
+_open: weakref.WeakSet[Client] = weakref.WeakSet()  # closed at exit, so that they leave
 
 
-def default_worker_id() -> str:
-    """Unique per process incarnation: a restarted worker is a new worker."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+@atexit.register
+def _close_open_clients() -> None:
+    """A process that ends without closing its clients still leaves the job."""
+    for client in list(_open):
+        client.close()
 
 
 class Client:
@@ -71,27 +95,48 @@ class Client:
 
     def __init__(
         self,
-        servers: Sequence[str],
+        servers: str | Sequence[str] | None = None,
         job_id: str = "default",
         worker_id: str | None = None,
         config: ClientConfig | None = None,
     ) -> None:
-        if not servers:
-            raise ValueError("at least one server address is needed")
+        """``servers``: ``HOST:PORT`` addresses (a list, or one comma-separated string),
+        else ``$PS_SERVERS``. ``worker_id``: else ``worker<RANK>`` when ``$RANK`` is set,
+        else a unique id. ``config.security``: else the token in ``$PS_TOKEN``, if any."""
+        addresses = environment.servers(servers)
         self.job_id = job_id
-        self.worker_id = worker_id or default_worker_id()
+        self.worker_id = environment.worker_id(worker_id)
+        self.session = uuid.uuid4().hex  # this client, as the servers tell it from others
         self.config = config or ClientConfig()
-        self._state = ProtocolState(job_id, self.worker_id, len(servers))
-        self._router = Router(servers, self.config)
+        if self.config.security is None:
+            self.config = dataclasses.replace(self.config, security=environment.security())
+        self._state = ProtocolState(job_id, self.worker_id, len(addresses), self.session)
+        self._router = Router(addresses, self.config)
         # Headroom for a status() or set_membership() from another thread while a pull waits.
-        self._pool = ThreadPoolExecutor(4 * len(servers), thread_name_prefix="ps-client")
+        self._pool = ThreadPoolExecutor(4 * len(addresses), thread_name_prefix="ps-client")
+        self._reports = WaitReporter(
+            self.config.report_wait_after_s, self.config.report_wait_every_s
+        )
+        self._closed = threading.Event()
         self._job: Job | None = None
         self._plan: Plan | None = None  # set with the job
+        _open.add(self)
 
     # ------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Cancel calls in flight and release the connections."""
+        """Leave the job if this client took part in it (best effort, within
+        ``config.quick_timeout_s``), cancel calls in flight and release the connections.
+        Never raises; closing again does nothing."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        _open.discard(self)
+        try:
+            self.leave()
+        except PSError as e:
+            log.warning("%s did not leave the job cleanly: %s", self.worker_id, e)
+        self._reports.close()
         self._router.close()  # cancels in-flight calls, so the pool's threads finish
         self._pool.shutdown(wait=True)
         self._router.release()
@@ -123,17 +168,31 @@ class Client:
         return list(self._state.pulled_versions)
 
     def wait_for_servers(self, timeout_s: float = 30.0) -> None:
-        """Block until every server accepts connections; ServerUnavailableError if not."""
+        """Block until every server accepts connections; ServerUnavailableError naming the
+        others if not. Logs which servers it waits for while it waits."""
         deadline = time.monotonic() + timeout_s
-        for link in self._router.links:
-            try:
-                grpc.channel_ready_future(link.channel).result(
-                    timeout=max(0.0, deadline - time.monotonic())
-                )
-            except grpc.FutureTimeoutError:
-                raise ServerUnavailableError(
-                    f"server {link.address} did not accept a connection within {timeout_s:.0f}s"
-                ) from None
+        links = self._router.links
+        ready = [grpc.channel_ready_future(link.channel) for link in links]
+
+        def missing() -> list[str]:
+            return [link.address for link, f in zip(links, ready, strict=True) if not f.done()]
+
+        def describe() -> str:
+            return f"servers not accepting connections: {', '.join(missing())}"
+
+        try:
+            with self._reports.waiting(f"{self.worker_id} connecting", describe):
+                for future in ready:
+                    try:
+                        future.result(timeout=max(0.0, deadline - time.monotonic()))
+                    except grpc.FutureTimeoutError:
+                        raise ServerUnavailableError(
+                            f"server(s) {', '.join(missing())} did not accept a connection "
+                            f"within {timeout_s:g}s"
+                        ) from None
+        finally:
+            for future in ready:
+                future.cancel()
 
     # ----------------------------------------------------------------- init
 
@@ -180,6 +239,8 @@ class Client:
             raise InvalidRequestError(str(e)) from None
         layout = job.layout
         flat = {n: to_raw(v) for n, v in values.items()}
+        if self.worker_id in job.workers:
+            self._state.member = True  # active from the start: it must leave when done
 
         def init_one(i: int, link: Link) -> bool:
             header = ps_pb2.InitHeader(config=job.for_server(i).to_proto()).SerializeToString()
@@ -192,7 +253,7 @@ class Client:
             )
             return reply.created
 
-        created = self._each(init_one)
+        created = self._each(init_one, "init")
         self._set_job(job)
         return any(created)
 
@@ -261,7 +322,7 @@ class Client:
             sink = plan.sink(i, dest, link.address)
             return self._router.run(i, lambda t: t.pull(request, sink))
 
-        self._state.after_pull(self._each(pull_one), observe)
+        self._state.after_pull(self._each(pull_one, "pull", held=not observe), observe)
 
     # ----------------------------------------------------------------- push
 
@@ -275,7 +336,7 @@ class Client:
             header = self._state.push_header(i, clock)
             return self._router.run(i, lambda t: t.push(header, pushed))
 
-        return self._state.after_push(clock, self._each(push_one))
+        return self._state.after_push(clock, self._each(push_one, "push"))
 
     def push_from(self, module: torch.nn.Module) -> PushSummary:
         """Push a module's ``.grad``s; a parameter without a gradient pushes zeros."""
@@ -298,7 +359,7 @@ class Client:
             sink = plan.sink(i, dest, link.address)
             return self._router.run(i, lambda t: t.step(header, pushed, sink))
 
-        results = self._each(step_one)
+        results = self._each(step_one, "step", held=True)
         summary = self._state.after_push(clock, [push for push, _ in results])
         self._state.after_pull([pulled for _, pulled in results])
         finish()
@@ -314,7 +375,8 @@ class Client:
                 "set_membership",
                 lambda calls, t: calls.set_membership(request, timeout=t),
                 self.config.timeout_s,
-            )
+            ),
+            "set_membership",
         )
         return list(replies[0].active_workers)
 
@@ -324,16 +386,124 @@ class Client:
         return self._each(
             lambda _, link: link.call(
                 "status", lambda calls, t: calls.status(request, timeout=t), self.config.timeout_s
-            )
+            ),
+            "status",
         )
+
+    # ------------------------------------------------------ leaving, the model out
+
+    def leave(self) -> None:
+        """Leave the job on every server, if this client took part in it (pushed, or pulled
+        without ``observe``, or was named a worker at init): the servers stop counting it
+        for the sync barrier and the ssp bound at once. One call per server, concurrently,
+        within ``config.quick_timeout_s``; raises the first server's PSError. ``close()``
+        calls it."""
+        if not self._state.member:
+            return
+        self._state.member = False
+        request = self._state.leave_request()
+        timeout = self.config.quick_timeout_s
+        calls = [
+            (link, link.calls.leave.future(request, timeout=timeout)) for link in self._router.links
+        ]  # grpc's own futures: no thread of ours, so it works as the process exits
+        errors = []
+        for link, call in calls:
+            try:
+                call.result()
+            except grpc.RpcError as e:
+                errors.append(from_rpc_error(e, link.address, "leave"))
+        if errors:
+            raise errors[0]
+
+    def join(self, module: torch.nn.Module | None = None, timeout_s: float | None = None) -> None:
+        """The end of a worker's training, for workers with uneven step counts (Horovod's
+        ``hvd.join()``, DDP's ``Join``): leave the job, so that the others stop waiting for
+        this one, then wait until no worker is active on any server, then load the final
+        weights into ``module`` if given. WaitTimeoutError naming the workers still active
+        after ``timeout_s`` (default ``config.pull_timeout_s``); logs whom it waits for."""
+        self.leave()
+        timeout_s = self.config.pull_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        active = self._active()
+
+        def describe() -> str:
+            return f"workers still active: {describe_active(active)}"
+
+        with self._reports.waiting(f"{self.worker_id} join", describe):
+            while active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WaitTimeoutError(
+                        f"join: after {timeout_s:g}s workers are still active: "
+                        f"{describe_active(active)}"
+                    )
+                if self._closed.wait(min(self.config.join_poll_s, left)):
+                    raise PSError("join: the client was closed")
+                active = self._active()
+        if module is not None:
+            self.pull_into(module, observe=True)
+
+    def _active(self) -> dict[str, list[str]]:
+        """Each worker active on some server: the servers it is active on."""
+        active: dict[str, list[str]] = {}
+        for address, reply in zip(self.servers, self.status(), strict=True):
+            for worker in reply.workers:
+                if worker.active:
+                    active.setdefault(worker.worker_id, []).append(address)
+        return active
+
+    def state_dict(self, module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The servers' current weights as ``{name: CPU tensor}``: an observing pull, which
+        never waits and never joins the job.
+
+        The servers hold the model's parameters only. Without ``module`` the result is
+        those; with it (the model the job was initialised from) it is
+        ``module.state_dict()``'s layout, parameters from the servers and buffers (e.g.
+        batch norm statistics) from ``module``, so ``load_state_dict(..., strict=True)``
+        takes it and ``safetensors.torch.save_file`` saves it."""
+        weights = self.pull(observe=True)
+        return weights if module is None else module_state(self.layout, module, weights)
+
+    def end_job(self) -> list[bool]:
+        """Drop the job from every server (weights, optimizer state, checkpoints), freeing
+        them for another job; for each server, whether it held one."""
+        request = ps_pb2.EndJobRequest(job_id=self.job_id)
+        replies = self._each(
+            lambda _, link: link.call(
+                "end job", lambda calls, t: calls.end_job(request, timeout=t), self.config.timeout_s
+            ),
+            "end job",
+        )
+        self._job = self._plan = None
+        return [r.ended for r in replies]
 
     # ------------------------------------------------------------ machinery
 
-    def _each(self, fn: Callable[[int, Link], T]) -> list[T]:
-        """Run fn on every server concurrently; raise the first server's error, if any."""
+    def _each(self, fn: Callable[[int, Link], T], what: str, held: bool = False) -> list[T]:
+        """Run fn on every server concurrently; raise the first server's error, if any.
+
+        While it runs longer than ``config.report_wait_after_s``, it logs which servers
+        have not answered, and for a call the job's mode may hold (``held``) why each one
+        holds it, as its status says."""
         self._router.choose()
         links = self._router.links
-        if len(links) == 1:
-            return [fn(0, links[0])]
-        futures = [self._pool.submit(fn, i, link) for i, link in enumerate(links)]
-        return [f.result() for f in futures]
+        pending = set(range(len(links)))
+
+        def run(i: int, link: Link) -> T:
+            try:
+                return fn(i, link)
+            finally:
+                pending.discard(i)
+
+        def describe() -> str:
+            waiting = [links[i] for i in sorted(pending)]
+            if not held:
+                return no_answer(waiting)
+            request = ps_pb2.StatusRequest(job_id=self.job_id)
+            return why_held(waiting, request, self.worker_id, self.config.quick_timeout_s)
+
+        with self._reports.waiting(f"{self.worker_id} {what}", describe):
+            if len(links) == 1:
+                return [run(0, links[0])]
+            futures = [self._pool.submit(run, i, link) for i, link in enumerate(links)]
+            return [f.result() for f in futures]

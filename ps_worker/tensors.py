@@ -93,3 +93,24 @@ def module_destinations(
                 params[name].data.copy_(flat.view(params[name].shape))
 
     return dest, finish
+
+
+def module_state(
+    layout: Layout, module: torch.nn.Module, weights: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``module.state_dict()``'s keys, its parameters from ``weights`` (the servers'), the
+    rest (buffers, which the servers do not hold) from the module: CPU copies, one per key,
+    so that ``load_state_dict(..., strict=True)`` takes it and safetensors can save it."""
+    params = dict(module.named_parameters())  # one name per parameter, as the layout has
+    check_names(layout, params.keys())
+    name_of = {id(p): name for name, p in params.items()}
+    state: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for key, value in module.state_dict(keep_vars=True).items():
+        name = name_of.get(id(value))
+        if name is None:
+            state[key] = value.detach().to("cpu", copy=True)
+        else:  # a tied parameter appears under several keys: each gets its own copy
+            state[key] = weights[name] if name not in used else weights[name].clone()
+            used.add(name)
+    return state

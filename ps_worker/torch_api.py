@@ -12,7 +12,11 @@ line of a training loop: the update itself runs on the servers (their
 optimizer, in the job's mode), and ``step()`` leaves the model holding the
 weights the next batch needs, waiting as the mode requires. Every worker
 constructs it the same way; the first one initialises the servers with its
-model's weights and the others start from those.
+model's weights and the others start from those. Under torchrun-style
+launchers ``DistributedOptimizer(model, mode=...)`` is enough: the servers,
+rank and world come from ``PS_SERVERS``, ``RANK`` and ``WORLD_SIZE``
+(:mod:`ps_worker.environment`). ``join()`` ends a rank's training, whatever
+the others' step counts, with the final weights in the model.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from protos.job import JobError, Settings
+from ps_worker import environment
 from ps_worker.client import Client, ClientConfig, PushSummary
 from ps_worker.errors import InvalidRequestError
 
@@ -33,7 +38,7 @@ class DistributedOptimizer:
     def __init__(
         self,
         model: torch.nn.Module,
-        servers: Sequence[str],
+        servers: str | Sequence[str] | None = None,
         job_id: str = "default",
         rank: int | None = None,
         world: int | None = None,
@@ -43,20 +48,18 @@ class DistributedOptimizer:
         config: ClientConfig | None = None,
         **settings: Any,
     ) -> None:
-        """``rank`` and ``world`` (this worker's index and the number of workers) name the
-        workers ``worker0`` ... and make them the job's initial members, as sync mode needs;
+        """``servers``: else ``$PS_SERVERS``. ``rank`` and ``world`` (this worker's index and
+        the number of workers; else ``$RANK`` and ``$WORLD_SIZE``) name the workers
+        ``worker0`` ... and make them the job's initial members, as sync mode needs;
         without them the worker gets a unique id and joins on contact. ``settings`` are the
         job's, as :meth:`Client.init` takes them (``mode``, ``optimizer``, ``lr``, the
         optimizer's options such as ``momentum`` or ``beta1``, ``lr_schedule``, ...)."""
         self.model = model
-        whole = [v for v in (rank, world) if v is not None]
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in whole):
-            raise InvalidRequestError(f"rank {rank!r} and world {world!r} must be whole numbers")
-        if (rank is None) != (world is None) or (world is not None and not 0 <= rank < world):
-            raise ValueError(f"rank {rank} and world {world}: give both, with 0 <= rank < world")
+        rank, world = environment.rank_and_world(rank, world)
+        servers = environment.servers(servers)
         if world is not None:
-            worker_id = worker_id or f"worker{rank}"
-            workers = workers or [f"worker{r}" for r in range(world)]
+            worker_id = worker_id or environment.worker_name(rank)
+            workers = workers or [environment.worker_name(r) for r in range(world)]
         try:
             job_settings = Settings.build(**settings)
         except JobError as e:
@@ -78,7 +81,22 @@ class DistributedOptimizer:
         """Push the gradients, then load the weights that follow into the module."""
         return self.client.push_pull_into(self.model)
 
+    def join(self, timeout_s: float | None = None) -> None:
+        """End this rank's training, whatever the others' step counts (Horovod's
+        ``hvd.join()``): leave the job so no one waits for this rank, wait until every
+        worker has left, then load the final weights into the module. ``step()`` is over
+        after it; :meth:`Client.join` has the details."""
+        self.client.join(self.model, timeout_s)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's ``state_dict()`` with the servers' current weights (CPU tensors;
+        buffers, which the servers do not hold, from the module), for
+        ``model.load_state_dict`` or ``safetensors.torch.save_file``. The optimizer's own
+        state stays on the servers."""
+        return self.client.state_dict(self.model)
+
     def close(self) -> None:
+        """Leave the job and release the connections (also done as the process exits)."""
         self.client.close()
 
     def __enter__(self) -> DistributedOptimizer:

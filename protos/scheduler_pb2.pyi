@@ -114,13 +114,13 @@ class EvaluationResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class LeaveRequest(_message.Message):
+class WorkerLeaveRequest(_message.Message):
     __slots__ = ("worker_id",)
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
-class LeaveResponse(_message.Message):
+class WorkerLeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

@@ -61,8 +61,8 @@ class SchedulerStub:
                 _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/ps.Scheduler/Leave',
-                request_serializer=protos_dot_scheduler__pb2.LeaveRequest.SerializeToString,
-                response_deserializer=protos_dot_scheduler__pb2.LeaveResponse.FromString,
+                request_serializer=protos_dot_scheduler__pb2.WorkerLeaveRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.WorkerLeaveResponse.FromString,
                 _registered_method=True)
         self.Progress = channel.unary_unary(
                 '/ps.Scheduler/Progress',
@@ -146,8 +146,8 @@ def add_SchedulerServicer_to_server(servicer, server):
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
-                    request_deserializer=protos_dot_scheduler__pb2.LeaveRequest.FromString,
-                    response_serializer=protos_dot_scheduler__pb2.LeaveResponse.SerializeToString,
+                    request_deserializer=protos_dot_scheduler__pb2.WorkerLeaveRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.WorkerLeaveResponse.SerializeToString,
             ),
             'Progress': grpc.unary_unary_rpc_method_handler(
                     servicer.Progress,
@@ -315,8 +315,8 @@ class Scheduler:
             request,
             target,
             '/ps.Scheduler/Leave',
-            protos_dot_scheduler__pb2.LeaveRequest.SerializeToString,
-            protos_dot_scheduler__pb2.LeaveResponse.FromString,
+            protos_dot_scheduler__pb2.WorkerLeaveRequest.SerializeToString,
+            protos_dot_scheduler__pb2.WorkerLeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,

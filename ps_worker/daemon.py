@@ -113,7 +113,7 @@ class WorkerDaemon:
             log.info("job settings: %s", settings.describe())
             heartbeats.start()
             self._loop()
-            self.link.call("Leave", scheduler_pb2.LeaveRequest(worker_id=self.worker_id))
+            self.link.call("Leave", scheduler_pb2.WorkerLeaveRequest(worker_id=self.worker_id))
             return 0
         finally:
             self.stop.set()

@@ -200,7 +200,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         await self._call(context, lambda: self.state.leave(request.worker_id, self.now()))
         log.info("worker %s left", request.worker_id)
         await self.sync_membership()
-        return scheduler_pb2.LeaveResponse()
+        return scheduler_pb2.WorkerLeaveResponse()
 
     async def Progress(self, request, context):
         progress = self.state.progress(self.now())

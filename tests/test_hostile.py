@@ -133,7 +133,7 @@ def test_hostile_requests_to_a_server_and_the_scheduler(tmp_path):
                             worker_id=worker.worker_id, epoch=0, accuracy=7.0),
                         timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "accuracy"),
                     ("leave of an unknown worker", lambda: sched.Leave(
-                        scheduler_pb2.LeaveRequest(worker_id="ghost"), timeout=10),
+                        scheduler_pb2.WorkerLeaveRequest(worker_id="ghost"), timeout=10),
                      grpc.StatusCode.NOT_FOUND, "unknown worker"),
                     ("garbage bytes to the scheduler", lambda: s_channel.unary_unary(
                         "/ps.Scheduler/Lease")(b"\xff\xff\xff", timeout=10),

@@ -255,6 +255,14 @@ class Limits:
     max_model_bytes: int = 64 << 30  # the whole model, every server's share together
     max_parts: int = 1_000_000
     max_servers: int = 1024
+    max_id_chars: int = 256  # a job id, worker id or client session id
+
+    def check_id(self, name: str, value: str, empty: bool = True) -> None:
+        """A JobError if an id is longer than :attr:`max_id_chars` (or empty, unless allowed)."""
+        if not value and not empty:
+            raise JobError(f"{name} is empty")
+        if len(value) > self.max_id_chars:
+            raise JobError(f"{name} has {len(value)} characters; the limit is {self.max_id_chars}")
 
 
 @dataclass(frozen=True)
@@ -297,8 +305,9 @@ class Job:
     @classmethod
     def from_proto(cls, config: ps_pb2.JobConfig, limits: Limits = Limits()) -> Job:
         """Validate a JobConfig and recompute its layout; JobError names what is wrong."""
-        if not config.job_id:
-            raise JobError("job_id is empty")
+        limits.check_id("job_id", config.job_id, empty=False)
+        for worker in config.workers:
+            limits.check_id("worker id", worker, empty=False)
         if len(config.tensors) > limits.max_tensors:
             raise JobError(
                 f"the model has {len(config.tensors)} tensors; the limit is {limits.max_tensors}"

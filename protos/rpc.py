@@ -135,6 +135,11 @@ def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
                 request_deserializer=ps_pb2.StatusRequest.FromString,
                 response_serializer=ps_pb2.StatusResponse.SerializeToString,
             ),
+            "Leave": grpc.unary_unary_rpc_method_handler(
+                s.Leave,
+                request_deserializer=ps_pb2.LeaveRequest.FromString,
+                response_serializer=ps_pb2.LeaveResponse.SerializeToString,
+            ),
         },
     )
 

@@ -3,8 +3,9 @@
 A checkpoint holds everything a server needs to carry on: the job, the
 parameters and optimizer state of each dtype group, a sync step's partial
 sum and contributors, the step and version counters, and every worker's
-clock (the record that makes a retried push a duplicate). No pickle: a
-checkpoint is data and can never execute code.
+clock, active and left flags (the clock makes a retried push a duplicate);
+not the clients' sessions (the first seen after a restart claims each
+worker id). No pickle: a checkpoint is data and can never execute code.
 
 Layout of a checkpoint directory::
 
@@ -34,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from protos import ps_pb2
 from protos.job import Job
 from ps_server.flat import GroupState
-from ps_server.store import Counters, ParameterStore, StoreState, StoreView, WorkerState
+from ps_server.records import Counters, StoreState, StoreView, WorkerState
+from ps_server.store import ParameterStore
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -77,7 +79,7 @@ def snapshot(store: ParameterStore) -> Snapshot | None:
         "job_id": view.job.job_id,
         "steps": view.steps,
         "version": view.version,
-        "workers": [[w.worker_id, w.clock, w.active] for w in view.workers],
+        "workers": [[w.worker_id, w.clock, w.active, w.left] for w in view.workers],
         "contributors": list(view.contributors),
         "counters": {
             "updates_applied": c.updates_applied,
@@ -155,7 +157,7 @@ def _state(snap: Snapshot) -> StoreState:
         job,
         int(m["steps"]),
         int(m["version"]),
-        tuple(WorkerState(w, int(clock), bool(active)) for w, clock, active in m["workers"]),
+        tuple(_worker(*entry) for entry in m["workers"]),
         tuple(m["contributors"]),
         counters,
     )
@@ -175,6 +177,11 @@ def _state(snap: Snapshot) -> StoreState:
             if "param" in found
         },
     )
+
+
+def _worker(worker_id: str, clock: int, active: bool, left: bool = False) -> WorkerState:
+    """A manifest's worker entry (checkpoints before Leave have no ``left``)."""
+    return WorkerState(worker_id, int(clock), bool(active), bool(left))
 
 
 def _sha256(path: Path) -> str:

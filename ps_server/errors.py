@@ -36,3 +36,8 @@ class NotFound(StoreError):
     """A request for a job this server does not hold."""
 
     code = "NOT_FOUND"
+
+
+class WorkerIdInUse(FailedPrecondition):
+    """A push or pull (or leave) from another client than the live one holding the worker id;
+    the service adds the typed reason WORKER_ID_IN_USE (protos.status)."""

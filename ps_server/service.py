@@ -38,8 +38,13 @@ from protos.rpc import (
 )
 from protos.security import ServerSecurity
 from protos.shm import Segment, SegmentCache, SegmentError, Slot, segment_slots
-from protos.status import SHM_SEGMENT_UNAVAILABLE, SHM_UNSUPPORTED, abort_with_reason
-from ps_server.errors import InvalidArgument, StoreError
+from protos.status import (
+    SHM_SEGMENT_UNAVAILABLE,
+    SHM_UNSUPPORTED,
+    WORKER_ID_IN_USE,
+    abort_with_reason,
+)
+from ps_server.errors import InvalidArgument, StoreError, WorkerIdInUse
 from ps_server.flat import PartKey
 from ps_server.metrics import ServerMetrics, Timer
 from ps_server.store import ParameterStore, PullDecision, Waiter
@@ -60,7 +65,11 @@ class ServiceConfig:
 
 
 async def abort(context: grpc.aio.ServicerContext, error: StoreError) -> NoReturn:
-    await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+    """Fail the call with the error's status (and its typed reason, where it has one)."""
+    code = getattr(grpc.StatusCode, error.code)
+    if isinstance(error, WorkerIdInUse):
+        await abort_with_reason(context, code, str(error), WORKER_ID_IN_USE)
+    await context.abort(code, str(error))
     raise AssertionError("unreachable")  # context.abort always raises
 
 
@@ -141,6 +150,7 @@ class ParameterService:
             step = ps_pb2.StepHeader.FromString(bytes(frame.header))
         except (CodecError, DecodeError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step: {e}")
+        await self._check_pull(step.pull, context)  # nothing is applied for a refused pull
         push = await self._push(step.push, frame.chunks, context)
         header, pieces = await self._pull(step.pull, context, push)
         one = max(1, sum(p.values.nbytes for p in pieces))
@@ -171,6 +181,8 @@ class ParameterService:
         segment = await self._segment(request.segment, size, context)
         push = None
         if has_push:
+            if has_pull:
+                await self._check_pull(request.pull, context)
             push = await self._push(request.push, _chunks_in(segment, slots, job), context)
         if not has_pull:
             return ps_pb2.PullHeader(
@@ -186,12 +198,25 @@ class ParameterService:
     async def SetMembership(
         self, request: ps_pb2.MembershipRequest, context
     ) -> ps_pb2.MembershipResponse:
+        for worker in request.active_workers:
+            await self._check_ids(context, request.job_id, worker, "")
         active = await self._call(
             context, lambda: self.store.set_membership(request.job_id, request.active_workers)
         )
         log.info("membership: %s", ", ".join(active) or "(none)")
         await self._notify()
         return ps_pb2.MembershipResponse(active_workers=active, version=self.store.version)
+
+    async def Leave(self, request: ps_pb2.LeaveRequest, context) -> ps_pb2.LeaveResponse:
+        """A client is done: its worker stops counting for the barrier and the bound now."""
+        r = request
+        await self._check_ids(context, r.job_id, r.worker_id, r.session)
+        active = await self._call(
+            context, lambda: self.store.leave(r.job_id, r.worker_id, r.session)
+        )
+        log.info("worker %s left; active: %s", r.worker_id, ", ".join(active) or "(none)")
+        await self._notify()
+        return ps_pb2.LeaveResponse(active_workers=active)
 
     async def Status(self, request: ps_pb2.StatusRequest, context) -> ps_pb2.StatusResponse:
         where = {
@@ -234,10 +259,13 @@ class ParameterService:
     ) -> ps_pb2.PushResponse:
         """Apply one push (from any handler), count it and wake the waiting pulls."""
         h = header
+        await self._check_ids(context, h.job_id, h.worker_id, h.session)
         with Timer() as timer:
             result = await self._call(
                 context,
-                lambda: self.store.push(h.job_id, h.worker_id, h.clock, h.pulled_version, chunks),
+                lambda: self.store.push(
+                    h.job_id, h.worker_id, h.clock, h.pulled_version, chunks, h.session
+                ),
             )
         if self.metrics is not None:
             self.metrics.pushes.inc()
@@ -269,12 +297,11 @@ class ParameterService:
         The views share memory with the parameters: copy or encode them before
         the next await, so no push can tear them.
         """
-        store = self.store
+        store, r = self.store, request
+        await self._check_ids(context, r.job_id, r.worker_id, r.session)
 
         def decide() -> PullDecision:
-            return store.pull_decision(
-                request.job_id, request.worker_id, request.clock, request.min_version
-            )
+            return store.pull_decision(r.job_id, r.worker_id, r.clock, r.min_version, r.session)
 
         if not request.observe and not (await self._call(context, decide)).ready:
             with Timer() as timer:
@@ -284,7 +311,7 @@ class ParameterService:
                     timer.seconds
                 )
         version, clock, pieces = await self._call(
-            context, lambda: store.pull(request.job_id, request.worker_id, request.observe)
+            context, lambda: store.pull(r.job_id, r.worker_id, r.observe, r.session)
         )
         assert store.job is not None
         self._publish()  # a first pull may have added a worker
@@ -304,7 +331,8 @@ class ParameterService:
         budget = self.config.max_wait_s
         if remaining is not None:  # answer before the caller's own deadline fires
             budget = min(budget, remaining - min(1.0, 0.1 * remaining) - 0.02)
-        token = self.store.add_waiter(Waiter(request.worker_id, request.clock, request.min_version))
+        r = request
+        token = self.store.add_waiter(Waiter(r.worker_id, r.clock, r.min_version, r.session))
         try:
             async with self.changed:
                 await asyncio.wait_for(
@@ -321,6 +349,24 @@ class ParameterService:
             await abort(context, e)
         finally:
             self.store.remove_waiter(token)
+
+    async def _check_ids(self, context, job_id: str, worker_id: str, session: str) -> None:
+        """Refuse ids over the server's limit (INVALID_ARGUMENT), before the store sees them."""
+        limits = self.config.limits
+        try:
+            for name, value in (("job_id", job_id), ("worker_id", worker_id), ("session", session)):
+                limits.check_id(name, value)
+        except JobError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def _check_pull(self, request: ps_pb2.PullRequest, context) -> None:
+        """A step's pull part: refuse a client that may not pull before its push is applied."""
+        if not request.observe:
+            r = request
+            await self._check_ids(context, r.job_id, r.worker_id, r.session)
+            await self._call(
+                context, lambda: self.store.check_contact(r.job_id, r.worker_id, r.session)
+            )
 
     # ------------------------------------------------------------ shared memory
 

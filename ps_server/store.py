@@ -23,15 +23,19 @@ clock the worker reaches with it (1 for its first push).
 - async: every push is applied at once.
 - ssp: pushes are applied at once; a pull at clock ``c`` waits until every
   active worker's clock is at least ``c - staleness``.
+
+A worker is active (counted by the barrier and the bound), left (it called
+Leave: a later push or pull from another client joins it again), or removed
+(by set_membership: refused until made a member again). One live client
+(session) per worker id: see :mod:`ps_server.sessions`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from types import MappingProxyType
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -43,119 +47,44 @@ from ps_server.errors import (
     InvalidArgument,
     NotFound,
     StoreError,
+    WorkerIdInUse,
 )
-from ps_server.flat import FlatParams, GroupState
-
-
-@dataclass(frozen=True)
-class WorkerState:
-    worker_id: str
-    clock: int  # the last clock processed from this worker (its start clock before any push)
-    active: bool = True
-
-
-@dataclass(frozen=True)
-class Counters:
-    """What a server has counted since its job began (a checkpoint carries them on)."""
-
-    updates_applied: int = 0
-    pushes_received: int = 0
-    stale_dropped: int = 0
-    duplicates: int = 0
-    staleness: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
-
-
-@dataclass(frozen=True)
-class StoreView:
-    """What a store holds, as immutable plain data: for Status, metrics and checkpoints."""
-
-    job: Job | None = None
-    steps: int = 0  # optimizer steps applied (sync: the step; async: every push)
-    version: int = 0  # updates applied (sync: the step)
-    workers: tuple[WorkerState, ...] = ()
-    contributors: tuple[str, ...] = ()  # sync: workers whose gradient is in this step's sum
-    counters: Counters = field(default_factory=Counters)
-    parameter_bytes: int = 0
-
-    @property
-    def active_workers(self) -> tuple[str, ...]:
-        return tuple(w.worker_id for w in self.workers if w.active)
-
-
-@dataclass(frozen=True)
-class StoreState:
-    """A store's whole state, copied: its view and every dtype group's tensors."""
-
-    view: StoreView
-    groups: Mapping[str, GroupState]
-
-
-@dataclass(frozen=True)
-class PushResult:
-    applied: bool
-    duplicate: bool
-    dropped: bool
-    version: int
-    staleness: int
-    lr: float
-
-
-@dataclass(frozen=True)
-class PullDecision:
-    """Whether a pull may proceed now; if not, why and for whom it waits."""
-
-    ready: bool
-    reason: str = ""
-    waiting_for: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Waiter:
-    worker_id: str
-    clock: int
-    min_version: int
-
-
-@dataclass
-class _Tally:
-    """The store's running counters (frozen into :class:`Counters` for readers)."""
-
-    updates_applied: int = 0
-    pushes_received: int = 0
-    stale_dropped: int = 0
-    duplicates: int = 0
-    staleness: Counter[int] = field(default_factory=Counter)
-
-    def frozen(self) -> Counters:
-        return Counters(
-            self.updates_applied,
-            self.pushes_received,
-            self.stale_dropped,
-            self.duplicates,
-            MappingProxyType(dict(self.staleness)),
-        )
-
-    @classmethod
-    def of(cls, c: Counters) -> _Tally:
-        staleness = Counter(c.staleness)
-        return cls(c.updates_applied, c.pushes_received, c.stale_dropped, c.duplicates, staleness)
+from ps_server.flat import FlatParams
+from ps_server.records import (
+    PullDecision,
+    PushResult,
+    StoreState,
+    StoreView,
+    Tally,
+    Waiter,
+    WorkerState,
+)
+from ps_server.sessions import Sessions
 
 
 class ParameterStore:
     """The state of one parameter server."""
 
-    def __init__(self, reject_nonfinite: bool = True) -> None:
+    def __init__(
+        self, reject_nonfinite: bool = True, now: Callable[[], float] = time.monotonic
+    ) -> None:
         self._reject_nonfinite = reject_nonfinite
+        self._sessions = Sessions(now)
+        self._waiters: dict[int, Waiter] = {}  # in-flight calls: they outlive an ended job
+        self._tokens = itertools.count()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Hold no job."""
         self._job: Job | None = None
         self._params: FlatParams | None = None
         self._steps = 0
         self._version = 0
         self._workers: dict[str, WorkerState] = {}
         self._contributors: list[str] = []
-        self._tally = _Tally()
-        self._waiters: dict[int, Waiter] = {}
-        self._tokens = itertools.count()
+        self._tally = Tally()
         self._restored = False  # holds a checkpoint's state: workers may have seen newer weights
+        self._sessions.clear()
 
     @property
     def job(self) -> Job | None:
@@ -199,12 +128,15 @@ class ParameterStore:
         clock: int,
         pulled_version: int,
         chunks: Sequence[RawChunk],
+        session: str = "",
     ) -> PushResult:
-        """Apply (or accumulate, or drop) one worker's gradient for this server's parts."""
+        """Apply (or accumulate, or drop) one worker's gradient for this server's parts.
+
+        ``session`` is the sending client's; another live client's worker id is refused."""
         job, params = self.check_job(job_id), self._held()
         if clock < 1:
             raise InvalidArgument(f"worker {worker_id!r}: bad clock {clock} (pushes start at 1)")
-        record = self._member(worker_id)
+        record = self._contact(worker_id, session)
         if record is not None and clock <= record.clock:
             self._tally.duplicates += 1
             return PushResult(False, True, False, self._version, 0, 0.0)
@@ -219,7 +151,9 @@ class ParameterStore:
                 f"server's version {self._version}"
             )
         sync = job.settings.mode is Mode.SYNC
-        if sync and pulled_version == self._version and worker_id in self._contributors:
+        # a new client for this worker id whose previous client already gave this step's gradient
+        again = sync and pulled_version == self._version and worker_id in self._contributors
+        if again and record is not None:
             raise FailedPrecondition(
                 f"worker {worker_id!r} already pushed a gradient for sync step {self._version}"
             )
@@ -229,11 +163,12 @@ class ParameterStore:
         # Validated: from here on nothing raises.
         record = record or self._join(worker_id)
         self._workers[worker_id] = replace(record, clock=clock)
+        self._sessions.seen(worker_id, session)
         self._tally.pushes_received += 1
         staleness = self._version - pulled_version
         self._tally.staleness[staleness] += 1
         if sync:
-            if staleness > 0:
+            if staleness > 0 or again:
                 self._tally.stale_dropped += 1
                 return PushResult(False, False, True, self._version, staleness, 0.0)
             lr = self._scheduled_lr()  # that of the step this gradient joins
@@ -272,11 +207,12 @@ class ParameterStore:
     # ----------------------------------------------------------------- pull
 
     def pull_decision(
-        self, job_id: str, worker_id: str, clock: int, min_version: int
+        self, job_id: str, worker_id: str, clock: int, min_version: int, session: str = ""
     ) -> PullDecision:
-        """Whether a pull may be served now (sync: step reached; ssp: bound met)."""
+        """Whether a (taking part) pull may be served now (sync: step reached; ssp: bound
+        met); a StoreError if the pull is refused (e.g. another live client's worker id)."""
         job = self.check_job(job_id)
-        record = self._member(worker_id)
+        record = self._contact(worker_id, session)
         if job.settings.mode is Mode.SYNC:
             if self._version >= min_version or (self._restored and min_version > self._version + 1):
                 # (the second case: a worker that saw steps lost in a restore gets the current
@@ -308,18 +244,21 @@ class ParameterStore:
         return PullDecision(True)
 
     def pull(
-        self, job_id: str, worker_id: str, observe: bool = False
+        self, job_id: str, worker_id: str, observe: bool = False, session: str = ""
     ) -> tuple[int, int, list[Piece]]:
         """(version, the worker's clock, raw views of every held part) for a ready pull.
 
-        A worker seen for the first time joins here, unless it only observes.
-        The views share memory with the parameters: encode them before the
-        next push is applied.
+        A worker seen for the first time (or again after it left, or by a new
+        client) joins here, unless it only observes; an observing pull is never
+        refused. The views share memory with the parameters: encode them before
+        the next push is applied.
         """
         job, params = self.check_job(job_id), self._held()
-        record = self._workers.get(worker_id)
-        if record is None and not observe:
-            record = self._join(worker_id)
+        if observe:
+            record = self._workers.get(worker_id)
+        else:
+            record = self._contact(worker_id, session) or self._join(worker_id)
+            self._sessions.seen(worker_id, session)
         weight_dtype = job.settings.compression.weight_dtype
         cast = wire_dtype(weight_dtype).torch if weight_dtype else None
         pieces = []
@@ -346,7 +285,9 @@ class ParameterStore:
         out = []
         for w in self._waiters.values():
             try:
-                decision = self.pull_decision(job.job_id, w.worker_id, w.clock, w.min_version)
+                decision = self.pull_decision(
+                    job.job_id, w.worker_id, w.clock, w.min_version, w.session
+                )
             except StoreError as e:  # e.g. its worker left: the pull is about to fail
                 decision = PullDecision(False, str(e))
             if not decision.ready:
@@ -372,14 +313,58 @@ class ParameterStore:
         record = self._workers[worker_id] = WorkerState(worker_id, self._start_clock())
         return record
 
-    def _member(self, worker_id: str) -> WorkerState | None:
-        """The worker's record (None if unknown); FailedPrecondition if it has left."""
+    def check_contact(self, job_id: str, worker_id: str, session: str) -> None:
+        """Raise what a push or pull by this client would be refused with, changing nothing."""
+        self.check_job(job_id)
+        self._contact(worker_id, session)
+
+    def _contact(self, worker_id: str, session: str) -> WorkerState | None:
+        """The record a push or pull by this client continues; None when the worker joins
+        (afresh: unknown, left, or its id's previous client went quiet). A StoreError if the
+        client may not: it left, the worker was removed, or another live client holds the id."""
         record = self._workers.get(worker_id)
-        if record is not None and not record.active:
+        holder = self._sessions.holder(worker_id)
+        if holder is not None and holder.left and holder.session == session:
             raise FailedPrecondition(
-                f"worker {worker_id!r} has left the job; it must be made a member again"
+                f"worker {worker_id!r}: this client left the job (Leave); a new client may "
+                f"take part with this worker id"
             )
+        if record is not None and not record.active and not record.left:
+            raise FailedPrecondition(
+                f"worker {worker_id!r} has left the job (it is not in the membership); it must "
+                f"be made a member again"
+            )
+        self._check_session(worker_id, session, record)
+        if record is None or record.left or (holder is not None and holder.session != session):
+            return None
         return record
+
+    def _check_session(self, worker_id: str, session: str, record: WorkerState | None) -> None:
+        waiting = (w.session for w in self._waiters.values() if w.worker_id == worker_id)
+        active = record is not None and record.active
+        conflict = self._sessions.conflict(worker_id, session, active, waiting)
+        if conflict is not None:
+            raise WorkerIdInUse(conflict)
+
+    def leave(self, job_id: str, worker_id: str, session: str) -> list[str]:
+        """The client ``session`` is done as ``worker_id``: the worker stops counting at
+        once (a sync step its absence completes is applied now) and its id is free. Leaving
+        twice, or as a worker never seen, changes nothing; leaving another live client's
+        worker id is refused (WorkerIdInUse). Returns the active workers."""
+        job = self.check_job(job_id)
+        if not worker_id:
+            raise InvalidArgument("worker_id is empty")
+        holder = self._sessions.holder(worker_id)
+        if holder is not None and holder.left and holder.session == session:
+            return self.active_workers()  # already left
+        record = self._workers.get(worker_id)
+        self._check_session(worker_id, session, record)
+        if record is not None and record.active:
+            self._workers[worker_id] = replace(record, active=False, left=True)
+        self._sessions.left(worker_id, session)
+        if job.settings.mode is Mode.SYNC:
+            self._maybe_finish_step()
+        return self.active_workers()
 
     def set_membership(self, job_id: str, active: Iterable[str]) -> list[str]:
         """Make exactly ``active`` the active workers; departed ones release the waits."""
@@ -389,7 +374,7 @@ class ParameterStore:
             raise InvalidArgument("worker ids must be non-empty")
         start = self._start_clock()
         for w, record in self._workers.items():
-            self._workers[w] = replace(record, active=w in wanted)
+            self._workers[w] = replace(record, active=w in wanted, left=False)
         for w in wanted:
             if w not in self._workers:
                 self._workers[w] = WorkerState(w, start)
@@ -445,8 +430,9 @@ class ParameterStore:
         self._steps, self._version = view.steps, view.version
         self._workers = {w.worker_id: w for w in view.workers}
         self._contributors = list(view.contributors)
-        self._tally = _Tally.of(view.counters)
+        self._tally = Tally.of(view.counters)
         self._restored = True
+        self._sessions.clear()
 
     def _held(self) -> FlatParams:
         assert self._params is not None, "checked by check_job"

@@ -64,8 +64,22 @@ def grads(value: float) -> dict[str, torch.Tensor]:
     return {name: torch.full_like(v, value) for name, v in initial_values().items()}
 
 
-def new_store(mode: str = "async", **kw) -> tuple[ParameterStore, Job]:
-    store = ParameterStore()
+class FakeClock:
+    """A clock the test moves: ``clock()`` is now, ``clock.advance(s)`` passes time."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def new_store(mode: str = "async", now=None, **kw) -> tuple[ParameterStore, Job]:
+    """A store holding a fresh job; ``now`` is its clock (a FakeClock), real time if None."""
+    store = ParameterStore() if now is None else ParameterStore(now=now)
     job = make_job(mode, **kw)
     assert store.initialise(job, chunks_for(job, initial_values()))
     return store, job
@@ -94,6 +108,7 @@ def push(
     clock: int,
     value: float,
     pulled: int | None = None,
+    session: str = "",
 ):
     return store.push(
         "job",
@@ -101,4 +116,13 @@ def push(
         clock,
         store.version if pulled is None else pulled,
         chunks_for(job, grads(value)),
+        session,
     )
+
+
+def frames(header, job: Job, values: dict[str, torch.Tensor]) -> list[bytes]:
+    """The stream messages of an Init or Push carrying ``header`` and this server's parts of
+    ``values``: what a client sends, for raw gRPC calls to a real server."""
+    flat = {name: to_raw(v) for name, v in values.items()}
+    pieces = server_pieces(job.layout, job.server_index, flat)
+    return list(encode_frames(header.SerializeToString(), pieces, DEFAULT_CHUNK_BYTES))

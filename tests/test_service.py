@@ -1,4 +1,4 @@
-"""The gRPC service in-process: a shared-memory refusal carries its typed reason."""
+"""The gRPC service in-process: refusals carry their typed reasons (shared memory, sessions)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import grpc
 import pytest
 
 from protos import ps_pb2, rpc
+from protos.codec import encode_frames, to_raw
+from protos.layout import server_pieces
 from protos.shm import Segment, segment_slots
-from protos.status import SHM_SEGMENT_UNAVAILABLE, SHM_UNSUPPORTED, reason_of
+from protos.status import SHM_SEGMENT_UNAVAILABLE, SHM_UNSUPPORTED, WORKER_ID_IN_USE, reason_of
 from ps_server.service import ParameterService, ServiceConfig
 from ps_server.store import ParameterStore
-from tests.storekit import chunks_for, initial_values, make_job
+from tests.storekit import chunks_for, frames, grads, initial_values, make_job
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,3 +140,43 @@ def test_a_segment_dropped_while_its_pull_waited_is_refused_with_the_reason(tmp_
         assert not os.listdir(tmp_path)
 
     asyncio.run(main())
+
+
+def test_a_step_from_another_live_client_is_refused_before_anything_is_applied(tmp_path: Path):
+    """Step and ShmStep check the pull's client before applying the push: a refused step
+    changes nothing, and the refusal carries WORKER_ID_IN_USE."""
+    store = sync_store()
+    job = store.job
+    assert job is not None
+    _, size = segment_slots(job.layout, 0)
+    gradient = {k: to_raw(v) for k, v in grads(1.0).items()}
+    pieces = server_pieces(job.layout, 0, gradient)
+    mine = ps_pb2.PushHeader(job_id="job", worker_id="a", clock=1, session="mine")
+    theirs = push("b")  # b is free, but the step's pull names a's id from another client
+    pull = ps_pb2.PullRequest(job_id="job", worker_id="a", clock=1, min_version=1, session="x")
+    (step,) = encode_frames(ps_pb2.StepHeader(push=theirs, pull=pull).SerializeToString(), pieces)
+
+    async def main(segment: Segment) -> None:
+        async with serving(store, str(tmp_path)) as service:
+            with grpc.insecure_channel(service.address) as channel:
+                calls = rpc.calls(channel)
+                await asyncio.to_thread(calls.push, iter(frames(mine, job, grads(1.0))), timeout=20)
+                shm = ps_pb2.ShmStepRequest(segment=segment.name, push=theirs, pull=pull)
+                for send in (
+                    lambda: calls.step(step, timeout=20),
+                    lambda: calls.shm_step(shm, timeout=20),
+                ):
+                    with pytest.raises(grpc.RpcError) as info:
+                        await asyncio.to_thread(send)
+                    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    assert reason_of(info.value) == WORKER_ID_IN_USE
+                    assert "'a' is already used by another live client" in info.value.details()
+
+    segment = Segment.create(str(tmp_path), size)
+    try:
+        asyncio.run(main(segment))
+    finally:
+        segment.unlink()
+        segment.close()
+    view = store.view()
+    assert view.counters.pushes_received == 1 and view.contributors == ("a",)

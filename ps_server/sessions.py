@@ -1,0 +1,73 @@
+"""Which client holds each worker id: one live client (session) per worker id.
+
+A client sends a random session id with every push and pull. The session a
+server saw last for a worker id holds that id; another session's push or
+pull for it is refused (:class:`~ps_server.errors.WorkerIdInUse`) while the
+holder is live: the worker is active, the holder has not left, and it was
+seen within :data:`LIVENESS_S` or has a pull waiting. A holder that left or
+went quiet is replaced by the next session, which joins as a new worker
+would (a restarted process reusing its rank's id). Sessions are not
+checkpointed: after a restart the first session seen claims the id.
+
+Pure bookkeeping over a clock passed in; the store decides what a conflict means.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+LIVENESS_S = 10.0  # a holder seen this recently (or with a pull waiting) keeps its worker id
+
+
+@dataclass(frozen=True)
+class Holder:
+    session: str
+    seen: float  # the clock's time of its last push or pull
+    left: bool = False  # it called Leave: done for good, its id is free
+
+
+class Sessions:
+    """The holder of each worker id, and when it was last seen."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now
+        self._holders: dict[str, Holder] = {}
+
+    def holder(self, worker_id: str) -> Holder | None:
+        return self._holders.get(worker_id)
+
+    def seen(self, worker_id: str, session: str) -> None:
+        """``session`` holds ``worker_id`` and was seen now."""
+        self._holders[worker_id] = Holder(session, self._now())
+
+    def left(self, worker_id: str, session: str) -> None:
+        """``session`` is done with ``worker_id``: the id is free, the session may not return."""
+        self._holders[worker_id] = Holder(session, self._now(), left=True)
+
+    def clear(self) -> None:
+        self._holders.clear()
+
+    def conflict(
+        self, worker_id: str, session: str, active: bool, waiting: Iterable[str]
+    ) -> str | None:
+        """Why ``session`` may not use ``worker_id`` now (another live client holds it), or
+        None. ``active``: the worker counts for the job; ``waiting``: the sessions of its
+        pulls that wait now (each counts as seen now)."""
+        if any(other != session for other in waiting):
+            return _in_use(worker_id, "it has a pull waiting now")
+        held = self._holders.get(worker_id)
+        if held is None or held.session == session or held.left or not active:
+            return None
+        ago = self._now() - held.seen
+        if ago >= LIVENESS_S:
+            return None
+        return _in_use(worker_id, f"last seen {ago:.1f} s ago")
+
+
+def _in_use(worker_id: str, when: str) -> str:
+    return (
+        f"worker id {worker_id!r} is already used by another live client ({when}); give each "
+        f"process its own worker_id (e.g. from its rank)"
+    )

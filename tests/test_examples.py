@@ -4,6 +4,7 @@ as well against real servers."""
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import subprocess
 import sys
@@ -57,10 +58,11 @@ def test_two_distributed_workers_reach_the_plain_accuracy_within_a_point(tmp_pat
     )
     assert plain.returncode == 0, plain.stderr
     with servers(2, tmp_path) as daemons:
-        addresses = ",".join(d.address for d in daemons)
+        env = {**os.environ, "PS_SERVERS": ",".join(d.address for d in daemons), "WORLD_SIZE": "2"}
         workers = [
-            subprocess.Popen(
-                [sys.executable, str(DISTRIBUTED), addresses, str(rank), "2"],
+            subprocess.Popen(  # as torchrun starts them: servers, rank and world in variables
+                [sys.executable, str(DISTRIBUTED)],
+                env={**env, "RANK": str(rank)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -268,16 +268,19 @@ class Limits:
 @dataclass(frozen=True)
 class Job:
     """One job: its settings and the model's layout over the servers, as one server (or a
-    client, with ``server_index`` 0) holds it. Two inits conflict when their Jobs differ."""
+    client, with ``server_index`` 0) holds it. Two inits conflict when :meth:`differences`
+    names something: a setting, the layout, or (both naming some) the initial workers."""
 
     job_id: str
     settings: Settings
     layout: Layout
     server_index: int = 0
-    workers: tuple[str, ...] = field(default=(), compare=False)  # initially active
+    workers: tuple[str, ...] = field(default=(), compare=False)  # initially active: see differences
 
     def differences(self, other: Job) -> list[str]:
-        """Names of what makes two jobs conflict (settings by their own names)."""
+        """Names of what makes two jobs conflict (settings by their own names). Initial
+        workers conflict only when both jobs name some (ranks that disagree on the world);
+        an Init naming none (a worker daemon, whose membership the scheduler sets) does not."""
         out = [
             f.name
             for f in fields(self)
@@ -285,6 +288,8 @@ class Job:
             and f.name != "settings"
             and getattr(self, f.name) != getattr(other, f.name)
         ]
+        if self.workers and other.workers and set(self.workers) != set(other.workers):
+            out.append("workers")
         return self.settings.differences(other.settings) + out
 
     def to_proto(self) -> ps_pb2.JobConfig:

@@ -106,11 +106,17 @@ class ParameterStore:
         Returns False, changing nothing, when an identical job is already held.
         """
         if self._job is not None:
-            if self._job == job:
+            diff = self._job.differences(job)
+            if not diff:
                 return False
-            diff = ", ".join(self._job.differences(job))
+            if "workers" in diff:  # ranks that disagree on the world: say how
+                i = diff.index("workers")
+                diff[i] += (
+                    f" (held: {', '.join(self._job.workers)}; asked: {', '.join(job.workers)})"
+                )
             raise AlreadyExists(
-                f"job {self._job.job_id!r} is already initialised here and differs in: {diff}"
+                f"job {self._job.job_id!r} is already initialised here and differs in: "
+                f"{', '.join(diff)}"
             )
         params = FlatParams(job)
         params.load(chunks)

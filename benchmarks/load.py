@@ -8,7 +8,8 @@ with its own connection, push integer-valued gradients (async, SGD, lr 1), so
 the final weights must equal the initial ones minus the exact sum of every
 gradient pushed. Halfway through, every client waits while each server's
 resident memory is read; at the end it is read again, with the peak. Reports
-pushes per second and the servers' memory. Writes load.json and load.md.
+pushes per second and the servers' memory. Writes load.json, load.md and load.png
+(pushes done against time, and each server's memory).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ps_worker import Client, ClientConfig
 from scheduler.launch import servers
 
 MIB = 1 << 20
+TIMELINE_POINTS = 200  # the pushes-against-time curve keeps at most this many points
 
 
 @dataclass
@@ -42,6 +44,8 @@ class LoadResult:
     rss_half_mib: list[float]  # each server's resident memory halfway
     rss_end_mib: list[float]  # and at the end
     peak_rss_mib: list[float]
+    timeline: list[tuple[float, int]]  # (seconds since the clients started, pushes done)
+    half_s: float  # when the memory was read halfway
 
     @property
     def pushes_per_s(self) -> float:
@@ -70,8 +74,11 @@ def run_load(
         totals = [{k: torch.zeros_like(v) for k, v in init.items()} for _ in range(clients)]
         errors: list[BaseException] = []
         half: list[float] = []
+        done_at: list[list[float]] = [[] for _ in range(clients)]  # each push's return
+        half_at: list[float] = []
 
         def measure_half() -> None:
+            half_at.append(time.perf_counter())
             half.extend(memory_mib(d.proc.pid)[0] for d in daemons)
 
         barrier = threading.Barrier(clients, action=measure_half)
@@ -85,6 +92,7 @@ def run_load(
                         value = float((w * 7 + i) % 5 + 1)
                         grads = {k: torch.full_like(v, value) for k, v in init.items()}
                         c.push(grads)
+                        done_at[w].append(time.perf_counter())
                         for k in grads:
                             totals[w][k] += grads[k]
             except BaseException as e:  # surfaced below
@@ -117,7 +125,53 @@ def run_load(
         half,
         [r for r, _ in end],
         [p for _, p in end],
+        timeline(sorted(t - started for times in done_at for t in times)),
+        half_at[0] - started,
     )
+
+
+def timeline(times: list[float], points: int = TIMELINE_POINTS) -> list[tuple[float, int]]:
+    """(seconds, pushes done by then) at most ``points`` times, the last push included."""
+    step = max(1, len(times) // points)
+    picked = list(range(step - 1, len(times), step))
+    if picked and picked[-1] != len(times) - 1:
+        picked.append(len(times) - 1)
+    return [(round(times[i], 4), i + 1) for i in picked]
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    """load.png: pushes done against time, and each server's resident memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = result["result"]
+    fig, (progress, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    seconds, pushes = zip(*r["timeline"], strict=True) if r["timeline"] else ((), ())
+    progress.plot([0.0, *seconds], [0, *pushes])
+    progress.axvline(r["half_s"], color="grey", linestyle=":", label="memory read halfway")
+    progress.set_xlabel("seconds since the clients started")
+    progress.set_ylabel("pushes done (all clients)")
+    progress.set_title(f"{r['clients']} clients x {r['pushes_per_client']} async pushes")
+    progress.set_xlim(left=0)
+    progress.set_ylim(bottom=0)
+    progress.legend()
+    servers = range(len(r["rss_half_mib"]))
+    for offset, (key, label) in enumerate(
+        [("rss_half_mib", "halfway"), ("rss_end_mib", "at the end"), ("peak_rss_mib", "peak")]
+    ):
+        memory.bar([s + (offset - 1) * 0.25 for s in servers], r[key], width=0.25, label=label)
+    memory.set_xticks(list(servers), [f"server {s}" for s in servers])
+    memory.set_ylim(0, 1.3 * max(r["peak_rss_mib"]))  # room for the legend above the bars
+    memory.set_ylabel("resident memory (MiB)")
+    memory.set_title("server memory")
+    memory.legend(loc="upper center", ncol=3)
+    fig.tight_layout()
+    path = out / "load.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
 
 
 def markdown(result: dict) -> str:
@@ -161,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(result, indent=2))
     (args.out / "load.md").write_text(markdown(result))
+    plot(result, args.out)
     print(markdown(result))
-    print(f"wrote {args.out}/load.json, load.md")
+    print(f"wrote {args.out}/load.json, load.md, load.png")
     return 0 if r.exact else 1
 
 

@@ -1,10 +1,12 @@
-"""Write the README's Results section from the benchmarks' JSON files.
+"""Write the README's Results section, and redraw its figures, from the benchmarks' JSON files.
 
-    python -m benchmarks.report              # rewrite README.md between the markers
+    python -m benchmarks.report              # rewrite README.md between the markers, redraw
     python -m benchmarks.report --check      # fail if README.md is not what the JSON says
 
 Reads benchmarks/results/{transport,modes,slr,vs-ddp,load,transport-compression}/ (written by the
-benchmarks with ``--out``); a section whose file is missing is left out.
+benchmarks with ``--out``); a section whose file is missing is left out. Each figure is
+drawn by its benchmark's own ``plot`` from the same JSON the benchmark wrote, so a change
+to a plot shows in the README without running the benchmark again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 import benchmarks.load
+import benchmarks.transport
 import benchmarks.vs_ddp
 from benchmarks import sync_vs_async
 from benchmarks.machine import describe
@@ -145,10 +148,30 @@ TABLES = [
     ),
     ("vs-ddp", "vs_ddp.json", "Against DistributedDataParallel", benchmarks.vs_ddp.markdown,
      [("vs DDP", "vs_ddp.png")]),
-    ("load", "load.json", "Many clients at once", benchmarks.load.markdown, []),
+    ("load", "load.json", "Many clients at once", benchmarks.load.markdown, [("load", "load.png")]),
     ("transport-compression", "compression.json", "Compression on the wire",
      lambda r: "\n".join(compression_markdown(r["compression"])).lstrip() + "\n", []),
 ]  # fmt: skip
+
+# Who draws each figure from a result: (directory, JSON file) -> plot(result, directory).
+PLOTS = {
+    ("transport", "transport.json"): lambda r, d: benchmarks.transport.plot(r, d / "transport.png"),
+    ("modes", "results.json"): sync_vs_async.plot,
+    ("slr", "results.json"): sync_vs_async.plot,
+    ("vs-ddp", "vs_ddp.json"): benchmarks.vs_ddp.plot,
+    ("load", "load.json"): benchmarks.load.plot,
+}
+
+
+def redraw(results: Path = RESULTS) -> list[Path]:
+    """Draw every figure again from its JSON file (those whose file exists)."""
+    drawn = []
+    for (name, file), plot in PLOTS.items():
+        data = _load(results / name / file)
+        if data is not None:
+            plot(data, results / name)
+            drawn.append(results / name)
+    return drawn
 
 
 def table_section(
@@ -201,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.readme.write_text(wanted)
     print(f"wrote the Results section of {args.readme}")
+    for directory in redraw(args.results.resolve()):
+        print(f"redrew the figures in {_rel(directory)}")
     return 0
 
 

@@ -6,8 +6,9 @@
 Runs the same job once per mode (and per repeat) on real processes and reports, per
 mode: time to the target test accuracy, final accuracy, samples/s, updates applied/s,
 the staleness distribution (versions applied between a worker's pull and the push
-that used it) and stale gradients dropped. Writes results.json, results.md,
-accuracy.png (test accuracy against wall time) and staleness.png.
+that used it: ssp's bound counts clocks, not versions) and stale gradients dropped.
+Writes results.json, results.md, accuracy.png (test accuracy against the training
+samples processed, so that start-up is not in the picture) and staleness.png.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def markdown(result: dict) -> str:
         f"{result['straggler'] or 'none'}; medians of {result['repeats']} run(s).",
         "",
         f"| mode | time to {target:.0%} (s) | vs sync | final accuracy | samples/s | updates/s | "
-        "median staleness | stale dropped |",
+        "median staleness (versions) | stale dropped |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     sync = next((m["time_to_target_s"] for m in result["modes"] if m["label"] == "sync"), None)
@@ -140,9 +141,15 @@ def markdown(result: dict) -> str:
 
 
 def plot_accuracy(
-    runs: list[tuple[str, list[dict], dict]], target: float, xlabel: str, title: str, path: Path
+    runs: list[tuple[str, list[dict], dict]],
+    train_samples: int,
+    target: float,
+    title: str,
+    path: Path,
 ) -> None:
-    """Test accuracy against wall time: one line per (label, curve, line style) run."""
+    """Test accuracy against the training samples processed (epochs done x the training
+    split), so that start-up, which differs between runs, is not on the axis: one line
+    per (label, curve, line style) run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,14 +158,15 @@ def plot_accuracy(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, curve, style in runs:
         ax.plot(
-            [e["wall_s"] for e in curve],
+            [e["epoch"] * train_samples for e in curve],
             [e["accuracy"] for e in curve],
             marker="o",
             label=label,
             **style,
         )
     ax.axhline(target, color="grey", linestyle=":", label="target")
-    ax.set_xlabel(xlabel)
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"training samples processed (epochs x {train_samples:,})")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.legend()
@@ -172,13 +180,14 @@ def plot(result: dict, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     accuracy = out / "accuracy.png"
     plot_accuracy(
         [(r["label"], r["curves"][0], {}) for r in result["modes"]],
+        result["train_samples"],
         result["target_accuracy"],
-        "wall time since the cluster started (s)",
-        f"{result['model']}: test accuracy against wall time",
+        f"{result['model']}: test accuracy after each epoch",
         accuracy,
     )
 
@@ -189,7 +198,14 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.bar([int(k) for k in hist], list(hist.values()))
         ax.set_title(r["label"])
         ax.set_xlabel("staleness (versions)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.6, max([1, *map(int, hist)]) + 0.6)  # one bar (sync) stays a bar
     axes[0][0].set_ylabel("pushes")
+    fig.suptitle(
+        "staleness of each push: versions applied between its pull and its arrival "
+        "(ssp's bound counts clocks)",
+        fontsize="medium",
+    )
     fig.tight_layout()
     staleness = out / "staleness.png"
     fig.savefig(staleness, dpi=120)

@@ -4,6 +4,7 @@ Each runs as the README's Benchmarks block writes it, with ``--out`` pointed
 at a temporary directory.
 """
 
+import itertools
 import json
 import re
 import shlex
@@ -125,7 +126,7 @@ def test_vs_ddp_quick_writes_ratios_and_the_report_reads_them(tmp_path):
     data = json.loads((out / "vs_ddp.json").read_text())
     assert [r["label"] for r in data["runs"]] == ["ddp", "sync", "async"]
     ddp = data["runs"][0]
-    assert [e["epoch"] for e in ddp["curve"]] == [0, 1, 2]  # DDP scored after every epoch
+    assert [e["epoch"] for e in ddp["curve"]] == [1, 2, 3]  # DDP scored after every epoch
     for run in data["runs"]:
         assert 0.0 <= run["final_accuracy"] <= 1.0 and run["wall_s"] > 0
         if run["time_to_target_s"] is not None and ddp["time_to_target_s"]:
@@ -155,3 +156,19 @@ def test_load_quick_reports_an_exact_sum_and_memory(tmp_path):
     assert data["pushes_per_s"] > 0 and len(data["peak_rss_mib"]) == 2
     assert all(p >= r for p, r in zip(data["peak_rss_mib"], data["rss_end_mib"], strict=True))
     assert (tmp_path / "load.md").read_text().count("\n| ") == 3  # header and two servers
+    timeline = data["timeline"]  # (seconds, pushes done), up to the last push
+    assert timeline[-1][1] == 8 * 50 and 0 < data["half_s"] < timeline[-1][0]
+    assert all(a[0] <= b[0] and a[1] < b[1] for a, b in itertools.pairwise(timeline))
+    assert (tmp_path / "load.png").read_bytes()[:8] == PNG
+
+
+def test_the_report_redraws_every_figure_the_readme_shows_from_the_json_alone(tmp_path):
+    for path in report.RESULTS.rglob("*.json"):
+        copy = tmp_path / path.relative_to(report.RESULTS)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+    redrawn = report.redraw(tmp_path)
+    shown = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", report.section(tmp_path))
+    assert shown and sorted({Path(p).parent for p in shown}) == sorted(redrawn)
+    for png in shown:
+        assert Path(png).read_bytes()[:8] == PNG, png

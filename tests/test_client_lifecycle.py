@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from protos import status
-from ps_worker import Client, ClientConfig, DistributedOptimizer, WorkerIdInUseError
+from ps_worker import (
+    Client,
+    ClientConfig,
+    DistributedOptimizer,
+    ServerUnavailableError,
+    WorkerIdInUseError,
+)
 from scheduler.launch import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -212,3 +218,32 @@ def test_close_never_raises_when_its_server_is_gone(tmp_path, caplog):
         member.push_from(model)
     member.close()
     assert "w0 did not leave the job cleanly" in caplog.text
+
+
+def test_waiting_for_servers_names_those_that_do_not_answer(addresses, caplog):
+    """One server up, one port where nothing listens: the wait logs the silent one while
+    it waits, and the error names it (and not the live one)."""
+    silent = "127.0.0.1:1"
+    config = ClientConfig(report_wait_after_s=0.05, report_wait_every_s=0.05)
+    seen = Seen(f"servers not accepting connections: {silent}")
+    logger = logging.getLogger("ps_worker")
+    logger.addHandler(seen)
+    try:
+        error = f"server\\(s\\) {silent} did not accept a connection within 5s"
+        with (
+            Client([addresses[0], silent], "j", "w0", config) as client,
+            pytest.raises(ServerUnavailableError, match=error),
+        ):
+            client.wait_for_servers(timeout_s=5)  # reports every 0.05 s meanwhile
+    finally:
+        logger.removeHandler(seen)
+    assert seen.event.is_set()
+    assert addresses[0] not in str(caplog.text)
+
+
+def test_a_client_that_took_no_part_leaves_nothing(caplog):
+    """Status-only and observing clients never joined: close() sends no Leave (here it
+    would fail: nothing listens), so it says nothing."""
+    with Client(["127.0.0.1:1"], "j", "w0") as client:
+        client.leave()
+    assert "did not leave" not in caplog.text

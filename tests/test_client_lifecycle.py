@@ -20,6 +20,7 @@ from ps_worker import (
     ClientConfig,
     DistributedOptimizer,
     ServerUnavailableError,
+    WaitTimeoutError,
     WorkerIdInUseError,
 )
 from scheduler.launch import servers
@@ -247,3 +248,14 @@ def test_a_client_that_took_no_part_leaves_nothing(caplog):
     with Client(["127.0.0.1:1"], "j", "w0") as client:
         client.leave()
     assert "did not leave" not in caplog.text
+
+
+def test_a_join_that_runs_out_of_time_names_the_workers_still_active(addresses):
+    model = small_model()
+    with Client(addresses, "late", "w0", ClientConfig(join_poll_s=0.05)) as w0:
+        w0.init(model, mode="sync", workers=["w0", "w1"])
+        w0.push_from(model)
+        error = f"join: after 0.5s workers are still active: w1 \\(on {addresses[0]}, "
+        with pytest.raises(WaitTimeoutError, match=error):
+            w0.join(model, timeout_s=0.5)
+        assert [w.active for w in w0.status()[0].workers] == [False, True]  # w0 has left

@@ -140,6 +140,11 @@ def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
                 request_deserializer=ps_pb2.LeaveRequest.FromString,
                 response_serializer=ps_pb2.LeaveResponse.SerializeToString,
             ),
+            "EndJob": grpc.unary_unary_rpc_method_handler(
+                s.EndJob,
+                request_deserializer=ps_pb2.EndJobRequest.FromString,
+                response_serializer=ps_pb2.EndJobResponse.SerializeToString,
+            ),
         },
     )
 

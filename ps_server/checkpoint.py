@@ -23,6 +23,7 @@ import base64
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class Snapshot:
 
     manifest: dict
     tensors: dict[str, torch.Tensor]
+    generation: int = 0  # the Checkpointer's, when taken: one taken before a discard is stale
 
     @property
     def version(self) -> int:
@@ -234,7 +236,8 @@ class Every:
 
 
 class Checkpointer:
-    """Writes a store's checkpoints into one directory: when due, and on demand."""
+    """Writes a store's checkpoints into one directory: when due, and on demand; deletes
+    them when the job is ended."""
 
     def __init__(self, store: ParameterStore, directory: Path, every: Every) -> None:
         self.store = store
@@ -242,6 +245,8 @@ class Checkpointer:
         self.every = every
         self.written_version: int | None = None
         self.written_at = time.monotonic()
+        self.generation = 0  # one more at each discard
+        self._lock = threading.Lock()  # a save (on a thread) and a discard never interleave
 
     def restore_if_any(self) -> Snapshot | None:
         """Load the directory's checkpoint into the (empty) store, if there is one."""
@@ -258,8 +263,32 @@ class Checkpointer:
             time.monotonic() - self.written_at, version - done
         )
 
-    def save(self, snap: Snapshot) -> Path:
-        path = write(snap, self.directory)
-        self.written_version = snap.version
-        self.written_at = time.monotonic()
-        return path
+    def snapshot(self) -> Snapshot | None:
+        """The store's state now (on the event loop, between requests); None without a job."""
+        snap = snapshot(self.store)
+        if snap is not None:
+            snap.generation = self.generation
+        return snap
+
+    def save(self, snap: Snapshot) -> Path | None:
+        """Write ``snap`` as the directory's checkpoint; None, writing nothing, if the job was
+        ended (discarded) since it was taken."""
+        with self._lock:
+            if snap.generation != self.generation:
+                return None
+            path = write(snap, self.directory)
+            self.written_version = snap.version
+            self.written_at = time.monotonic()
+            return path
+
+    def discard(self) -> None:
+        """Delete the directory's checkpoint, so that a restart restores nothing, and make
+        every snapshot taken so far stale. Waits for a save in progress. OSError, changing
+        nothing, when the manifest (the commit point) cannot be removed."""
+        with self._lock:
+            (self.directory / MANIFEST).unlink(missing_ok=True)
+            self.generation += 1
+            self.written_version = None
+            self.written_at = time.monotonic()
+            for old in self.directory.glob("state-*.safetensors"):
+                old.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from protos import observability, security
 from protos.job import Limits
 from protos.shm import default_dir
-from ps_server.checkpoint import Checkpointer, CheckpointError, Every, snapshot
+from ps_server.checkpoint import Checkpointer, CheckpointError, Every
 from ps_server.metrics import ServerMetrics
 from ps_server.service import ServiceConfig, start_server
 from ps_server.store import ParameterStore
@@ -148,8 +148,9 @@ async def serve(args: argparse.Namespace) -> int:
         )
         log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     try:
+        on_end = (lambda _job_id: checkpointer.discard()) if checkpointer else None
         server, port, health_servicer = await start_server(
-            store, address, config, args.security, metrics
+            store, address, config, args.security, metrics, on_end
         )
     except RuntimeError as e:
         print(f"ps-server: cannot listen on {address}: {e}", file=sys.stderr)
@@ -170,7 +171,7 @@ async def serve(args: argparse.Namespace) -> int:
     if checkpointer is not None:
         assert periodic is not None
         await periodic
-        snap = snapshot(store)  # every acknowledged push is in it: no call runs any more
+        snap = checkpointer.snapshot()  # every acknowledged push is in it: no call runs now
         if snap is not None:
             log.info("checkpoint at version %d: %s", snap.version, checkpointer.save(snap))
     if socket_path:
@@ -189,7 +190,7 @@ async def checkpoint_loop(checkpointer: Checkpointer, stop: asyncio.Event) -> No
             await asyncio.wait_for(stop.wait(), 1.0)
         if stop.is_set() or not checkpointer.due():
             continue
-        snap = snapshot(checkpointer.store)
+        snap = checkpointer.snapshot()
         if snap is None:
             continue
         try:
@@ -197,7 +198,8 @@ async def checkpoint_loop(checkpointer: Checkpointer, stop: asyncio.Event) -> No
         except OSError as e:
             log.error("checkpoint failed: %s", e)
             continue
-        log.info("checkpoint at version %d: %s", snap.version, path)
+        if path is not None:  # None: the job was ended meanwhile
+            log.info("checkpoint at version %d: %s", snap.version, path)
 
 
 def unix_socket_path(choice: str) -> Path | None:

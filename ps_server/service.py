@@ -87,9 +87,11 @@ class ParameterService:
         store: ParameterStore,
         config: ServiceConfig | None = None,
         metrics: ServerMetrics | None = None,
+        on_end: Callable[[str], None] | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
+        self.on_end = on_end  # deletes an ended job's checkpoints; OSError: the job stays
         self.config = config or ServiceConfig()
         self.changed = asyncio.Condition()
         self.segments = SegmentCache(self.config.shm_dir) if self.config.shm_dir else None
@@ -217,6 +219,25 @@ class ParameterService:
         log.info("worker %s left; active: %s", r.worker_id, ", ".join(active) or "(none)")
         await self._notify()
         return ps_pb2.LeaveResponse(active_workers=active)
+
+    async def EndJob(self, request: ps_pb2.EndJobRequest, context) -> ps_pb2.EndJobResponse:
+        """Drop the job held here and its checkpoints; the server then takes any Init."""
+        store = self.store
+        if store.job is None:
+            return ps_pb2.EndJobResponse(ended=False)
+        job = await self._call(context, lambda: store.check_job(request.job_id))
+        if self.on_end is not None:
+            try:  # before the store forgets the job, with no await between: no new checkpoint
+                self.on_end(job.job_id)
+            except OSError as e:
+                await context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"job {job.job_id!r} is not ended: cannot delete its checkpoint: {e}",
+                )
+        store.end(job.job_id)
+        log.info("ended job %s", job.job_id)
+        await self._notify()  # its waiting pulls are refused now
+        return ps_pb2.EndJobResponse(ended=True)
 
     async def Status(self, request: ps_pb2.StatusRequest, context) -> ps_pb2.StatusResponse:
         where = {
@@ -450,12 +471,15 @@ async def start_server(
     config: ServiceConfig | None = None,
     security: ServerSecurity | None = None,
     metrics: ServerMetrics | None = None,
+    on_end: Callable[[str], None] | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Create, bind and start a server; ``address`` may use port 0. Returns the bound port."""
+    """Create, bind and start a server; ``address`` may use port 0. Returns the bound port.
+    ``on_end`` is called with a job's id when EndJob ends it (to delete its checkpoints)."""
     config = config or ServiceConfig()
     security = security or ServerSecurity()
     server = new_server(config.max_message_bytes, security.interceptors())
-    server.add_generic_rpc_handlers([generic_handler(ParameterService(store, config, metrics))])
+    service = ParameterService(store, config, metrics, on_end)
+    server.add_generic_rpc_handlers([generic_handler(service)])
     extra = [config.unix_socket] if config.unix_socket else []
     port, health_servicer = await start_with_health(
         server, address, SERVICE, extra, security.credentials()

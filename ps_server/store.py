@@ -72,6 +72,7 @@ class ParameterStore:
         self._sessions = Sessions(now)
         self._waiters: dict[int, Waiter] = {}  # in-flight calls: they outlive an ended job
         self._tokens = itertools.count()
+        self._ended = ""  # the id of the job ended last, for the error its workers get
         self._reset()
 
     def _reset(self) -> None:
@@ -388,13 +389,28 @@ class ParameterStore:
             self._maybe_finish_step()
         return self.active_workers()
 
+    def end(self, job_id: str) -> bool:
+        """Drop the job held here (weights, optimizer state, counters, workers), so that any
+        Init may follow; its waiting pulls, and its workers' later calls, are refused as
+        the calls of an ended job. False when no job is held; NotFound for another job's id."""
+        if self._job is None:
+            return False
+        self.check_job(job_id)
+        self._ended = job_id
+        self._reset()
+        return True
+
     # ---------------------------------------------------------- read, copy
 
     def check_job(self, job_id: str) -> Job:
+        ended = f"job {job_id!r} was ended on this server" if job_id == self._ended else ""
         if self._job is None:
+            if ended:
+                raise NotFound(ended)
             raise FailedPrecondition("the model is not initialised on this server: call Init first")
         if job_id != self._job.job_id:
-            raise NotFound(f"unknown job {job_id!r} (this server holds job {self._job.job_id!r})")
+            what = ended or f"unknown job {job_id!r}"
+            raise NotFound(f"{what} (this server holds job {self._job.job_id!r})")
         return self._job
 
     def parameter_bytes(self) -> int:

@@ -11,7 +11,7 @@ from protos.optimizers import Adam
 from ps_server import checkpoint
 from ps_server.checkpoint import CheckpointError
 from ps_server.store import ParameterStore
-from tests.storekit import new_store, push, weights
+from tests.storekit import chunks_for, initial_values, new_store, push, weights
 
 
 def restored(tmp_path, store) -> ParameterStore:
@@ -128,3 +128,20 @@ def test_a_checkpoint_whose_tensors_do_not_fit_the_job_is_refused(tmp_path):
         with pytest.raises(CheckpointError, match=f"'{key}' is missing or does not fit"):
             checkpoint.restore(fresh, snap)
         assert fresh.job is None
+
+
+def test_a_discarded_checkpoint_is_gone_and_a_snapshot_taken_before_is_not_written(tmp_path):
+    store, job = new_store("async")
+    push(store, job, "w", 1, 1.0)
+    checkpointer = checkpoint.Checkpointer(store, tmp_path, checkpoint.Every(versions=1))
+    assert checkpointer.due() and checkpointer.save(checkpointer.snapshot()) is not None
+    before = checkpointer.snapshot()  # e.g. taken by the periodic loop just before an EndJob
+    checkpointer.discard()
+    assert checkpoint.read(tmp_path) is None and not list(tmp_path.iterdir())
+    assert checkpointer.save(before) is None and not list(tmp_path.iterdir())
+    store.end("job")
+    assert checkpointer.snapshot() is None and not checkpointer.due()
+    store.initialise(job, chunks_for(job, initial_values()))  # the next job starts afresh
+    push(store, job, "w", 1, 1.0)
+    assert checkpointer.due() and checkpointer.save(checkpointer.snapshot()) is not None
+    assert checkpoint.read(tmp_path).version == 1

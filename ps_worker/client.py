@@ -53,6 +53,7 @@ from ps_worker.errors import (
     PSError,
     ServerUnavailableError,
     WaitTimeoutError,
+    WorkerIdInUseError,
     from_rpc_error,
 )
 from ps_worker.link import Link
@@ -134,6 +135,8 @@ class Client:
         _open.discard(self)
         try:
             self.leave()
+        except WorkerIdInUseError as e:  # another client holds the id: nothing of ours to end
+            log.info("%s: %s", self.worker_id, e)
         except PSError as e:
             log.warning("%s did not leave the job cleanly: %s", self.worker_id, e)
         self._reports.close()

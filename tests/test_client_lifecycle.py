@@ -187,9 +187,10 @@ def test_a_rank_that_ends_releases_the_sync_barrier_at_once(addresses, ending):
     assert [out.strip() for out, _ in outputs] == ["done 3", "done 6"]
 
 
-def test_one_worker_id_has_one_live_client(addresses):
+def test_one_worker_id_has_one_live_client(addresses, caplog):
     """A second live client with w0's id is refused with the server's reason, and
-    changes nothing; once the first has closed (left), the id is free again."""
+    changes nothing; once the first has closed (left), the id is free again. A refused
+    client's close has nothing to leave: it does not end the holder, nor warn."""
     model = small_model()
     first = Client(addresses, "ids", "w0")
     try:
@@ -205,8 +206,12 @@ def test_one_worker_id_has_one_live_client(addresses):
             first.close()
             second.pull_into(model)  # learns w0's clock
             assert second.push_from(model).applied
+            with Client(addresses, "ids", "w0") as third, pytest.raises(WorkerIdInUseError):
+                third.push_from(model)
+            assert second.push_from(model).applied  # third's close did not end second
     finally:
         first.close()
+    assert "did not leave" not in caplog.text
 
 
 def test_close_never_raises_when_its_server_is_gone(tmp_path, caplog):

@@ -264,3 +264,19 @@ def test_a_join_that_runs_out_of_time_names_the_workers_still_active(addresses):
         with pytest.raises(WaitTimeoutError, match=error):
             w0.join(model, timeout_s=0.5)
         assert [w.active for w in w0.status()[0].workers] == [False, True]  # w0 has left
+
+
+def test_an_ended_job_frees_its_servers_for_another(addresses, caplog):
+    model = small_model()
+    with Client(addresses, "first", "w0") as client:
+        client.init(model, mode="async")
+        client.push_from(model)
+        assert client.end_job() == [True, True]
+        assert client.end_job() == [False, False]  # nothing held any more
+        assert not any(s.initialised for s in client.status())
+    assert "did not leave" not in caplog.text  # the ended job had nobody left to leave
+    other = torch.nn.Linear(3, 2)
+    with Client(addresses, "second", "w0") as client:
+        assert client.init(other, mode="sync", workers=["w0"])  # created: no conflict
+        other(torch.randn(4, 3)).sum().backward()
+        assert client.push_pull_into(other).versions == (1, 1)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -25,7 +27,8 @@ from ps_server.store import ParameterStore
 log = logging.getLogger("ps_server")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of ps-server, each with its help."""
     parser = argparse.ArgumentParser(
         prog="ps-server",
         description="Hold a partition of a model's parameters and optimizer state, and apply "
@@ -52,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-wait-s",
         type=float,
         default=ServiceConfig.max_wait_s,
-        help="longest a pull without a deadline waits for the barrier or bound",
+        help="longest a pull without a deadline waits for the barrier or bound, in seconds "
+        f"(default {ServiceConfig.max_wait_s:g})",
     )
     parser.add_argument(
         "--allow-nonfinite",
@@ -93,10 +97,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--grace-s",
         type=float,
         default=5.0,
-        help="seconds in-flight calls get to finish on SIGTERM",
+        help="seconds in-flight calls get to finish on SIGTERM (default 5)",
     )
     security.add_arguments(parser, serves=True, connects=False)
     observability.add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536:
         parser.error(f"--port {args.port} is not a port number")
@@ -114,6 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    address = f"{args.host}:{args.port}"
+    if address_in_use(args.host, args.port):  # said in one line, before anything starts
+        print(f"ps-server: cannot listen on {address}: address in use", file=sys.stderr)
+        return 2
     store = ParameterStore(reject_nonfinite=not args.allow_nonfinite)
     checkpointer = None
     if args.checkpoint_dir:
@@ -138,7 +151,6 @@ async def serve(args: argparse.Namespace) -> int:
         shm_dir=shm_dir(args.shm_dir),
         limits=Limits(max_model_bytes=args.max_model_bytes),
     )
-    address = f"{args.host}:{args.port}"
     metrics = None
     if args.metrics_port is not None:
         age = (lambda: time.monotonic() - checkpointer.written_at) if checkpointer else None
@@ -152,9 +164,10 @@ async def serve(args: argparse.Namespace) -> int:
         server, port, health_servicer = await start_server(
             store, address, config, args.security, metrics, on_end
         )
-    except RuntimeError as e:
-        print(f"ps-server: cannot listen on {address}: {e}", file=sys.stderr)
-        return 1
+    except RuntimeError as e:  # taken meanwhile, or not an address of this host
+        why = "address in use" if address_in_use(args.host, args.port) else str(e)
+        print(f"ps-server: cannot listen on {address}: {why}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -200,6 +213,28 @@ async def checkpoint_loop(checkpointer: Checkpointer, stop: asyncio.Event) -> No
             continue
         if path is not None:  # None: the job was ended meanwhile
             log.info("checkpoint at version %d: %s", snap.version, path)
+
+
+def address_in_use(host: str, port: int) -> bool:
+    """Whether something listens on host:port already (gRPC's bind would fail on it, with a
+    message that does not say so). Port 0 is never in use."""
+    if port == 0:
+        return False
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return False  # gRPC says what is wrong with the address
+    for family, kind, proto, _, where in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(where)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
 
 
 def unix_socket_path(choice: str) -> Path | None:

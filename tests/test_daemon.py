@@ -40,8 +40,9 @@ def test_port_in_use_is_reported(tmp_path):
         result = subprocess.run(
             [str(BIN / "ps-server"), "--port", port], capture_output=True, text=True, timeout=60
         )
-    assert result.returncode == 1
-    assert "cannot listen on" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert "cannot listen on" in result.stderr and "address in use" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.integration

@@ -223,6 +223,7 @@ class ParameterService:
     async def EndJob(self, request: ps_pb2.EndJobRequest, context) -> ps_pb2.EndJobResponse:
         """Drop the job held here and its checkpoints; the server then takes any Init."""
         store = self.store
+        await self._check_ids(context, request.job_id, "", "")
         if store.job is None:
             return ps_pb2.EndJobResponse(ended=False)
         job = await self._call(context, lambda: store.check_job(request.job_id))

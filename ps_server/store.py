@@ -72,7 +72,7 @@ class ParameterStore:
         self._sessions = Sessions(now)
         self._waiters: dict[int, Waiter] = {}  # in-flight calls: they outlive an ended job
         self._tokens = itertools.count()
-        self._ended = ""  # the id of the job ended last, for the error its workers get
+        self._ended: str | None = None  # the job ended last, for the error its workers get
         self._reset()
 
     def _reset(self) -> None:

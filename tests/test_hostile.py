@@ -1,5 +1,6 @@
 """Malformed and hostile requests, sent as raw messages, beyond test_errors_integration:
-garbage bytes, oversized and malformed jobs, bad membership, and the scheduler's own calls.
+garbage bytes, oversized and malformed jobs, bad membership, leaves and job ends, oversized
+ids, and the scheduler's own calls.
 Each gets its documented status, the daemons keep serving, and the weights and the task
 queue are unchanged."""
 
@@ -20,6 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 INIT = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(4)}
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+HUGE = "x" * 100_000  # an id far over the server's limit (256 characters)
 
 
 def raw(call) -> grpc.RpcError:
@@ -30,6 +32,10 @@ def raw(call) -> grpc.RpcError:
 
 def init_message(config: ps_pb2.JobConfig) -> bytes:
     return ps_pb2.InitRequest(header=ps_pb2.InitHeader(config=config)).SerializeToString()
+
+
+def header_only(header: ps_pb2.PushHeader) -> bytes:
+    return ps_pb2.PushRequest(header=header).SerializeToString()
 
 
 def test_hostile_requests_to_a_server_and_the_scheduler(tmp_path):
@@ -65,6 +71,8 @@ def test_hostile_requests_to_a_server_and_the_scheduler(tmp_path):
                             config.tensors.extend(value)
                         elif key == "lr":
                             config.optimizer.lr = value
+                        elif key == "workers":
+                            config.workers[:] = value
                         else:
                             setattr(config, key, value)
                     return init_message(config)
@@ -110,6 +118,45 @@ def test_hostile_requests_to_a_server_and_the_scheduler(tmp_path):
                     ("membership of another job", lambda: calls.set_membership(
                         ps_pb2.MembershipRequest(job_id="nope", active_workers=["x"]),
                         timeout=10), grpc.StatusCode.NOT_FOUND, "unknown job"),
+                    ("leave of another job", lambda: calls.leave(
+                        ps_pb2.LeaveRequest(job_id="nope", worker_id="good"), timeout=10),
+                     grpc.StatusCode.NOT_FOUND, "unknown job 'nope'"),
+                    ("leave with an empty worker id", lambda: calls.leave(
+                        ps_pb2.LeaveRequest(job_id="h", worker_id="", session="s"), timeout=10),
+                     INVALID, "worker_id is empty"),
+                    ("leave with a huge worker id", lambda: calls.leave(
+                        ps_pb2.LeaveRequest(job_id="h", worker_id=HUGE), timeout=10),
+                     INVALID, "worker_id has 100000 characters; the limit is 256"),
+                    ("leave with a huge session", lambda: calls.leave(
+                        ps_pb2.LeaveRequest(job_id="h", worker_id="good", session=HUGE),
+                        timeout=10), INVALID, "session has 100000 characters"),
+                    ("leave with a huge job id", lambda: calls.leave(
+                        ps_pb2.LeaveRequest(job_id=HUGE, worker_id="good"), timeout=10),
+                     INVALID, "job_id has 100000 characters"),
+                    ("push with a huge session", lambda: calls.push(iter([header_only(
+                        ps_pb2.PushHeader(job_id="h", worker_id="good", clock=9, session=HUGE)
+                    )]), timeout=10), INVALID, "session has 100000 characters"),
+                    ("pull with a huge worker id", lambda: list(calls.pull(ps_pb2.PullRequest(
+                        job_id="h", worker_id=HUGE), timeout=10)),
+                     INVALID, "worker_id has 100000 characters"),
+                    ("membership with a huge worker id", lambda: calls.set_membership(
+                        ps_pb2.MembershipRequest(job_id="h", active_workers=["good", HUGE]),
+                        timeout=10), INVALID, "worker_id has 100000 characters"),
+                    ("init naming an empty worker", lambda: calls.init(
+                        iter([job(workers=["a", ""])]), timeout=10),
+                     INVALID, "worker id is empty"),
+                    ("init naming a huge worker", lambda: calls.init(
+                        iter([job(workers=["a", HUGE])]), timeout=10),
+                     INVALID, "worker id has 100000 characters"),
+                    ("end of another job", lambda: calls.end_job(
+                        ps_pb2.EndJobRequest(job_id="nope"), timeout=10),
+                     grpc.StatusCode.NOT_FOUND, "unknown job 'nope'"),
+                    ("end of no job id", lambda: calls.end_job(
+                        ps_pb2.EndJobRequest(), timeout=10),
+                     grpc.StatusCode.NOT_FOUND, "unknown job ''"),
+                    ("end with a huge job id", lambda: calls.end_job(
+                        ps_pb2.EndJobRequest(job_id=HUGE), timeout=10),
+                     INVALID, "job_id has 100000 characters"),
                     ("shm step without a segment", lambda: calls.shm_step(
                         ps_pb2.ShmStepRequest(pull=ps_pb2.PullRequest(job_id="h")), timeout=10),
                      INVALID, "segment"),
@@ -144,6 +191,9 @@ def test_hostile_requests_to_a_server_and_the_scheduler(tmp_path):
                     assert error.code() == code, (name, error.code(), error.details())
                     assert message.lower() in (error.details() or "").lower(), (name, error)
                 assert progress(sched) == queue  # the task queue is as it was
+                ghost = ps_pb2.LeaveRequest(job_id="h", worker_id="ghost", session="g")
+                assert list(calls.leave(ghost, timeout=10).active_workers) == []  # harmless
+                assert list(calls.leave(ghost, timeout=10).active_workers) == []  # and again
                 assert sched.Register(scheduler_pb2.RegisterRequest(host="h2"), timeout=10)
         finally:
             scheduler.stop()

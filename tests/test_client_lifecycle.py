@@ -117,6 +117,7 @@ def test_ranks_with_uneven_step_counts_join_with_the_final_weights(addresses):
     config = ClientConfig(pull_timeout_s=30, report_wait_after_s=1)
     models = [small_model(), small_model()]
     errors: list[BaseException] = []
+    states: dict[int, dict[str, torch.Tensor]] = {}
 
     def rank(r: int, steps: int) -> None:
         try:
@@ -127,6 +128,7 @@ def test_ranks_with_uneven_step_counts_join_with_the_final_weights(addresses):
                 for _ in range(steps):
                     train(models[r], opt.step)
                 opt.join(timeout_s=60)
+                states[r] = opt.state_dict()
         except BaseException as e:
             errors.append(e)
 
@@ -139,9 +141,11 @@ def test_ranks_with_uneven_step_counts_join_with_the_final_weights(addresses):
     with Client(addresses, "uneven") as reader:
         final = reader.state_dict()
         assert [s.version for s in reader.status()] == [7, 7]
-    for model in models:
+    for model, state in zip(models, (states[0], states[1]), strict=True):
+        assert state.keys() == model.state_dict().keys()  # buffers too: loadable strictly
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.detach(), final[name], rtol=0, atol=0)
+            torch.testing.assert_close(state[name], final[name], rtol=0, atol=0)
 
 
 WORKER = """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -84,15 +85,18 @@ class JobSpec:
     )
 
     def __post_init__(self) -> None:
+        """Every check of a job's numbers and names, before anything runs it."""
         problems = []
         for name in ("batch_size", "epochs"):
             if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("expected_workers", "seed"):
             if getattr(self, name) < 0:
-                problems.append(f"{name} must not be negative")
-        if not self.lease_timeout_s > 0:
-            problems.append("lease_timeout_s must be positive")
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.lease_timeout_s < math.inf:
+            problems.append(
+                f"lease_timeout_s must be a positive number, got {self.lease_timeout_s}"
+            )
         try:
             settings = self.job_settings(batches_per_epoch=1)
         except (JobError, ScheduleError) as e:
@@ -234,10 +238,15 @@ def variable_of(name: str) -> str:
 
 
 def add_job_arguments(
-    parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), env: bool = False
+    parser: argparse.ArgumentParser,
+    skip: tuple[str, ...] = (),
+    env: bool = False,
+    custom: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """One flag per spec field and optimizer option (``--mode``, ``--beta1``, ...), each
-    overriding ``--config``; with ``env``, ``PS_<NAME>`` (e.g. ``PS_BETA1``) gives a default."""
+    overriding ``--config``; with ``env``, ``PS_<NAME>`` (e.g. ``PS_BETA1``) gives a default.
+    ``custom`` adds argparse keywords to a field's flag (a ``type`` that checks a model
+    name, say); its ``help`` replaces the field's own, before the default is named."""
     parser.add_argument("--config", type=Path, help="job spec as YAML or JSON (flags override it)")
     specs = {f.name: f for f in fields(JobSpec)}
     owners = {
@@ -248,9 +257,10 @@ def add_job_arguments(
     parser.set_defaults(job_flags=tuple(flag_names(skip)))  # what spec_from_args reads back
     for name in flag_names(skip):
         kwargs: dict[str, Any] = {"default": None, "dest": name}
+        extra = dict((custom or {}).get(name, {}))
         if name in specs:
             spec_field = specs[name]
-            text = spec_field.metadata.get("help", "")
+            text = extra.pop("help", None) or spec_field.metadata.get("help", "")
             if spec_field.default is dataclasses.MISSING:
                 text += " (required)"
             elif spec_field.default not in ((), ""):
@@ -259,10 +269,11 @@ def add_job_arguments(
         else:
             default_type = OPTION_TYPES[name]
             text = f"{'/'.join(owners[name])} option"
+        # A registry's names in any case from a flag or a variable (PS_MODE=SSP is ssp).
         if name == "mode":
-            kwargs["choices"] = Mode.choices()
+            kwargs.update(choices=Mode.choices(), type=str.lower)
         elif name == "optimizer":
-            kwargs["choices"] = list(OPTIMIZERS)
+            kwargs.update(choices=list(OPTIMIZERS), type=str.lower)
         if env:
             variable = variable_of(name)
             text += f" [env {variable}]"
@@ -270,7 +281,7 @@ def add_job_arguments(
         if default_type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         kwargs["help"] = text
-        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+        group.add_argument("--" + name.replace("_", "-"), **{**kwargs, **extra})
 
 
 def spec_from_args(args: argparse.Namespace, base: Mapping[str, Any] | None = None) -> JobSpec:

@@ -3,7 +3,9 @@
 Besides answering workers it keeps the parameter servers' membership equal
 to the state's active workers, and declares workers dead when their
 heartbeats stop, so a dead worker releases the sync barrier and the ssp
-bound within the lease timeout.
+bound within the lease timeout. A server that cannot be reached is tried
+again after a back-off, with one log line per try. Log lines count epochs
+from 1, the wire and the state from 0.
 """
 
 from __future__ import annotations
@@ -27,14 +29,28 @@ from scheduler.state import Completion, SchedulerState, StateError
 
 log = logging.getLogger("scheduler")
 T = TypeVar("T")
+BACKOFF_S = (0.5, 5.0)  # after a failed membership update: the first delay, the longest
 
 
 class ServerMembership:
-    """Pushes the active worker set to every parameter server; remembers what they confirmed."""
+    """Pushes the active worker set to every parameter server; remembers what they confirmed.
 
-    def __init__(self, servers: tuple[str, ...], job_id: str, security: ClientSecurity) -> None:
+    After a failure (a server down, say) the next update waits a back-off period, which
+    doubles while failures go on: one attempt and one log line per period."""
+
+    def __init__(
+        self,
+        servers: tuple[str, ...],
+        job_id: str,
+        security: ClientSecurity,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.job_id = job_id
+        self.clock = clock
+        self.backoff_s = 0.0  # the current back-off period (0: none)
+        self.retry_at = 0.0  # no attempt before this (clock's time)
         self.metadata = security.metadata()
+        self.servers = servers
         self.channels = [security.aio_channel(a, rpc.channel_options()) for a in servers]
         self.calls = [
             c.unary_unary(
@@ -48,33 +64,58 @@ class ServerMembership:
         self.lock = asyncio.Lock()
 
     async def sync(self, desired: frozenset[str]) -> bool:
-        """Make every server's membership ``desired``; False if some server refused or is down."""
+        """Make every server's membership ``desired``; False if some server refused or is
+        down (or was, less than a back-off period ago)."""
         async with self.lock:
             if desired == self.confirmed:
                 return True
+            if self.clock() < self.retry_at:
+                return False
             request = ps_pb2.MembershipRequest(job_id=self.job_id, active_workers=sorted(desired))
             results = await asyncio.gather(
                 *(call(request, timeout=5.0, metadata=self.metadata) for call in self.calls),
                 return_exceptions=True,
             )
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                for error in failed:
-                    if (
-                        isinstance(error, grpc.aio.AioRpcError)
-                        and error.code() == grpc.StatusCode.FAILED_PRECONDITION
-                    ):
-                        log.debug("servers not initialised yet: %s", error.details())
-                    else:
-                        log.warning("membership update failed: %s", error)
+            failed = {
+                server: r
+                for server, r in zip(self.servers, results, strict=True)
+                if isinstance(r, BaseException)
+            }
+            if not failed:
+                self.confirmed, self.backoff_s, self.retry_at = desired, 0.0, 0.0
+                log.info("servers' membership: %s", ", ".join(sorted(desired)) or "(none)")
+                return True
+            down = {s: e for s, e in failed.items() if not _uninitialised(e)}
+            if not down:  # the job's first worker has not initialised the servers yet
+                log.debug("servers not initialised yet: %s", ", ".join(failed))
                 return False
-            self.confirmed = desired
-            log.info("servers' membership: %s", ", ".join(sorted(desired)) or "(none)")
-            return True
+            self.backoff_s = min(max(self.backoff_s * 2, BACKOFF_S[0]), BACKOFF_S[1])
+            self.retry_at = self.clock() + self.backoff_s
+            log.warning(
+                "membership update failed on %s; trying again in %.1fs",
+                "; ".join(f"{s} ({_brief(e)})" for s, e in down.items()),
+                self.backoff_s,
+            )
+            return False
 
     async def close(self) -> None:
         for c in self.channels:
             await c.close()
+
+
+def _uninitialised(error: BaseException) -> bool:
+    return (
+        isinstance(error, grpc.aio.AioRpcError)
+        and error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+
+def _brief(error: BaseException) -> str:
+    """A failed call in a few words: its status code and the first line of its details."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        details = (error.details() or "").strip().splitlines()
+        return f"{error.code().name}: {details[0][:100]}" if details else error.code().name
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
@@ -90,6 +131,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.metrics = metrics
         spec = state.spec
         self.membership = ServerMembership(spec.servers, spec.job_id, security or ClientSecurity())
+        self.finished = asyncio.Event()  # set once every shard is done and every epoch evaluated
+        if state.finished():
+            self.finished.set()
 
     async def _call(self, context, fn: Callable[[], T]) -> T:
         try:
@@ -166,11 +210,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         recorded = await self._call(context, lambda: self.state.complete(c, self.now()))
         log.info(
             "epoch %d shard %d %s by %s",
-            c.epoch,
+            c.epoch + 1,
             c.shard,
             "done" if recorded else "already done; reported again",
             c.worker,
-            extra={"worker": c.worker, "epoch": c.epoch, "shard": c.shard},
+            extra={"worker": c.worker, "epoch": c.epoch + 1, "shard": c.shard},
         )
         if recorded and self.metrics:
             self.metrics.completions.inc()
@@ -186,14 +230,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         )
         log.info(
             "epoch %d: test loss %.4f, accuracy %.4f",
-            request.epoch,
+            request.epoch + 1,
             request.loss,
             request.accuracy,
-            extra={"epoch": request.epoch, "accuracy": request.accuracy, "loss": request.loss},
+            extra={"epoch": request.epoch + 1, "accuracy": request.accuracy, "loss": request.loss},
         )
         if self.metrics:
             self.metrics.evaluations.inc()
             self.metrics.refresh(self.state, self.now())
+        if self.state.finished():
+            self.finished.set()
         return scheduler_pb2.EvaluationResponse()
 
     async def Leave(self, request, context):

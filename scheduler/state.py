@@ -58,6 +58,10 @@ class UnknownWorker(StateError):
     code = "NOT_FOUND"
 
 
+class OtherJob(StateError):
+    """The state file holds another job."""
+
+
 @dataclass(frozen=True)
 class Task:
     epoch: int
@@ -121,17 +125,19 @@ class SchedulerState:
     # ------------------------------------------------------------------ job
 
     def create_or_resume(self, spec: JobSpec, shards: int) -> bool:
-        """Store a new job, or check that the file holds this one. True if created."""
+        """Store a new job, or check that the file holds this one (OtherJob naming what
+        differs if not). True if created."""
         row = self.db.execute("SELECT value FROM meta WHERE key='spec'").fetchone()
         if row is not None:
             stored = JobSpec.from_json(row[0])
             old, new = stored.to_dict(), spec.to_dict()
             differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             if differ:
-                raise StateError(
-                    f"the state file holds job {stored.job_id!r} with a different spec "
-                    f"(it differs in {', '.join(differ)}); "
-                    "use another --state file or the same job spec"
+                each = "; ".join(
+                    f"{k} ({_brief(old.get(k))}, now {_brief(new.get(k))})" for k in differ
+                )
+                raise OtherJob(
+                    f"the state file holds another job {stored.job_id!r}: it differs in {each}"
                 )
             return False
         with self._tx():
@@ -144,6 +150,14 @@ class SchedulerState:
                     [(epoch, int(shard), pos) for pos, shard in enumerate(order)],
                 )
         return True
+
+    def discard(self) -> bool:
+        """Forget the job this file holds, if any (to start a new one); True if it held one."""
+        held = self.db.execute("SELECT 1 FROM meta WHERE key='spec'").fetchone() is not None
+        with self._tx():
+            for table in ("meta", "tasks", "completions", "workers", "evaluations"):
+                self.db.execute(f"DELETE FROM {table}")
+        return held
 
     @property
     def spec(self) -> JobSpec:
@@ -268,6 +282,11 @@ class SchedulerState:
                 "SELECT worker_id FROM workers WHERE state='active' ORDER BY registered_at"
             )
         ]
+
+    def live_workers(self) -> list[str]:
+        """Workers neither dead nor gone: active or idle."""
+        query = "SELECT worker_id FROM workers WHERE state IN ('active', 'idle')"
+        return [r[0] for r in self.db.execute(query)]
 
     def registered_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM workers").fetchone()[0]
@@ -476,6 +495,12 @@ class SchedulerState:
             ],
             completions_per_epoch=[self._count("done", e) for e in range(spec.epochs)],
         )
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    """A value for a one-line message, cut short."""
+    text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Transaction:

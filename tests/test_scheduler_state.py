@@ -3,7 +3,7 @@
 import pytest
 
 from protos.jobspec import JobSpec, SpecError
-from scheduler.state import Completion, SchedulerState, StateError, UnknownWorker
+from scheduler.state import Completion, OtherJob, SchedulerState, StateError, UnknownWorker
 
 SHARDS = 4
 
@@ -147,8 +147,28 @@ def test_restart_on_the_same_file_continues(tmp_path):
         finish(resumed, w, task, 106.0)
     assert not set(handed) & set(done)
     assert (leased.epoch, leased.shard) not in handed  # still leased to w
-    with pytest.raises(StateError, match="different spec"):
-        resumed.create_or_resume(JobSpec(data_dir="other"), SHARDS)
+    with pytest.raises(
+        OtherJob, match=r"another job 'job': it differs in data_dir \(d, now other\)"
+    ):
+        resumed.create_or_resume(JobSpec(data_dir="other", epochs=2, lease_timeout_s=10.0), SHARDS)
+
+
+def test_a_state_file_of_another_job_names_what_differs_and_can_be_discarded(tmp_path):
+    state = new_state(tmp_path / "job.db", servers=("127.0.0.1:7001", "127.0.0.1:7002"))
+    w = state.register("h", "cpu", 0.0)
+    finish(state, w, state.lease(w, 1.0).task, 2.0)
+    other = JobSpec(data_dir="d", epochs=3, lease_timeout_s=10.0, servers=("127.0.0.1:9",))
+    with pytest.raises(OtherJob) as info:
+        state.create_or_resume(other, SHARDS)
+    assert str(info.value) == (
+        "the state file holds another job 'job': it differs in epochs (2, now 3); "
+        "servers (127.0.0.1:7001, 127.0.0.1:7002, now 127.0.0.1:9)"
+    )
+    assert state.discard()
+    assert state.create_or_resume(other, SHARDS)  # a new job, from its start
+    assert state.completions() == [] and state.registered_count() == 0
+    assert state.progress(3.0).epochs == 3 and state.progress(3.0).done == 0
+    assert not SchedulerState(":memory:").discard()  # nothing to discard
 
 
 def test_unknown_worker_and_bad_input():

@@ -1,4 +1,9 @@
-"""The worker daemon: lease shards from the scheduler and train on them against the servers."""
+"""The worker daemon: lease shards from the scheduler and train on them against the servers.
+
+Whatever it waits for longer than a few seconds (the scheduler, the servers,
+work) it says on its log, and keeps saying while it waits. Epochs are counted
+from 1 in its log lines, from 0 on the wire.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import logging
 import socket
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +29,17 @@ from ps_worker.errors import PSError
 from ps_worker.metrics import WorkerMetrics
 from ps_worker.models import build_model
 from ps_worker.retry import RetryPolicy, call_with_retry
+from ps_worker.waits import WaitReporter
 
 log = logging.getLogger("ps_worker")
+DEVICES = ("auto", "cpu", "cuda")  # the first is the default
+DEVICE_HELP = "where the workers compute: auto (cuda when there is a GPU), cpu or cuda"
 
 
 @dataclass(frozen=True)
 class WorkerOptions:
     scheduler: str
-    device: str = "auto"  # auto, cpu or cuda
+    device: str = DEVICES[0]
     scheduler_timeout_s: float = 120.0  # how long to retry an unreachable scheduler
     poll_interval_s: float = 0.2  # between lease requests when there is no work yet
     progress: bool | None = None  # tqdm bars; None: only on a terminal
@@ -47,27 +56,50 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-class SchedulerLink:
-    """The worker's calls to the scheduler, each with a deadline and retries."""
+def wait_reporter() -> WaitReporter:
+    """Reports on long waits at the times a Client reports on its own."""
+    return WaitReporter(ClientConfig.report_wait_after_s, ClientConfig.report_wait_every_s)
 
-    def __init__(self, address: str, timeout_s: float, security: ClientSecurity) -> None:
+
+class SchedulerLink:
+    """The worker's calls to the scheduler, each with a deadline and retries; a call that
+    retries an unreachable scheduler says so on the log while it does."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float,
+        security: ClientSecurity,
+        reports: WaitReporter | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.channel = security.channel(address, rpc.channel_options())
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.policy = RetryPolicy(retries=1000, backoff_s=0.1, max_backoff_s=2.0)
+        self.reports = reports or wait_reporter()
 
     def call(self, name: str, request, timeout_s: float | None = None):
         method = getattr(self.stub, name)
-        return call_with_retry(
-            lambda t: method(request, timeout=min(t, 30.0)),
-            timeout_s or self.timeout_s,
-            self.policy,
-            f"scheduler {self.address}",
-            name,
-        )
+        limit = timeout_s or self.timeout_s
+        last = "no answer yet"
+
+        def attempt(t: float):
+            nonlocal last
+            try:
+                return method(request, timeout=min(t, 30.0))
+            except grpc.RpcError as e:
+                last = f"{e.code().name}: {(e.details() or '').splitlines()[0][:120]}"
+                raise
+
+        def describe() -> str:
+            return f"the scheduler at {self.address} ({last}); retrying for up to {limit:g}s"
+
+        with self.reports.waiting(name, describe):
+            return call_with_retry(attempt, limit, self.policy, f"scheduler {self.address}", name)
 
     def close(self) -> None:
+        self.reports.close()
         self.channel.close()
 
 
@@ -123,20 +155,30 @@ class WorkerDaemon:
             self.link.close()
 
     def _loop(self) -> None:
-        while True:
-            if self.fatal:
-                raise PSError(self.fatal)
-            lease = self.link.call("Lease", scheduler_pb2.LeaseRequest(worker_id=self.worker_id))
-            if lease.has_evaluation:
-                self._evaluate(lease.evaluate_epoch)
-            if lease.has_task:
-                self._train(lease.task)
-            elif lease.finished:
-                log.info("the job is finished")
-                return
-            else:
-                log.debug("no task: %s", lease.reason)
-                self.stop.wait(self.options.poll_interval_s)  # poll again shortly
+        why_idle = [""]  # the scheduler's latest reason for giving no task
+        with ExitStack() as idle:  # open while no task comes: a long stretch is reported
+            while True:
+                if self.fatal:
+                    raise PSError(self.fatal)
+                lease = self.link.call(
+                    "Lease", scheduler_pb2.LeaseRequest(worker_id=self.worker_id)
+                )
+                if lease.has_evaluation:
+                    self._evaluate(lease.evaluate_epoch)
+                if lease.has_task:
+                    idle.close()
+                    why_idle[0] = ""
+                    self._train(lease.task)
+                elif lease.finished:
+                    log.info("the job is finished")
+                    return
+                else:
+                    log.debug("no task: %s", lease.reason)
+                    if not why_idle[0]:
+                        what = f"{self.worker_id} asking for work"
+                        idle.enter_context(self.link.reports.waiting(what, lambda: why_idle[0]))
+                    why_idle[0] = lease.reason or "no task yet"
+                    self.stop.wait(self.options.poll_interval_s)  # poll again shortly
 
     def _train(self, task: scheduler_pb2.Task) -> None:
         x, y = load(Path(self.spec.data_dir), self.manifest.shards[task.shard])
@@ -193,13 +235,17 @@ class WorkerDaemon:
         )
         log.info(
             "epoch %d shard %d: %d samples in %.2fs (%.0f samples/s)%s",
-            task.epoch,
+            task.epoch + 1,
             task.shard,
             len(y),
             elapsed,
             self.samples_per_s,
             "" if reply.recorded else "; already done by another worker",
-            extra={"epoch": task.epoch, "shard": task.shard, "samples_per_s": self.samples_per_s},
+            extra={
+                "epoch": task.epoch + 1,
+                "shard": task.shard,
+                "samples_per_s": self.samples_per_s,
+            },
         )
 
     def _evaluate(self, epoch: int) -> None:
@@ -210,7 +256,13 @@ class WorkerDaemon:
                 worker_id=self.worker_id, epoch=epoch, loss=loss, accuracy=accuracy
             ),
         )
-        log.info("epoch %d evaluated: test loss %.4f, accuracy %.4f", epoch, loss, accuracy)
+        log.info(
+            "epoch %d evaluated: test loss %.4f, accuracy %.4f",
+            epoch + 1,
+            loss,
+            accuracy,
+            extra={"epoch": epoch + 1, "accuracy": accuracy, "loss": loss},
+        )
 
     def _heartbeat(self) -> None:
         period = self.spec.lease_timeout_s / 3

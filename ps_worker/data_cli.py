@@ -13,16 +13,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ps-data", description="Prepare data shards.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="write a dataset as N shards, a test file and a manifest")
-    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--dataset", choices=DATASETS, required=True, help="data set to prepare")
     p.add_argument("--out", type=Path, required=True, help="directory to write")
-    p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--shards", type=int, default=16, help="training shards (default 16)")
     p.add_argument(
         "--samples",
         type=int,
         default=None,
         help="samples to generate, train and test together (mnist1d default 25000)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="generation and shuffling (default 0)")
     p.add_argument(
         "--if-missing", action="store_true", help="do nothing if OUT already holds a manifest"
     )

@@ -7,6 +7,7 @@ import os
 import sys
 
 from protos import observability, security
+from ps_worker.daemon import DEVICE_HELP, DEVICES, WorkerOptions
 from ps_worker.data import DataError
 from ps_worker.errors import PSError
 from ps_worker.models import ModelError
@@ -25,13 +26,18 @@ def main(argv: list[str] | None = None) -> int:
         help="scheduler address HOST:PORT (env PS_SCHEDULER)",
     )
     parser.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default=os.environ.get("PS_DEVICE", "auto")
+        "--device",
+        type=str.lower,
+        choices=DEVICES,
+        default=os.environ.get("PS_DEVICE") or DEVICES[0],
+        help=f"{DEVICE_HELP} [env PS_DEVICE]",
     )
     parser.add_argument(
         "--scheduler-timeout-s",
         type=float,
-        default=120.0,
-        help="how long to keep retrying an unreachable scheduler",
+        default=WorkerOptions.scheduler_timeout_s,
+        help="how long to keep retrying an unreachable scheduler or servers, saying so on "
+        "the log every few seconds (default %(default)s)",
     )
     parser.add_argument(
         "--slowdown",
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     observability.configure_logging(args)
 
-    from ps_worker.daemon import WorkerDaemon, WorkerOptions
+    from ps_worker.daemon import WorkerDaemon
     from ps_worker.metrics import WorkerMetrics
 
     metrics = None

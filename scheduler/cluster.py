@@ -1,10 +1,11 @@
-"""``ps-cluster``: a whole cluster (scheduler, servers, workers) as local processes.
+"""ps-cluster: a whole cluster (scheduler, servers, workers) as local processes.
 
     ps-cluster up --dataset mnist1d --model mnist1d-cnn --mode ssp --servers 2 --workers 4
 
-prepares the data if the data directory has none, starts everything on free
-loopback ports, shows progress, prints a final table, optionally writes a
-JSON summary, and tears every process down on exit or Ctrl-C.
+checks the job (the model is built and given a batch of the data), prepares
+the data if the data directory has none, starts everything on free loopback
+ports, prints a line per evaluated epoch, a final table, optionally a JSON
+summary and the trained model, and stops every process however it ends.
 
     ps-cluster status --work-dir DIR [--watch]
 
@@ -16,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
-import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,16 +27,38 @@ import grpc
 from tqdm import tqdm
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
-from protos.job import Mode, Settings
 from protos.jobspec import JobSpec, SpecError, add_job_arguments, job_variables, spec_from_args
 from protos.security import TOKEN_ENV, ClientSecurity, SecurityError, read_token
 from ps_worker import Client, ClientConfig, PSError
+from ps_worker.daemon import DEVICE_HELP, DEVICES
 from ps_worker.data import DATASETS, MANIFEST, DataError, prepare
 from scheduler import status
+from scheduler.export import SAVE_HELP, end_job, save_model
 from scheduler.launch import BIN, Daemon
+from scheduler.lifecycle import (
+    ADDRESSES,
+    CHECKPOINTS,
+    JOB_FILE,
+    STATE_FILE,
+    Terminated,
+    WorkDir,
+    clear_previous_run,
+    ending_signals_raise,
+)
+from scheduler.preflight import (
+    MODEL_HELP,
+    PreflightError,
+    check_device,
+    check_model_fits,
+    check_save_path,
+    check_stragglers,
+    model_argument,
+)
+from scheduler.report import EpochLines, bar_postfix, final_table, summarise
+
+__all__ = ["LocalCluster", "main", "parse_straggler", "summarise"]
 
 POLL_S = 0.25
-ADDRESSES = "cluster.json"  # in the work dir: where `ps-cluster status` finds the scheduler
 # One OpenMP thread per process: a local cluster's processes share the machine's cores, and
 # several processes' busy-waiting OpenMP threads on the same cores made training 5x slower.
 SHARED_CORES_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -51,7 +73,7 @@ class LocalCluster:
     workers: int
     slowdown: dict[int, float] = field(default_factory=dict)  # worker index -> factor
     num_servers: int = 2
-    device: str = "cpu"
+    device: str = DEVICES[0]  # the workers' --device
     server_daemons: list[Daemon] = field(default_factory=list)
     scheduler: Daemon | None = None
     worker_daemons: list[Daemon] = field(default_factory=list)
@@ -61,6 +83,7 @@ class LocalCluster:
     metrics: bool = False  # every daemon serves /metrics on a free port
     log_format: str = "text"  # or json
     restarts: list[str] = field(default_factory=list)  # what was restarted, and why
+    cleared: list[str] = field(default_factory=list)  # what an earlier run had left here
     _scheduler_port: str = "0"
 
     def start(self) -> LocalCluster:
@@ -73,6 +96,7 @@ class LocalCluster:
 
     def _start(self) -> LocalCluster:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.cleared = clear_previous_run(self.work_dir)  # a new cluster is a new job
         for i in range(self.num_servers):
             self.server_daemons.append(self._server(i, "0"))
         servers = tuple(d.address for d in self.server_daemons)
@@ -106,7 +130,7 @@ class LocalCluster:
             "--port",
             port,
             "--checkpoint-dir",
-            str(self.work_dir / "checkpoints" / f"server{i}"),
+            str(self.work_dir / CHECKPOINTS / f"server{i}"),
             "--checkpoint-every",
             self.checkpoint_every,
             *self.observability_args,
@@ -121,7 +145,7 @@ class LocalCluster:
                 continue
             what = f"parameter server {i} exited with code {d.proc.returncode}"
             if not self.restart_on_failure:
-                raise RuntimeError(f"{what}; see {d.log.name}")
+                raise RuntimeError(f"{what}: {d.last_log_line()} (see {d.log.name})")
             d.stop()
             port = d.address.rsplit(":", 1)[1]
             self.server_daemons[i] = self._server(i, port)
@@ -130,7 +154,9 @@ class LocalCluster:
         if self.scheduler is not None and self.scheduler.proc.poll() is not None:
             what = f"the scheduler exited with code {self.scheduler.proc.returncode}"
             if not self.restart_on_failure:
-                raise RuntimeError(f"{what}; see {self.scheduler.log.name}")
+                raise RuntimeError(
+                    f"{what}: {self.scheduler.last_log_line()} (see {self.scheduler.log.name})"
+                )
             self.scheduler.stop()
             self.start_scheduler()
             self._restarted(f"{what}; restarted on its state file")
@@ -141,7 +167,7 @@ class LocalCluster:
 
     def start_scheduler(self) -> Daemon:
         """(Re)start the scheduler on its state file (and, after the first start, its port)."""
-        config = self.work_dir / "job.json"
+        config = self.work_dir / JOB_FILE
         config.write_text(self.spec.to_json())  # JSON is YAML
         argv = [
             str(BIN / "ps-scheduler"),
@@ -150,7 +176,8 @@ class LocalCluster:
             "--config",
             str(config),
             "--state",
-            str(self.work_dir / "scheduler.db"),
+            str(self.work_dir / STATE_FILE),
+            "--no-end-job",  # the launcher ends the job itself, once it has what it reports
             *self.observability_args,
         ]
         n = sum(1 for _ in self.work_dir.glob("scheduler*.log"))
@@ -169,7 +196,7 @@ class LocalCluster:
             "--scheduler",
             self.scheduler.address,
             "--device",
-            "cpu",
+            self.device,
             "--no-progress",
             *self.observability_args,
         ]
@@ -211,15 +238,24 @@ class LocalCluster:
             running = [w for w in self.worker_daemons if w.proc.poll() is None]
             if not running and p is not None:
                 codes = [w.proc.returncode for w in self.worker_daemons]
+                failed = next((w for w in self.worker_daemons if w.proc.returncode), None)
+                said = f"; {Path(failed.log.name).name}: {failed.last_log_line()}" if failed else ""
                 raise RuntimeError(
-                    f"every worker exited (codes {codes}) before the job "
-                    f"finished; see the logs in {self.work_dir}"
+                    f"every worker exited (codes {codes}) before the job finished{said}"
                 )
             self._supervise()
             time.sleep(POLL_S)  # polling the job's progress, not synchronising
-        raise RuntimeError(
-            f"the job did not finish within {timeout_s:.0f}s; see the logs in {self.work_dir}"
-        )
+        raise RuntimeError(f"the job did not finish within {timeout_s:.0f}s")
+
+    def end_job(self) -> None:
+        """After the job finished: its workers gone, the job dropped from the servers."""
+        deadline = time.monotonic() + self.spec.lease_timeout_s
+        for d in self.worker_daemons:  # a worker leaves once told the job is finished
+            try:
+                d.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                d.stop()
+        end_job(self.spec, self.security)
 
     def close(self) -> None:
         for d in [
@@ -236,54 +272,6 @@ class LocalCluster:
         self.close()
 
 
-def summarise(
-    spec: JobSpec, progress: dict, statuses: list, wall_s: float, started_at: float
-) -> dict:
-    """The job's outcome; ``started_at`` (time.time()) dates the accuracy curve."""
-    curve = [
-        {
-            "epoch": e["epoch"] + 1,
-            "loss": e["loss"],
-            "accuracy": e["accuracy"],
-            "wall_s": round(e["evaluated_at"] - started_at, 3),
-        }
-        for e in progress["evaluations"]
-    ]
-    ran = Settings.from_proto(statuses[0].config)  # what the servers ran, not what was asked
-    return {
-        "mode": ran.mode.value,
-        "staleness": ran.staleness if ran.mode is Mode.SSP else None,
-        "model": spec.model,
-        "optimizer": {"name": ran.optimizer.name, "lr": ran.lr, **ran.optimizer.options()},
-        "settings": ran.describe(),
-        "settings_by_server": [Settings.from_proto(s.config).to_doc() for s in statuses],
-        "compression": str(ran.compression),
-        "epochs": spec.epochs,
-        "workers": len(progress["workers"]),
-        "servers": len(statuses),
-        "wall_s": round(wall_s, 3),
-        "final_accuracy": curve[-1]["accuracy"] if curve else None,
-        "accuracy_curve": curve,
-        "shards_completed_per_epoch": progress["completions_per_epoch"],
-        "updates_applied": [s.updates_applied for s in statuses],
-        "stale_dropped": [s.stale_dropped for s in statuses],
-        "staleness_histogram": [dict(s.staleness_histogram) for s in statuses],
-    }
-
-
-def final_table(summary: dict) -> str:
-    lines = [f"{'epoch':>5} {'test loss':>10} {'accuracy':>9}"]
-    for e in summary["accuracy_curve"]:
-        lines.append(f"{e['epoch']:>5} {e['loss']:>10.4f} {e['accuracy']:>9.4f}")
-    lines.append(
-        f"{summary['settings']}; {summary['workers']} workers, {summary['servers']} servers: "
-        f"final test accuracy {summary['final_accuracy']:.4f} in {summary['wall_s']:.1f}s; "
-        f"updates applied {max(summary['updates_applied'])}, stale gradients dropped "
-        f"{sum(summary['stale_dropped'])}"
-    )
-    return "\n".join(lines)
-
-
 def parse_straggler(text: str) -> tuple[int, float]:
     index, _, factor = text.partition(":")
     try:
@@ -298,90 +286,113 @@ def parse_straggler(text: str) -> tuple[int, float]:
 
 
 def up(args: argparse.Namespace) -> int:
-    with ExitStack() as stack:
-        work_dir = args.work_dir or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="ps-cluster-"))
-        )
-        data_dir = args.data_dir or work_dir / "data"
-        try:  # the spec first: a bad setting leaves nothing behind, not even prepared data
-            spec = spec_from_args(
-                args, {"data_dir": str(data_dir), "expected_workers": args.workers}
-            )
-            if not (data_dir / MANIFEST).exists():
-                print(f"preparing {args.dataset} in {data_dir} ...", flush=True)
-                prepare(args.dataset, data_dir, args.shards, args.samples, int(args.seed or 0))
-        except (SpecError, DataError, OSError) as e:
-            print(f"ps-cluster: {e}", file=sys.stderr)
-            return 2
-        slowdown = {i: f - 1.0 for i, f in args.straggler}
-        try:
-            token = read_token(args.token_file)
-        except SecurityError as e:
-            print(f"ps-cluster: {e}", file=sys.stderr)
-            return 2
-        cluster = stack.enter_context(
-            LocalCluster(
-                spec,
-                work_dir,
-                args.workers,
-                slowdown,
-                args.servers,
-                token=token,
-                restart_on_failure=args.restart_on_failure,
-            )
-        )
-        started, started_at = time.monotonic(), time.time()
-        interactive = sys.stdout.isatty()
-        bar = tqdm(
-            total=None,
-            unit="shard",
-            desc=spec.mode,
-            file=sys.stdout,
-            disable=args.quiet or not interactive,
-        )
-        printed = set()
+    """``ps-cluster up``: the job checked, run to its end, reported; every child stopped."""
+    work = WorkDir(args.work_dir)
+    try:
+        with ending_signals_raise():
+            return _up(args, work)
+    except Terminated as e:
+        print(f"ps-cluster: {e}: stopped every process", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("ps-cluster: interrupted: stopped every process", file=sys.stderr)
+        return 130
+    finally:
+        work.finish()
 
-        def show(p: dict) -> None:
-            acc = p["evaluations"][-1]["accuracy"] if p["evaluations"] else None
-            where = f"epoch {min(p['epoch'] + 1, p['epochs'])}/{p['epochs']}"
-            accuracy = "" if acc is None else f", test accuracy {acc:.3f}"
-            if interactive:
-                bar.total = p["epochs"] * p["shards_per_epoch"]
-                bar.n = p["done"]
-                bar.set_postfix_str(where + accuracy, refresh=False)
-                bar.refresh()
-            elif not args.quiet and len(p["evaluations"]) not in printed:
-                printed.add(len(p["evaluations"]))  # a log, not a terminal: a line per epoch
-                total_shards = p["epochs"] * p["shards_per_epoch"]
-                print(f"{where}: {p['done']}/{total_shards} shards{accuracy}", flush=True)
 
+def _preflight(args: argparse.Namespace, data_dir: Path) -> tuple[JobSpec, str | None]:
+    """The job and its token, checked before any process starts (the data prepared if
+    missing); raises what up() reports in one line."""
+    spec = spec_from_args(args, {"data_dir": str(data_dir), "expected_workers": args.workers})
+    check_stragglers(args.straggler, args.workers)
+    check_device(args.device)
+    check_save_path(args.save)
+    token = read_token(args.token_file)
+    if not (data_dir / MANIFEST).exists():
+        print(f"preparing {args.dataset} in {data_dir} ...", flush=True)
+        prepare(args.dataset, data_dir, args.shards, args.samples, int(args.seed or 0))
+    check_model_fits(spec)
+    return spec, token
+
+
+def _up(args: argparse.Namespace, work: WorkDir) -> int:
+    data_dir = args.data_dir or work.path / "data"
+    try:
+        spec, token = _preflight(args, data_dir)
+    except (SpecError, PreflightError, DataError, SecurityError, OSError) as e:
+        print(f"ps-cluster: {e}", file=sys.stderr)
+        return 2
+    cluster = LocalCluster(
+        spec,
+        work.path,
+        args.workers,
+        {i: f - 1.0 for i, f in args.straggler},
+        args.servers,
+        device=args.device,
+        token=token,
+        restart_on_failure=args.restart_on_failure,
+    )
+    started, started_at = time.monotonic(), time.time()
+    interactive = sys.stdout.isatty()
+    bar = tqdm(
+        total=None,
+        unit="shard",
+        desc=spec.mode,
+        file=sys.stdout,
+        disable=args.quiet or not interactive,
+    )
+    epochs = EpochLines()
+
+    def show(p: dict) -> None:
+        if interactive:
+            bar.total = p["epochs"] * p["shards_per_epoch"]
+            bar.n = p["done"]
+            bar.set_postfix_str(bar_postfix(p), refresh=False)
+            bar.refresh()
+        elif not args.quiet:  # a log, not a terminal: a line per evaluated epoch
+            for line in epochs.new(p):
+                print(line, flush=True)
+
+    with cluster:
         try:
             cluster.start()
+            if cluster.cleared:
+                print(
+                    f"ps-cluster: a new job: cleared the previous run's scheduler state, "
+                    f"checkpoints and logs in {work.path}",
+                    flush=True,
+                )
             print(
                 f"cluster up: scheduler {cluster.scheduler.address}, servers "
-                f"{', '.join(cluster.spec.servers)}, {args.workers} workers; logs in "
-                f"{work_dir}",
+                f"{', '.join(cluster.spec.servers)}, {args.workers} workers "
+                f"(--device {args.device}); {work.describe()}",
                 flush=True,
             )
             progress = cluster.wait(args.timeout_s, show)
             statuses = cluster.server_status()
-        except (RuntimeError, PSError) as e:
+            if args.save:
+                save_model(cluster.spec, cluster.security, args.save)
+            try:
+                cluster.end_job()  # after the summary's statuses and the model
+            except PSError as e:
+                print(f"ps-cluster: the job is done, but not ended on the servers: {e}")
+        except (RuntimeError, PSError, OSError) as e:
             bar.close()
+            work.keep = True
             print(f"ps-cluster: {e}", file=sys.stderr)
+            print(f"ps-cluster: the logs are in {work.path}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
+        finally:
             bar.close()
-            print("ps-cluster: interrupted; stopping every process", file=sys.stderr)
-            return 130
-        bar.close()
-        summary = summarise(
-            cluster.spec, progress, statuses, time.monotonic() - started, started_at
-        )
-        print(final_table(summary))
-        if args.summary_json:
-            args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-            args.summary_json.write_text(json.dumps(summary, indent=2))
-            print(f"wrote {args.summary_json}")
+    summary = summarise(cluster.spec, progress, statuses, time.monotonic() - started, started_at)
+    print(final_table(summary))
+    if args.save:
+        print(f"wrote the trained model to {args.save}")
+    if args.summary_json:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(summary, indent=2))
+        print(f"wrote {args.summary_json}")
     return 0
 
 
@@ -393,7 +404,7 @@ def cluster_status(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(
             f"ps-cluster: no running cluster in {args.work_dir} ({e}); pass the work dir "
-            "`ps-cluster up` printed",
+            "that ps-cluster up printed",
             file=sys.stderr,
         )
         return 2
@@ -406,22 +417,26 @@ def cluster_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ps-cluster", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    st = sub.add_parser("status", help="show a running cluster's progress, once or live")
-    st.add_argument(
-        "--work-dir", type=Path, required=True, help="the work dir `ps-cluster up` printed"
+    parser = argparse.ArgumentParser(
+        prog="ps-cluster",
+        description=__doc__.splitlines()[0],
+        epilog="commands: up (run a job until it finishes), status (a running job's table)",
     )
-    st.add_argument("--token-file", type=Path, help="the cluster's token file (or $PS_TOKEN)")
-    status.add_arguments(st)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{up,status}")
     p = sub.add_parser("up", help="run a job on a local cluster until it finishes")
-    p.add_argument("--dataset", choices=DATASETS, default="mnist1d")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist1d", help="data set to prepare")
     p.add_argument("--data-dir", type=Path, help="prepared data (prepared here if missing)")
     p.add_argument("--samples", type=int, default=None, help="samples to generate")
     p.add_argument("--shards", type=int, default=16, help="shards to prepare (default 16)")
-    add_job_arguments(p, skip=("data_dir", "servers", "expected_workers"))
-    p.add_argument("--servers", type=int, default=2)
-    p.add_argument("--workers", type=int, default=4)
+    add_job_arguments(
+        p,
+        skip=("data_dir", "servers", "expected_workers"),
+        custom={"model": {"type": model_argument, "help": MODEL_HELP, "metavar": "MODEL"}},
+    )
+    p.add_argument("--servers", type=int, default=2, help="parameter servers (default 2)")
+    p.add_argument("--workers", type=int, default=4, help="workers (default 4)")
+    p.add_argument("--device", choices=DEVICES, default=DEVICES[0], help=DEVICE_HELP)
+    p.add_argument("--save", type=Path, metavar="PATH", help=SAVE_HELP)
     p.add_argument(
         "--token-file",
         type=Path,
@@ -440,10 +455,21 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="INDEX:FACTOR makes that worker FACTOR times slower (repeatable)",
     )
-    p.add_argument("--work-dir", type=Path, help="where logs and state go (default: a temp dir)")
-    p.add_argument("--summary-json", type=Path)
-    p.add_argument("--timeout-s", type=float, default=3600.0)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where logs and state go; a run there clears the previous run's "
+        "(default: a temporary dir, removed at the end unless the job fails)",
+    )
+    p.add_argument("--summary-json", type=Path, help="write the job's summary here")
+    p.add_argument("--timeout-s", type=float, default=3600.0, help="give up after this long")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    st = sub.add_parser("status", help="show a running cluster's progress, once or live")
+    st.add_argument(
+        "--work-dir", type=Path, required=True, help="the work dir that ps-cluster up printed"
+    )
+    st.add_argument("--token-file", type=Path, help="the cluster's token file (or $PS_TOKEN)")
+    status.add_arguments(st)
     args = parser.parse_args(argv)
     if args.command == "status":
         if args.interval <= 0:

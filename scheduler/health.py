@@ -13,10 +13,13 @@ from protos.security import ClientSecurity
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ps-health", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ps-health",
+        description="Exit 0 if the daemon at HOST:PORT answers SERVING (container health checks).",
+    )
     parser.add_argument("address", help="HOST:PORT of a ps-server or ps-scheduler")
     parser.add_argument("--service", default="", help="service name (default: the whole server)")
-    parser.add_argument("--timeout-s", type=float, default=3.0)
+    parser.add_argument("--timeout-s", type=float, default=3.0, help="give up after this long")
     parser.add_argument(
         "--tls-ca", type=Path, help="CA to verify a daemon that serves TLS (the check is open)"
     )

@@ -1,23 +1,60 @@
 """Start daemons as local processes on loopback and always clean them up.
 
 Each daemon prints ``<name> listening on HOST:PORT`` as its first stdout line;
-the launcher reads it (with a deadline) to learn the port it bound.
+the launcher reads it (with a deadline) to learn the port it bound. On Linux a
+daemon dies with its launcher, however the launcher ends (SIGKILL included):
+the kernel sends it SIGTERM (``PR_SET_PDEATHSIG``), so it shuts down cleanly.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 30.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl, resolved once here: a child between fork and exec must not load it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_PRCTL = _load_prctl()
+
+
+def die_with_launcher() -> Callable[[], None] | None:
+    """A ``preexec_fn`` giving the child SIGTERM when this process ends, or None where
+    that is not possible. The kernel ties it to the thread that forks the child, so only
+    a child started by the main thread (which lives as long as the process) gets it."""
+    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl, launcher = _PRCTL, os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != launcher:  # the launcher ended before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 class Daemon:
@@ -34,7 +71,13 @@ class Daemon:
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, **env} if env else None
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self.log, text=True, env=full_env, cwd=cwd
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=full_env,
+            cwd=cwd,
+            preexec_fn=die_with_launcher(),  # one prctl call between fork and exec
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
@@ -83,11 +126,22 @@ class Daemon:
             line = self.lines.get(timeout=START_TIMEOUT_S)
         except queue.Empty:
             self.stop()
-            raise RuntimeError(f"{name} printed nothing within {START_TIMEOUT_S}s") from None
+            raise RuntimeError(
+                f"{name} printed nothing within {START_TIMEOUT_S}s; see {self.log.name}"
+            ) from None
         if line is None or " listening on " not in line:
             self.stop()
-            raise RuntimeError(f"{name} did not start: {line!r}; see {self.log.name}")
+            said = self.last_log_line() or f"it printed {line!r}"
+            raise RuntimeError(f"{name} did not start: {said} (see {self.log.name})")
         return line.rsplit(" ", 1)[1]
+
+    def last_log_line(self) -> str:
+        """The last line the daemon wrote to its log (its error, when it failed), or ""."""
+        try:
+            lines = Path(self.log.name).read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
         if self.proc.poll() is None:

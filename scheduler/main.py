@@ -1,8 +1,12 @@
 """``ps-scheduler``: owns the job, worker membership and the data-shard task queue.
 
-ps-scheduler --config job.yaml --state job.db [--host H --port P]
+ps-scheduler --config job.yaml --state job.db [--host H --port P] [--fresh] [--save PATH]
 ps-scheduler --data-dir data --servers 127.0.0.1:7001,127.0.0.1:7002 --mode sync ...
 ps-scheduler status --scheduler 127.0.0.1:7000
+
+The job is checked before it is served: its model is built and given a batch
+of its data. When the job finishes, the scheduler writes the trained model
+(``--save``).
 """
 
 from __future__ import annotations
@@ -15,24 +19,49 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protos import observability, security
 from protos.jobspec import JobSpec, SpecError, add_job_arguments, spec_from_args
 from ps_worker.data import DataError, read_manifest
+from ps_worker.errors import PSError
 from scheduler import status
+from scheduler.export import END_JOB_HELP, SAVE_HELP, end_job, save_model
 from scheduler.metrics import SchedulerMetrics
-from scheduler.state import SchedulerState, StateError
+from scheduler.preflight import (
+    MODEL_HELP,
+    PreflightError,
+    check_model_fits,
+    check_save_path,
+    model_argument,
+)
+from scheduler.state import OtherJob, SchedulerState, StateError
+
+if TYPE_CHECKING:
+    from scheduler.service import SchedulerService
 
 log = logging.getLogger("scheduler")
+END_POLL_S = 0.5  # how often a finished job checks whether its workers have left
 
 
 async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
     from scheduler.service import start_scheduler
 
     state = SchedulerState(str(args.state))
+    if args.fresh and state.discard():
+        log.info("--fresh: discarded the job %s held; starting a new one", args.state)
     try:
         created = state.create_or_resume(spec, shards)
+    except OtherJob as e:
+        state.close()
+        print(
+            f"ps-scheduler: {args.state}: {e}; use --fresh to start afresh, or the same job "
+            "spec to resume",
+            file=sys.stderr,
+        )
+        return 2
     except StateError as e:
+        state.close()
         print(f"ps-scheduler: {e}", file=sys.stderr)
         return 1
     loop = asyncio.get_running_loop()
@@ -68,14 +97,41 @@ async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
     if metrics is not None:
         print(f"ps-scheduler metrics on {args.host}:{metrics_port}", flush=True)
     watcher = asyncio.create_task(service.watch(stop))
+    ending = asyncio.create_task(when_finished(service, args))
     await stop.wait()
     log.info("shutting down")
+    ending.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(2.0)
     await watcher
     await service.membership.close()
     state.close()
     return 0
+
+
+async def when_finished(service: SchedulerService, args: argparse.Namespace) -> None:
+    """Once the job is finished: write the trained model (``--save``), then, when every
+    worker has left (or a lease timeout has passed), drop the job from the servers."""
+    await service.finished.wait()
+    spec = service.state.spec
+    if args.save is not None:
+        try:
+            await asyncio.to_thread(save_model, spec, args.connecting, args.save)
+            log.info("wrote the trained model to %s", args.save)
+        except (PSError, OSError) as e:
+            log.error("cannot write the trained model to %s: %s", args.save, e)
+            return  # the weights stay on the servers, for another try
+    if not args.end_job:
+        return
+    deadline = time.monotonic() + spec.lease_timeout_s
+    while service.state.live_workers() and time.monotonic() < deadline:
+        await asyncio.sleep(END_POLL_S)  # workers leave once told the job is finished
+    try:
+        ended = await asyncio.to_thread(end_job, spec, args.connecting)
+    except PSError as e:
+        log.error("cannot end the job on the servers: %s", e)
+        return
+    log.info("the job is finished: ended it on %d of %d server(s)", sum(ended), len(ended))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,20 +157,44 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ps-scheduler",
         description="Own a training job: its spec, the worker membership and the task queue "
-        "that hands out data shards as leases. `ps-scheduler status --scheduler ADDR` prints "
-        "a running job's progress.",
+        "that hands out data shards as leases.",
+        epilog="commands: ps-scheduler status --scheduler HOST:PORT prints a running job's "
+        "progress (ps-scheduler status --help)",
     )
-    parser.add_argument("--host", default=os.environ.get("PS_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PS_PORT", "0")))
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("PS_HOST", "127.0.0.1"),
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface) [env PS_HOST]",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PS_PORT", "0")),
+        help="port to listen on (default 0: a free one, printed) [env PS_PORT]",
+    )
     parser.add_argument(
         "--state",
         type=Path,
         default=Path("scheduler.db"),
-        help="SQLite file holding the job's state (default scheduler.db)",
+        help="SQLite file holding the job's state (default scheduler.db); restarted on it, "
+        "the scheduler resumes the job",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the job the state file holds and start this one afresh",
+    )
+    parser.add_argument("--save", type=Path, metavar="PATH", help=SAVE_HELP)
+    parser.add_argument(
+        "--end-job", action=argparse.BooleanOptionalAction, default=True, help=END_JOB_HELP
     )
     observability.add_arguments(parser)
     security.add_arguments(parser, serves=True, connects=True)
-    add_job_arguments(parser, env=True)
+    add_job_arguments(
+        parser,
+        env=True,
+        custom={"model": {"type": model_argument, "help": MODEL_HELP, "metavar": "MODEL"}},
+    )
     args = parser.parse_args(argv)
     try:
         args.serving = security.server_security(args)
@@ -127,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         if not spec.servers:
             raise SpecError("servers: at least one parameter server address is needed")
         shards = len(read_manifest(Path(spec.data_dir)).shards)
-    except (SpecError, DataError) as e:
+        check_model_fits(spec)
+        check_save_path(args.save)
+    except (SpecError, DataError, PreflightError) as e:
         print(f"ps-scheduler: {e}", file=sys.stderr)
         return 2
     return asyncio.run(serve(args, spec, shards))

@@ -1,18 +1,46 @@
-"""The daemons' command lines, clean shutdown, and waits that hold no thread."""
+"""The daemons' command lines, clean shutdown, waits that hold no thread and waits that
+say what they wait for."""
 
 from __future__ import annotations
 
+import logging
+import re
 import signal
+import socket
 import subprocess
 import threading
 
 import pytest
 import torch
 
-from ps_worker import Client, ClientConfig
-from scheduler.launch import BIN, servers
+from protos import scheduler_pb2
+from protos.security import ClientSecurity
+from ps_worker import Client, ClientConfig, PSError
+from ps_worker.daemon import SchedulerLink
+from ps_worker.waits import WaitReporter
+from scheduler.launch import BIN, Daemon, servers
 
 COMMANDS = ["ps-server", "ps-worker", "ps-scheduler", "ps-cluster"]
+# Every command line and subcommand a person can ask for --help, and the flags whose help
+# must say what they are (with the choices, where there are some).
+HELP = {
+    "ps-server": ["--host", "--port"],
+    "ps-worker": ["--scheduler", "--device {auto,cpu,cuda}"],
+    "ps-scheduler": ["--host", "--port", "--model", "--mode {sync,async,ssp}", "--fresh"],
+    "ps-scheduler status": ["--scheduler"],
+    "ps-cluster": [],
+    "ps-cluster up": [
+        "--device {auto,cpu,cuda}",
+        "--mode {sync,async,ssp}",
+        "--optimizer {sgd,adam,adagrad}",
+        "--model",
+        "--save",
+        "--workers",
+    ],
+    "ps-cluster status": ["--work-dir"],
+    "ps-data prepare": ["--dataset {mnist1d,digits}"],
+    "ps-health": ["address"],
+}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -22,6 +50,70 @@ def test_help(command):
     )
     assert result.returncode == 0
     assert result.stdout.startswith("usage: " + command)
+
+
+@pytest.mark.parametrize("command", list(HELP))
+def test_help_texts_describe_every_flag_without_backticks(command):
+    name, *sub = command.split()
+    result = subprocess.run(
+        [str(BIN / name), *sub, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "`" not in text
+    for flag in HELP[command]:
+        # argparse puts a flag's help on its line, or indented on the next one.
+        match = re.search(rf"^  {re.escape(flag)}[^\n]*\n?(.*)$", text, re.M)
+        assert match, f"{command} --help does not show {flag}"
+        line = match.group(0).split("\n")[0]
+        described = re.search(r"\S  +\S", line.strip()) or match.group(1).startswith(" " * 10)
+        assert described, f"{command}: {flag} has no help text"
+    if command == "ps-scheduler":  # its subcommand is listed
+        assert "ps-scheduler status" in text
+    if command in ("ps-scheduler", "ps-cluster up"):
+        assert "mnist1d-cnn, mnist1d-mlp, digits-mlp" in text  # --model's choices
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_says_what_it_waits_for_while_the_scheduler_is_unreachable():
+    """Trap: ps-worker was silent for its whole --scheduler-timeout-s (120 s)."""
+    address = f"127.0.0.1:{free_port()}"
+    argv = [str(BIN / "ps-worker"), "--scheduler", address, "--scheduler-timeout-s", "8"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=50)
+    assert result.returncode == 1
+    (line, *_) = [x for x in result.stderr.splitlines() if "waiting for" in x]
+    assert f"Register: waiting for 5s: the scheduler at {address} (UNAVAILABLE: " in line
+    assert line.endswith("retrying for up to 8s"), line
+
+
+@pytest.mark.timeout(30)
+def test_the_scheduler_link_keeps_saying_what_it_waits_for(caplog):
+    address = f"127.0.0.1:{free_port()}"
+    link = SchedulerLink(address, 1.5, ClientSecurity(), reports=WaitReporter(0.2, 0.3))
+    with caplog.at_level(logging.WARNING, logger="ps_worker"), pytest.raises(PSError):
+        link.call("Register", scheduler_pb2.RegisterRequest(host="h"))
+    link.close()
+    said = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert len(said) >= 3, said  # after 0.2 s, then every 0.3 s until the call gave up
+    assert all("Register: waiting for" in m and address in m for m in said)
+
+
+@pytest.mark.timeout(60)
+def test_a_daemon_that_does_not_start_says_its_own_error(tmp_path):
+    """Trap: "ps-scheduler did not start: None" hid the scheduler's message."""
+    argv = [str(BIN / "ps-scheduler"), "--data-dir", str(tmp_path / "none"), "--servers", "a:1"]
+    with pytest.raises(RuntimeError) as info:
+        assert Daemon(argv, tmp_path / "scheduler.log").address
+    message = str(info.value)
+    assert message.startswith("ps-scheduler did not start: ps-scheduler: no manifest.json in")
+    assert "None" not in message and "scheduler.log" in message
 
 
 def test_bad_arguments_give_one_line_and_no_traceback():

@@ -1,0 +1,63 @@
+"""A finished job: its trained model out of the servers as one safetensors file, then the
+job dropped from the servers, freeing them for another.
+
+    model = build_model(spec.model, spec.seed)
+    model.load_state_dict(safetensors.torch.load_file(path))
+
+The servers hold the model's parameters; its buffers (BatchNorm's running
+statistics, say) live in each worker and are written as the model builds them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from protos.jobspec import JobSpec
+from protos.security import ClientSecurity
+from ps_worker import Client, ClientConfig
+from ps_worker.models import build_model
+
+SAVE_TIMEOUT_S = 60.0
+SAVE_HELP = (
+    "when the job finishes, write the trained model here as safetensors "
+    "(load_state_dict(safetensors.torch.load_file(PATH)))"
+)
+
+
+END_JOB_HELP = (
+    "when the job finishes (and its model is saved), drop it from the servers, freeing "
+    "them for another job (default on)"
+)
+
+
+def _client(spec: JobSpec, security: ClientSecurity) -> Client:
+    """An observer of the job: it never joins it, so closing it leaves nothing to leave."""
+    config = ClientConfig(timeout_s=SAVE_TIMEOUT_S, security=security)
+    return Client(list(spec.servers), job_id=spec.job_id, config=config)
+
+
+def final_state_dict(spec: JobSpec, security: ClientSecurity) -> dict[str, torch.Tensor]:
+    """The job's model with the servers' current weights, as a state dict (CPU tensors)."""
+    with _client(spec, security) as client:
+        state = client.state_dict(build_model(spec.model, spec.seed))
+    # Each tensor its own memory: safetensors refuses tied tensors that share it.
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+
+
+def save_model(spec: JobSpec, security: ClientSecurity, path: Path) -> None:
+    """Write the servers' final weights to ``path`` (a new file, then a rename)."""
+    state = final_state_dict(spec, security)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"model": spec.model, "job_id": spec.job_id})
+    os.replace(tmp, path)
+
+
+def end_job(spec: JobSpec, security: ClientSecurity) -> list[bool]:
+    """Drop the job from its servers; for each, whether it held the job."""
+    with _client(spec, security) as client:
+        return client.end_job()

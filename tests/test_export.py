@@ -14,6 +14,9 @@ from ps_server import checkpoint
 from ps_server.export import ExportError, ServerShare, main, read_shares, reassemble
 from ps_server.store import ParameterStore
 from ps_worker import Client
+from ps_worker.daemon import score
+from ps_worker.data import load, prepare, read_manifest
+from ps_worker.models import build_model
 from scheduler.launch import BIN, Daemon
 from tests.storekit import chunks_for, grads, initial_values, make_job
 
@@ -102,6 +105,17 @@ def test_a_buffer_that_does_not_fit_its_layout_is_refused(job_dirs):
         reassemble([])
 
 
+def checkpointing_servers(checkpoints, logs) -> list[Daemon]:
+    """ps-server processes, each writing checkpoints into its own folder of ``checkpoints``."""
+    return [
+        Daemon(
+            [str(BIN / "ps-server"), "--port", "0", "--checkpoint-dir", str(checkpoints / f"s{i}")],
+            logs / f"server{i}.log",
+        )
+        for i in range(SERVERS)
+    ]
+
+
 def small_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
@@ -113,13 +127,7 @@ def small_model(seed: int) -> torch.nn.Module:
 @pytest.mark.timeout(120)
 def test_a_trained_job_exports_the_weights_its_client_pulls(tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    daemons = [
-        Daemon(
-            [str(BIN / "ps-server"), "--port", "0", "--checkpoint-dir", str(checkpoints / f"s{i}")],
-            tmp_path / f"server{i}.log",
-        )
-        for i in range(SERVERS)
-    ]
+    daemons = checkpointing_servers(checkpoints, tmp_path)
     try:
         addresses = [d.address for d in daemons]
         model = small_model(0)
@@ -138,7 +146,7 @@ def test_a_trained_job_exports_the_weights_its_client_pulls(tmp_path):
         codes = [d.stop() for d in daemons]  # SIGTERM: each writes its final checkpoint
     assert codes == [0] * SERVERS
     out = tmp_path / "model.safetensors"
-    result = subprocess.run(
+    result = subprocess.run(  # the console script, as a user runs it
         [str(BIN / "ps-export"), "--checkpoints", str(checkpoints), "--out", str(out)],
         capture_output=True,
         text=True,
@@ -150,3 +158,49 @@ def test_a_trained_job_exports_the_weights_its_client_pulls(tmp_path):
     fresh.load_state_dict(load_file(str(out)))  # strict: every parameter, nothing else
     for name, value in fresh.named_parameters():
         assert torch.equal(value.detach(), pulled[name]), name
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_scheduled_job_exports_the_model_its_last_evaluation_scored(tmp_path):
+    """Daemons by hand, the job kept on the servers (--no-end-job): the servers' final
+    checkpoints, exported, score exactly the test accuracy of the job's last evaluation."""
+    data = tmp_path / "data"
+    prepare("digits", data, shards=4, samples=400)
+    checkpoints = tmp_path / "checkpoints"
+    daemons = checkpointing_servers(checkpoints, tmp_path)
+    try:
+        servers = ",".join(d.address for d in daemons)
+        scheduler = Daemon(
+            [str(BIN / "ps-scheduler"), "--port", "0", "--state", str(tmp_path / "job.db"),
+             "--data-dir", str(data), "--servers", servers, "--model", "digits-mlp",
+             "--epochs", "1", "--batch-size", "32", "--part-bytes", "1024",
+             "--no-end-job"],
+            tmp_path / "scheduler.log",
+        )  # fmt: skip
+        daemons.append(scheduler)
+        worker = Daemon(
+            [str(BIN / "ps-worker"), "--scheduler", scheduler.address, "--device", "cpu"],
+            tmp_path / "worker.log",
+        )
+        daemons.append(worker)
+        assert worker.proc.wait(150) == 0
+        status = subprocess.run(
+            [str(BIN / "ps-scheduler"), "status", "--scheduler", scheduler.address, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+    finally:
+        codes = [d.stop() for d in reversed(daemons)]  # the servers last: final checkpoints
+    assert codes[-SERVERS:] == [0] * SERVERS
+    progress = json.loads(status.stdout)
+    assert progress["finished"] and len(progress["evaluations"]) == 1
+    out = tmp_path / "model.safetensors"
+    assert main(["--checkpoints", str(checkpoints), "--out", str(out)]) == 0
+    model = build_model("digits-mlp", seed=1)  # any seed: every weight comes from the file
+    model.load_state_dict(load_file(str(out)))
+    test = load(data, read_manifest(data).test)
+    _, accuracy = score(model, *test, torch.device("cpu"))
+    assert accuracy == progress["evaluations"][-1]["accuracy"]

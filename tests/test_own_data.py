@@ -1,7 +1,7 @@
-"""docs/data.md's example runs as written: a data set of one's own, trained, exported, scored.
+"""docs/data.md's example runs as written: a data set of one's own, trained, saved, scored.
 
-It is also the whole model-out path: the exported checkpoints, loaded into a fresh
-model, score exactly the accuracy of the job's last evaluation.
+It is also the whole model-out path of ps-cluster: the saved model, loaded into a fresh
+module, scores exactly the accuracy of the job's last evaluation.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def run_line(line: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_the_own_data_example_trains_exports_and_scores_the_last_evaluation(tmp_path, monkeypatch):
+def test_the_own_data_example_trains_saves_and_scores_the_last_evaluation(tmp_path, monkeypatch):
     files = {}
     for block in blocks("python"):
         first = block.splitlines()[0]
@@ -63,7 +63,7 @@ def test_the_own_data_example_trains_exports_and_scores_the_last_evaluation(tmp_
 
     printed = re.search(r"test accuracy ([\d.]+); the job's last evaluation ([\d.]+)", outputs[-1])
     assert printed and printed.group(1) == printed.group(2), outputs[-1]
-    summary = json.loads((tmp_path / "blobs" / "run" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "blobs" / "summary.json").read_text())
     assert summary["final_accuracy"] > 0.9  # three well-separated blobs
     # The same check with the workers' own code: the model as they build it, scored as they do.
     monkeypatch.syspath_prepend(str(tmp_path / "blobs"))

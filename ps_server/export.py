@@ -115,7 +115,8 @@ def reassemble(shares: Sequence[ServerShare]) -> dict[str, torch.Tensor]:
 
 def checkpoint_dirs(paths: Iterable[Path]) -> list[Path]:
     """Server checkpoint directories: each path is one (it holds a manifest), or a folder
-    of them such as a ``ps-cluster`` work dir's ``checkpoints/`` (server0, server1, ...)."""
+    of them such as a ``ps-cluster`` work dir's ``checkpoints/`` (server0, server1, ...;
+    a finished job's are deleted when it is ended on the servers)."""
     found: list[Path] = []
     for path in paths:
         if (path / MANIFEST).is_file():
@@ -184,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         required=True,
         metavar="DIR",
-        help="every server's --checkpoint-dir, or a folder of them (a ps-cluster work dir's "
-        "checkpoints/); each server's current checkpoint is read",
+        help="every server's --checkpoint-dir, or a folder of them (the checkpoints/ of a "
+        "ps-cluster work dir whose job was not ended); each server's current checkpoint is read",
     )
     parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     args = parser.parse_args(argv)

@@ -36,7 +36,6 @@ REFUSED = {
         ["ps-cluster", "up", "--model", "digits-mlp", "--straggler", "9:2", "--workers", "4"],
         "--straggler 9:2: there are 4 workers",
     ),
-    "lease timeout": (["ps-cluster", "up", "--lease-timeout-s", "inf"], "lease_timeout_s must be"),
     "scheduler model": (
         ["ps-scheduler", "--model", "nosuch-model", "--servers", "127.0.0.1:1"],
         "unknown model 'nosuch-model'",
@@ -83,6 +82,11 @@ def test_the_model_check_says_what_does_not_fit(digits):
     check_model_fits(JobSpec.from_dict({"data_dir": str(digits), "model": "digits-mlp"}))
 
 
+def test_a_lease_timeout_must_be_finite():
+    with pytest.raises(SpecError, match="lease_timeout_s must be a positive number, got inf"):
+        JobSpec.from_dict({"data_dir": "d", "lease_timeout_s": "inf"})
+
+
 def test_mode_and_optimizer_variables_are_taken_in_any_case(monkeypatch):
     """Trap: PS_MODE=SSP was refused."""
 
@@ -119,3 +123,21 @@ def test_a_worker_that_fails_anyway_is_reported_with_its_error_and_the_logs_kept
     (kept,) = temp.glob("ps-cluster-*")  # the temporary work dir stays, with the logs
     assert f"the logs are in {kept}" in result.stderr
     assert MESSAGE in (kept / "worker0.log").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.integration
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.timeout(180)
+def test_device_cuda_from_the_launcher_trains_on_the_gpu(tmp_path, digits):
+    work = tmp_path / "work"
+    argv = [
+        str(BIN / "ps-cluster"),
+        "up",
+        *("--data-dir", str(digits), "--model", "digits-mlp", "--device", "cuda"),
+        *("--servers", "1", "--workers", "1", "--epochs", "1", "--batch-size", "16"),
+        *("--work-dir", str(work), "--quiet", "--timeout-s", "150"),
+    ]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(digits-mlp) on cuda" in (work / "worker0.log").read_text()

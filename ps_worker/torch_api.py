@@ -88,11 +88,12 @@ class DistributedOptimizer:
         after it; :meth:`Client.join` has the details."""
         self.client.join(self.model, timeout_s)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's ``state_dict()`` with the servers' current weights (CPU tensors;
         buffers, which the servers do not hold, from the module), for
-        ``model.load_state_dict`` or ``safetensors.torch.save_file``. The optimizer's own
-        state stays on the servers."""
+        ``model.load_state_dict`` or ``safetensors.torch.save_file``. Not named
+        ``state_dict``: a torch optimizer's ``state_dict`` is optimizer state, and that
+        stays on the servers."""
         return self.client.state_dict(self.model)
 
     def close(self) -> None:

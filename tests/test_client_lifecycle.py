@@ -128,7 +128,7 @@ def test_ranks_with_uneven_step_counts_join_with_the_final_weights(addresses):
                 for _ in range(steps):
                     train(models[r], opt.step)
                 opt.join(timeout_s=60)
-                states[r] = opt.state_dict()
+                states[r] = opt.model_state_dict()
         except BaseException as e:
             errors.append(e)
 

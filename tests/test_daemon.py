@@ -20,7 +20,6 @@ from ps_worker.daemon import SchedulerLink
 from ps_worker.waits import WaitReporter
 from scheduler.launch import BIN, Daemon, servers
 
-COMMANDS = ["ps-server", "ps-worker", "ps-scheduler", "ps-cluster"]
 # Every command line and subcommand a person can ask for --help, and the flags whose help
 # must say what they are (with the choices, where there are some).
 HELP = {
@@ -43,15 +42,6 @@ HELP = {
 }
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_help(command):
-    result = subprocess.run(
-        [str(BIN / command), "--help"], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0
-    assert result.stdout.startswith("usage: " + command)
-
-
 @pytest.mark.parametrize("command", list(HELP))
 def test_help_texts_describe_every_flag_without_backticks(command):
     name, *sub = command.split()
@@ -60,6 +50,7 @@ def test_help_texts_describe_every_flag_without_backticks(command):
     )
     assert result.returncode == 0, result.stderr
     text = result.stdout
+    assert text.startswith(f"usage: {command}"), text[:200]
     assert "`" not in text
     for flag in HELP[command]:
         # argparse puts a flag's help on its line, or indented on the next one.

@@ -131,7 +131,7 @@ def test_a_bare_cosine_spans_the_jobs_expected_updates():
 def test_a_bad_schedule_in_a_job_spec_is_refused():
     with pytest.raises(SpecError, match="not one of constant, cosine"):
         JobSpec.from_dict({"data_dir": "d", "lr_schedule": "step"})
-    with pytest.raises(SpecError, match=r"^epochs must be at least 1$"):
+    with pytest.raises(SpecError, match=r"^epochs must be at least 1, got 0$"):
         JobSpec.from_dict({"data_dir": "d", "lr_schedule": "cosine", "epochs": 0})
     with pytest.raises(SpecError, match="final_ratio"):
         JobSpec.from_dict({"data_dir": "d", "lr_schedule": "cosine", "lr_final_ratio": 2})

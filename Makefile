@@ -6,6 +6,9 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Test processes (pytest-xdist): most tests wait on daemons they start, so two share two
+# cores well and keep CI well under its 15 minutes; 0 runs them in this process.
+TEST_PROCESSES ?= 2
 # Where `make demo` keeps its data, logs and summary.
 DEMO_DIR ?= demo
 
@@ -23,7 +26,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES)
 
 # MNIST-1D on a local cluster: 2 servers, 4 workers, bounded staleness; prints the accuracy
 # and writes the trained model to $(DEMO_DIR)/model.safetensors.

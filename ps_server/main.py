@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from protos import observability, security
+from protos import listen, observability, security
 from protos.job import Limits
 from protos.shm import default_dir
 from ps_server.checkpoint import Checkpointer, CheckpointError, Every
@@ -34,17 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hold a partition of a model's parameters and optimizer state, and apply "
         "sync, async or bounded-staleness (ssp) updates pushed by workers.",
     )
-    parser.add_argument(
-        "--host",
-        default=os.environ.get("PS_HOST", "127.0.0.1"),
-        help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("PS_PORT", "0")),
-        help="port to bind; 0 picks a free one (default 0)",
-    )
+    listen.add_arguments(parser)
     parser.add_argument(
         "--chunk-bytes",
         type=int,
@@ -107,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 0 <= args.port < 65536:
-        parser.error(f"--port {args.port} is not a port number")
     if args.chunk_bytes < 1024:
         parser.error("--chunk-bytes must be at least 1024")
     try:
@@ -124,8 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> int:
     address = f"{args.host}:{args.port}"
-    if address_in_use(args.host, args.port):  # said in one line, before anything starts
-        print(f"ps-server: cannot listen on {address}: address in use", file=sys.stderr)
+    if busy := listen.cannot_listen("ps-server", args.host, args.port):  # before anything
+        print(busy, file=sys.stderr)
         return 2
     store = ParameterStore(reject_nonfinite=not args.allow_nonfinite)
     checkpointer = None
@@ -165,8 +151,7 @@ async def serve(args: argparse.Namespace) -> int:
             store, address, config, args.security, metrics, on_end
         )
     except RuntimeError as e:  # taken meanwhile, or not an address of this host
-        why = "address in use" if address_in_use(args.host, args.port) else str(e)
-        print(f"ps-server: cannot listen on {address}: {why}", file=sys.stderr)
+        print(listen.cannot_listen("ps-server", args.host, args.port, e), file=sys.stderr)
         return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -213,28 +198,6 @@ async def checkpoint_loop(checkpointer: Checkpointer, stop: asyncio.Event) -> No
             continue
         if path is not None:  # None: the job was ended meanwhile
             log.info("checkpoint at version %d: %s", snap.version, path)
-
-
-def address_in_use(host: str, port: int) -> bool:
-    """Whether something listens on host:port already (gRPC's bind would fail on it, with a
-    message that does not say so). Port 0 is never in use."""
-    if port == 0:
-        return False
-    try:
-        found = socket.getaddrinfo(
-            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror:
-        return False  # gRPC says what is wrong with the address
-    for family, kind, proto, _, where in found:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
-            try:
-                probe.bind(where)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    return True
-    return False
 
 
 def unix_socket_path(choice: str) -> Path | None:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protos import observability, security
+from protos import listen, observability, security
 from protos.jobspec import JobSpec, SpecError, add_job_arguments, spec_from_args
 from ps_worker.data import DataError, read_manifest
 from ps_worker.errors import PSError
@@ -76,6 +75,9 @@ async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
             p.epochs * p.shards_per_epoch,
         )
     address = f"{args.host}:{args.port}"
+    if busy := listen.cannot_listen("ps-scheduler", args.host, args.port):  # before anything
+        print(busy, file=sys.stderr)
+        return 2
     metrics = None
     if args.metrics_port is not None:
         metrics = SchedulerMetrics()
@@ -88,8 +90,8 @@ async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
             state, address, args.serving, args.connecting, metrics
         )
     except RuntimeError as e:
-        print(f"ps-scheduler: cannot listen on {address}: {e}", file=sys.stderr)
-        return 1
+        print(listen.cannot_listen("ps-scheduler", args.host, args.port, e), file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -161,17 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="commands: ps-scheduler status --scheduler HOST:PORT prints a running job's "
         "progress (ps-scheduler status --help)",
     )
-    parser.add_argument(
-        "--host",
-        default=os.environ.get("PS_HOST", "127.0.0.1"),
-        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface) [env PS_HOST]",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("PS_PORT", "0")),
-        help="port to listen on (default 0: a free one, printed) [env PS_PORT]",
-    )
+    listen.add_arguments(parser)
     parser.add_argument(
         "--state",
         type=Path,

@@ -17,6 +17,7 @@ from protos import scheduler_pb2
 from protos.security import ClientSecurity
 from ps_worker import Client, ClientConfig, PSError
 from ps_worker.daemon import SchedulerLink
+from ps_worker.data import prepare
 from ps_worker.waits import WaitReporter
 from scheduler.launch import BIN, Daemon, servers
 
@@ -125,6 +126,29 @@ def test_port_in_use_is_reported(tmp_path):
         )
     assert result.returncode == 2
     assert "cannot listen on" in result.stderr and "address in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_the_scheduler_says_its_port_is_in_use(tmp_path):
+    prepare("digits", tmp_path / "data", shards=2, samples=200)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = subprocess.run(
+            [
+                *(str(BIN / "ps-scheduler"), "--port", str(port), "--model", "digits-mlp"),
+                *("--data-dir", str(tmp_path / "data"), "--servers", "127.0.0.1:1"),
+                *("--state", str(tmp_path / "job.db")),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: address in use" in result.stderr
     assert "Traceback" not in result.stderr
 
 

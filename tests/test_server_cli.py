@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from ps_server.main import address_in_use, build_parser
+from protos.listen import address_in_use
+from ps_server.main import build_parser
 from scheduler.launch import BIN
 
 

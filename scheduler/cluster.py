@@ -33,7 +33,7 @@ from ps_worker import Client, ClientConfig, PSError
 from ps_worker.daemon import DEVICE_HELP, DEVICES
 from ps_worker.data import DATASETS, MANIFEST, DataError, prepare
 from scheduler import status
-from scheduler.export import SAVE_HELP, end_job, save_model
+from scheduler.finish import SAVE_HELP, end_job, save_model
 from scheduler.launch import BIN, Daemon
 from scheduler.lifecycle import (
     ADDRESSES,

@@ -25,7 +25,7 @@ from protos.jobspec import JobSpec, SpecError, add_job_arguments, spec_from_args
 from ps_worker.data import DataError, read_manifest
 from ps_worker.errors import PSError
 from scheduler import status
-from scheduler.export import END_JOB_HELP, SAVE_HELP, end_job, save_model
+from scheduler.finish import END_JOB_HELP, SAVE_HELP, end_job, save_model
 from scheduler.metrics import SchedulerMetrics
 from scheduler.preflight import (
     MODEL_HELP,

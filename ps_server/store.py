@@ -16,8 +16,9 @@ the number of iterations the worker has pushed, so a push carries the
 clock the worker reaches with it (1 for its first push).
 
 - sync: gradients for step ``t`` (pushes whose ``pulled_version`` is ``t``)
-  are summed until ``R = max(1, active - backup_workers)`` workers have
-  contributed; their mean is applied once and the step becomes ``t + 1``.
+  are summed until ``R = max(1, active - backup_workers)`` active workers have
+  contributed; the mean of all gradients in (a departed worker's included) is
+  applied once and the step becomes ``t + 1``.
   Older-step gradients are dropped and counted. A pull with
   ``min_version = t + 1`` waits until that step exists.
 - async: every push is applied at once.
@@ -192,8 +193,12 @@ class ParameterStore:
         return PushResult(True, False, False, self._version, staleness, lr)
 
     def _maybe_finish_step(self) -> None:
-        """Sync: apply the mean once enough workers have contributed."""
-        if not self._contributors or len(self._contributors) < self.required_workers():
+        """Sync: apply the mean once the active workers have contributed what the barrier
+        requires (a departed worker's gradient already in stays in the mean, but does not
+        count towards the barrier; with no worker active, what is in is applied)."""
+        if not self._contributors:
+            return
+        if self.active_workers() and self._active_contributors() < self.required_workers():
             return
         job, params = self._held_job(), self._held()
         lr = self._scheduled_lr()
@@ -229,7 +234,7 @@ class ParameterStore:
             missing = tuple(w for w in self.active_workers() if w not in self._contributors)
             return PullDecision(
                 False,
-                f"sync step {self._version}: have {len(self._contributors)} of {required} "
+                f"sync step {self._version}: have {self._active_contributors()} of {required} "
                 f"required gradients; waiting for {_names(missing)}",
                 missing,
             )
@@ -305,6 +310,11 @@ class ParameterStore:
 
     def active_workers(self) -> list[str]:
         return [w.worker_id for w in self._workers.values() if w.active]
+
+    def _active_contributors(self) -> int:
+        """Sync: the active workers whose gradient is in this step's sum."""
+        active = set(self.active_workers())
+        return sum(1 for w in self._contributors if w in active)
 
     def required_workers(self) -> int:
         """Sync: gradients needed to finish a step."""

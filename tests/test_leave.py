@@ -35,6 +35,31 @@ def test_a_leaving_sync_worker_completes_the_step_its_absence_completes():
     assert store.required_workers() == 2
 
 
+def test_a_worker_that_leaves_after_pushing_does_not_complete_the_step_alone():
+    store, job = new_store("sync", workers=["a", "b"])
+    push(store, job, "a", 1, 1.0, session="sa")
+    assert store.leave("job", "a", "sa") == ["b"]
+    assert store.version == 0  # b's gradient is still to come
+    decision = store.pull_decision("job", "b", 0, 1, "sb")
+    assert not decision.ready and decision.waiting_for == ("b",)
+    assert "have 0 of 1" in decision.reason
+    result = push(store, job, "b", 1, 3.0, session="sb")
+    assert result.applied and not result.dropped and result.staleness == 0
+    assert store.version == 1 and store.view().counters.stale_dropped == 0
+    for name, value in initial_values().items():  # the mean of a's and b's: a's stayed in
+        assert weights(store)[name].sub(value - 2.0).abs().max() < 1e-6
+
+
+def test_the_last_worker_to_leave_applies_the_gradients_in():
+    store, job = new_store("sync", workers=["a", "b"])
+    push(store, job, "a", 1, 1.0, session="sa")
+    store.leave("job", "a", "sa")
+    store.leave("job", "b", "sb")
+    assert store.version == 1
+    for name, value in initial_values().items():
+        assert weights(store)[name].sub(value - 1.0).abs().max() < 1e-6
+
+
 def test_a_leaving_ssp_worker_releases_the_bound():
     store, job = new_store("ssp", workers=["a", "b"], staleness=0)
     push(store, job, "a", 1, 1.0, session="sa")

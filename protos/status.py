@@ -23,9 +23,16 @@ SHM_SEGMENT_UNAVAILABLE = "SHM_SEGMENT_UNAVAILABLE"
 # The server offers no shared-memory path at all: the client uses streams.
 SHM_UNSUPPORTED = "SHM_UNSUPPORTED"
 
-# Another live client already uses this worker_id (a different session): the client fails,
-# it must not retry; each process needs its own worker_id (e.g. from its rank).
+# Another live client already uses this worker_id (a different session): the client fails
+# (after waiting up to LIVENESS_S at its first contact, for a crashed predecessor to go
+# quiet); each process needs its own worker_id (e.g. from its rank).
 WORKER_ID_IN_USE = "WORKER_ID_IN_USE"
+
+# How long a server keeps a worker id for the client (session) it last heard from: a
+# client seen this recently (or with a pull waiting) holds its id; one quiet this long may
+# be replaced. A client refused at its first contact waits this long (and a margin) for a
+# crashed predecessor's session to go quiet before it gives up.
+LIVENESS_S = 10.0
 
 REASONS = (SHM_SEGMENT_UNAVAILABLE, SHM_UNSUPPORTED, WORKER_ID_IN_USE)
 

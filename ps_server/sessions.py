@@ -4,7 +4,8 @@ A client sends a random session id with every push and pull. The session a
 server saw last for a worker id holds that id; another session's push or
 pull for it is refused (:class:`~ps_server.errors.WorkerIdInUse`) while the
 holder is live: the worker is active, the holder has not left, and it was
-seen within :data:`LIVENESS_S` or has a pull waiting. A holder that left or
+seen within the liveness window (:data:`protos.status.LIVENESS_S`, which
+clients know too) or has a pull waiting. A holder that left or
 went quiet is replaced by the next session, which joins as a new worker
 would (a restarted process reusing its rank's id). Sessions are not
 checkpointed: after a restart the first session seen claims the id.
@@ -18,7 +19,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-LIVENESS_S = 10.0  # a holder seen this recently (or with a pull waiting) keeps its worker id
+from protos.status import LIVENESS_S
+
+__all__ = ["LIVENESS_S", "Holder", "Sessions"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,11 @@ class Holder:
 class Sessions:
     """The holder of each worker id, and when it was last seen."""
 
-    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, now: Callable[[], float] = time.monotonic, liveness_s: float = LIVENESS_S
+    ) -> None:
         self._now = now
+        self._liveness_s = liveness_s  # a holder seen this recently keeps its worker id
         self._holders: dict[str, Holder] = {}
 
     def holder(self, worker_id: str) -> Holder | None:
@@ -61,7 +67,7 @@ class Sessions:
         if held is None or held.session == session or held.left or not active:
             return None
         ago = self._now() - held.seen
-        if ago >= LIVENESS_S:
+        if ago >= self._liveness_s:
             return None
         return _in_use(worker_id, f"last seen {ago:.1f} s ago")
 

@@ -60,17 +60,21 @@ from ps_server.records import (
     Waiter,
     WorkerState,
 )
-from ps_server.sessions import Sessions
+from ps_server.sessions import LIVENESS_S, Sessions
 
 
 class ParameterStore:
     """The state of one parameter server."""
 
     def __init__(
-        self, reject_nonfinite: bool = True, now: Callable[[], float] = time.monotonic
+        self,
+        reject_nonfinite: bool = True,
+        now: Callable[[], float] = time.monotonic,
+        liveness_s: float = LIVENESS_S,
     ) -> None:
+        """``liveness_s``: how long a quiet client keeps its worker id (shorter in tests)."""
         self._reject_nonfinite = reject_nonfinite
-        self._sessions = Sessions(now)
+        self._sessions = Sessions(now, liveness_s)
         self._waiters: dict[int, Waiter] = {}  # in-flight calls: they outlive an ended job
         self._tokens = itertools.count()
         self._ended: str | None = None  # the job ended last, for the error its workers get

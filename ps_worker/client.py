@@ -58,7 +58,7 @@ from ps_worker.errors import (
 )
 from ps_worker.link import Link
 from ps_worker.payload import Plan
-from ps_worker.protocol import ProtocolState, PushSummary
+from ps_worker.protocol import ProtocolState, PushSummary, first_contact
 from ps_worker.routes import Router
 from ps_worker.tensors import (
     Tensors,
@@ -494,8 +494,9 @@ class Client:
         pending = set(range(len(links)))
 
         def run(i: int, link: Link) -> T:
-            try:
-                return fn(i, link)
+            try:  # a rank restarted at once may wait for its predecessor's id to be free
+                wait_s, closed = self.config.worker_id_wait_s, self._closed
+                return first_contact(lambda: fn(i, link), self._state, wait_s, closed)
             finally:
                 pending.discard(i)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from protos.codec import DEFAULT_CHUNK_BYTES
 from protos.security import ClientSecurity
+from protos.status import LIVENESS_S
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class ClientConfig:
     max_backoff_s: float = 2.0
     report_wait_after_s: float = 5.0  # a call waiting this long logs what it waits for,
     report_wait_every_s: float = 10.0  # and again this often until it ends
+    # refused WORKER_ID_IN_USE at its first contact, a client retries this long: a crashed
+    # process's client holding the id goes quiet within the servers' liveness window
+    worker_id_wait_s: float = LIVENESS_S + 2.0
     join_poll_s: float = 0.2  # join(): how often it asks the servers who is still active
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     same_host_unix_socket: bool = True  # reach a server on this host over its Unix socket

@@ -32,8 +32,10 @@ class StateError(PSError):
 
 class WorkerIdInUseError(StateError):
     """FAILED_PRECONDITION with reason WORKER_ID_IN_USE: another live client (another
-    session) works under this worker id. Never retried: give each process its own id
-    (e.g. from its rank), or let the client choose a unique one."""
+    session) works under this worker id. Retried only at a client's first contact, for up
+    to ``ClientConfig.worker_id_wait_s`` (a restarted process's predecessor going quiet);
+    otherwise give each process its own id (e.g. from its rank), or let the client choose
+    a unique one."""
 
 
 class ConflictError(PSError):

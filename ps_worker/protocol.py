@@ -6,15 +6,24 @@ has taken part in the job), writes the headers and requests a push, a pull or
 a fused step sends to each server, and reads what the servers' replies mean.
 The transports only carry them. Every header but an observing pull's carries
 the client's session, by which a server tells two live clients with one
-worker id apart.
+worker id apart; :func:`first_contact` lets a client refused at its first
+contact wait for a crashed predecessor's session to go quiet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from protos import ps_pb2
+from ps_worker.errors import WorkerIdInUseError
+
+T = TypeVar("T")
+log = logging.getLogger("ps_worker")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,8 @@ class ProtocolState:
         self.worker_id = worker_id
         self.session = session  # this client's random id, on every push and joining pull
         self.member = False  # has pushed or pulled as a worker: the servers count it
+        self.started = False  # a push or joining pull went through: the id is this session's
+        self.told_waiting = False  # logged that it waits for its id's previous client
         self.clock = 0  # iterations this worker has pushed
         self.pulled_versions = [0] * servers  # each server's version last pulled
         self.min_versions = [0] * servers  # sync: the step the next pull waits for
@@ -68,6 +79,7 @@ class ProtocolState:
 
     def after_push(self, clock: int, replies: Sequence[ps_pb2.PushResponse]) -> PushSummary:
         """Record a push every server answered; what it did."""
+        self.started = True
         self.clock = clock
         self.min_versions = [v + 1 for v in self.pulled_versions]  # sync: the next step
         return PushSummary(
@@ -84,6 +96,7 @@ class ProtocolState:
         """Record the versions every server sent (an observing pull changes nothing)."""
         if observe:
             return
+        self.started = True
         if len(headers) != len(self.pulled_versions):
             raise ValueError(f"{len(headers)} pull headers for {len(self.pulled_versions)} servers")
         self.pulled_versions = [h.version for h in headers]
@@ -107,3 +120,35 @@ class ProtocolState:
         return ps_pb2.LeaveRequest(
             job_id=self.job_id, worker_id=self.worker_id, session=self.session
         )
+
+
+def first_contact(
+    call: Callable[[], T], state: ProtocolState, wait_s: float, closed: threading.Event
+) -> T:
+    """``call()``, retried while a server refuses it as WORKER_ID_IN_USE at this client's
+    first contact (nothing done yet with its session), for up to ``wait_s``: a restarted
+    process's predecessor, killed a moment ago, still holds the id until its session goes
+    quiet. A live duplicate still fails, with the server's error, after ``wait_s``; a
+    client that already took part fails at once (another client took its id over)."""
+    deadline = None
+    while True:
+        try:
+            return call()
+        except WorkerIdInUseError as e:
+            if state.started or wait_s <= 0:
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + wait_s
+                if not state.told_waiting:
+                    state.told_waiting = True
+                    log.warning(
+                        "%s: waiting up to %g s for the other client holding worker id %r to "
+                        "go quiet (a restarted process's predecessor): %s",
+                        state.worker_id,
+                        wait_s,
+                        state.worker_id,
+                        e,
+                    )
+            if now >= deadline or closed.wait(min(0.2, deadline - now)):
+                raise

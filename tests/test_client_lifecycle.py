@@ -197,10 +197,11 @@ def test_one_worker_id_has_one_live_client(addresses, caplog):
     client's close has nothing to leave: it does not end the holder, nor warn."""
     model = small_model()
     first = Client(addresses, "ids", "w0")
+    at_once = ClientConfig(worker_id_wait_s=0)  # no wait for a crashed predecessor to go quiet
     try:
         first.init(model, mode="async")
         first.push_from(model)
-        with Client(addresses, "ids", "w0") as second:
+        with Client(addresses, "ids", "w0", at_once) as second:
             with pytest.raises(WorkerIdInUseError, match="w0") as info:
                 second.push_from(model)
             assert info.value.reason == status.WORKER_ID_IN_USE
@@ -210,7 +211,10 @@ def test_one_worker_id_has_one_live_client(addresses, caplog):
             first.close()
             second.pull_into(model)  # learns w0's clock
             assert second.push_from(model).applied
-            with Client(addresses, "ids", "w0") as third, pytest.raises(WorkerIdInUseError):
+            with (
+                Client(addresses, "ids", "w0", at_once) as third,
+                pytest.raises(WorkerIdInUseError),
+            ):
                 third.push_from(model)
             assert second.push_from(model).applied  # third's close did not end second
     finally:

@@ -42,8 +42,10 @@ from scheduler.lifecycle import (
     STATE_FILE,
     Terminated,
     WorkDir,
+    claim,
     clear_previous_run,
     ending_signals_raise,
+    first_unused,
 )
 from scheduler.preflight import (
     MODEL_HELP,
@@ -95,8 +97,8 @@ class LocalCluster:
             raise
 
     def _start(self) -> LocalCluster:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.cleared = clear_previous_run(self.work_dir)  # a new cluster is a new job
+        claim(self.work_dir)  # a new cluster is a new job: what a previous run wrote goes
+        self.cleared = clear_previous_run(self.work_dir)
         for i in range(self.num_servers):
             self.server_daemons.append(self._server(i, "0"))
         servers = tuple(d.address for d in self.server_daemons)
@@ -135,8 +137,8 @@ class LocalCluster:
             self.checkpoint_every,
             *self.observability_args,
         ]
-        n = sum(1 for _ in self.work_dir.glob(f"server{i}*.log"))
-        return Daemon(argv, self.work_dir / f"server{i}{f'-{n}' if n else ''}.log", env=self.env)
+        log = first_unused(self.work_dir, lambda n: f"server{i}{f'-{n}' if n else ''}.log")
+        return Daemon(argv, log, env=self.env)
 
     def _supervise(self) -> None:
         """Restart a server or the scheduler that exited, or raise if that is off."""
@@ -180,11 +182,11 @@ class LocalCluster:
             "--no-end-job",  # the launcher ends the job itself, once it has what it reports
             *self.observability_args,
         ]
-        n = sum(1 for _ in self.work_dir.glob("scheduler*.log"))
-        # job.json is the whole job: PS_* variables in this environment must not override it
+        # The job file is the whole job: PS_* variables in this environment must not override it
         # (ps-scheduler reads them as flags); empty is unset.
         env = {**self.env, **dict.fromkeys(job_variables(), "")}
-        self.scheduler = Daemon(argv, self.work_dir / f"scheduler{n}.log", env=env)
+        log = first_unused(self.work_dir, lambda n: f"scheduler{n}.log")
+        self.scheduler = Daemon(argv, log, env=env)
         self._scheduler_port = self.scheduler.address.rsplit(":", 1)[1]
         return self.scheduler
 
@@ -301,13 +303,17 @@ def up(args: argparse.Namespace) -> int:
         work.finish()
 
 
-def _preflight(args: argparse.Namespace, data_dir: Path) -> tuple[JobSpec, str | None]:
+def _preflight(
+    args: argparse.Namespace, data_dir: Path, work_dir: Path
+) -> tuple[JobSpec, str | None]:
     """The job and its token, checked before any process starts (the data prepared if
     missing); raises what up() reports in one line."""
     spec = spec_from_args(args, {"data_dir": str(data_dir), "expected_workers": args.workers})
     check_stragglers(args.straggler, args.workers)
     check_device(args.device)
     check_save_path(args.save)
+    if args.config and args.config.resolve() == (work_dir / JOB_FILE).resolve():
+        raise PreflightError(f"--config {args.config}: the cluster writes its job file there")
     token = read_token(args.token_file)
     if not (data_dir / MANIFEST).exists():
         print(f"preparing {args.dataset} in {data_dir} ...", flush=True)
@@ -319,7 +325,8 @@ def _preflight(args: argparse.Namespace, data_dir: Path) -> tuple[JobSpec, str |
 def _up(args: argparse.Namespace, work: WorkDir) -> int:
     data_dir = args.data_dir or work.path / "data"
     try:
-        spec, token = _preflight(args, data_dir)
+        claim(work.path)  # before anything is written there
+        spec, token = _preflight(args, data_dir, work.path)
     except (SpecError, PreflightError, DataError, SecurityError, OSError) as e:
         print(f"ps-cluster: {e}", file=sys.stderr)
         return 2

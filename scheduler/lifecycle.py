@@ -1,47 +1,104 @@
 """How a local cluster's run begins and ends: its work dir, and the signals that end it.
 
-Each ``ps-cluster up`` is a new job: in a work dir used before, the previous
-run's scheduler state, server checkpoints and logs are cleared first (a new
-scheduler would refuse the old state, new servers would restore the old
-weights). SIGTERM and SIGHUP end the launcher as Ctrl-C does, so that every
-child is stopped; a temporary work dir goes with a run that ends well or is
-stopped, and stays, with the logs, when the job fails.
+Each ``ps-cluster up`` is a new job. A run records itself in its work dir (the
+marker file ``.ps-cluster``); a later run there clears the previous run's
+scheduler state, server checkpoints and logs first (a new scheduler would
+refuse the old state, new servers would restore the old weights), and only
+those: the files a cluster writes, by their exact names, and only where the
+marker says a cluster wrote them. A directory without the marker that holds
+such a name is refused, not cleared. SIGTERM and SIGHUP end the launcher as
+Ctrl-C does, so that every child is stopped; a temporary work dir goes with a
+run that ends well or is stopped, and stays, with the logs, when the job fails.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import re
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 # What a local cluster writes in its work dir (its data, prepared there, is not a run's).
+MARKER = ".ps-cluster"  # a run was here: what follows may be cleared by the next one
 STATE_FILE = "scheduler.db"  # the scheduler's SQLite state
-JOB_FILE = "job.json"  # the job the scheduler runs
+JOB_FILE = "cluster-job.json"  # the job the scheduler runs (a name no --config is likely to have)
 ADDRESSES = "cluster.json"  # where `ps-cluster status` finds the scheduler
-CHECKPOINTS = "checkpoints"  # one directory per server
-LOGS = ("scheduler*.log", "server*.log", "worker*.log")
+CHECKPOINTS = "checkpoints"  # one directory per server: server0, server1, ...
+GENERATED = re.compile(
+    r"scheduler\.db(-wal|-shm)?|cluster-job\.json|cluster\.json"
+    r"|scheduler\d*\.log|server\d+(-\d+)?\.log|worker\d+\.log"
+)
+SERVER_CHECKPOINTS = re.compile(r"server\d+")
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+class WorkDirError(OSError):
+    """A work dir a run may not use; the message says why, in one line."""
+
+
+def generated(work_dir: Path) -> list[Path]:
+    """What a cluster writes that is in ``work_dir`` now, by the exact names it gives."""
+    found = [p for p in work_dir.iterdir() if GENERATED.fullmatch(p.name)]
+    checkpoints = work_dir / CHECKPOINTS
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        found += [p for p in checkpoints.iterdir() if SERVER_CHECKPOINTS.fullmatch(p.name)]
+    return sorted(found)
+
+
+def claim(work_dir: Path) -> bool:
+    """Record a run in ``work_dir`` (created if missing); True if an earlier run had.
+
+    A directory that a cluster never recorded itself in, but that holds a name a
+    cluster writes (a ``worker0.log`` of the person's, say), is refused with
+    WorkDirError rather than cleared or overwritten later."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    marker = work_dir / MARKER
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        if not marker.is_file() or marker.is_symlink():
+            raise WorkDirError(
+                f"work dir {work_dir}: {MARKER} is not a ps-cluster marker file"
+            ) from None
+        return True
+    os.close(fd)
+    if found := generated(work_dir):
+        marker.unlink()
+        names = ", ".join(str(p.relative_to(work_dir)) for p in found[:3])
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise WorkDirError(
+            f"work dir {work_dir} holds {names}{more}, which no ps-cluster run recorded "
+            "writing there; move them or choose another work dir"
+        )
+    return False
+
+
 def clear_previous_run(work_dir: Path) -> list[str]:
-    """Remove what an earlier run left in ``work_dir``; returns the names removed."""
+    """Remove what an earlier run wrote in ``work_dir`` (the names a cluster gives, and
+    only where its marker is); returns the names removed."""
+    if not (work_dir / MARKER).is_file():
+        return []
     removed = []
-    for name in (STATE_FILE, f"{STATE_FILE}-wal", f"{STATE_FILE}-shm", JOB_FILE, ADDRESSES):
-        path = work_dir / name
-        if path.exists():
+    for path in generated(work_dir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
             path.unlink()
-            removed.append(name)
-    if (work_dir / CHECKPOINTS).exists():
-        shutil.rmtree(work_dir / CHECKPOINTS)
-        removed.append(CHECKPOINTS)
-    for pattern in LOGS:
-        for path in sorted(work_dir.glob(pattern)):
-            path.unlink()
-            removed.append(path.name)
+        removed.append(str(path.relative_to(work_dir)))
+    checkpoints = work_dir / CHECKPOINTS
+    if checkpoints.is_dir() and not checkpoints.is_symlink() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()  # the cluster made it; what else is in there stays
     return removed
+
+
+def first_unused(work_dir: Path, name: Callable[[int], str]) -> Path:
+    """``work_dir / name(n)`` for the first n (0, 1, ...) naming nothing there yet."""
+    return next(work_dir / name(n) for n in itertools.count() if not (work_dir / name(n)).exists())
 
 
 class WorkDir:

@@ -29,6 +29,7 @@ from protos.jobspec import ENV_PREFIX, flag_names, variable_of
 from ps_worker import Client, ClientConfig, DistributedOptimizer
 from ps_worker.data import prepare
 from scheduler.launch import BIN, Daemon, servers
+from scheduler.lifecycle import JOB_FILE
 from tests.test_cluster import cluster_up
 from tests.test_compose import compose, localise, service_env
 
@@ -215,7 +216,7 @@ def via_cluster(tmp_path: Path, digits: Path, extra: list[str]) -> tuple[dict, d
         *("--data-dir", str(digits), "--model", MODEL, "--epochs", "1", "--batch-size", "50"),
         *("--workers", "1", "--timeout-s", "120", *extra),
     )
-    return summary, json.loads((tmp_path / "work/job.json").read_text())
+    return summary, json.loads((tmp_path / "work" / JOB_FILE).read_text())
 
 
 def check_reported(docs: list[dict[str, Any]], case: dict[str, Any]) -> None:

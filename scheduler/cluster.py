@@ -40,9 +40,9 @@ from scheduler.lifecycle import (
     CHECKPOINTS,
     JOB_FILE,
     STATE_FILE,
+    Claim,
     Terminated,
     WorkDir,
-    claim,
     clear_previous_run,
     ending_signals_raise,
     first_unused,
@@ -86,6 +86,8 @@ class LocalCluster:
     log_format: str = "text"  # or json
     restarts: list[str] = field(default_factory=list)  # what was restarted, and why
     cleared: list[str] = field(default_factory=list)  # what an earlier run had left here
+    work_claim: Claim | None = None  # ps-cluster up's, taken before its checks; else start's
+    _claimed_here: bool = False
     _scheduler_port: str = "0"
 
     def start(self) -> LocalCluster:
@@ -97,8 +99,9 @@ class LocalCluster:
             raise
 
     def _start(self) -> LocalCluster:
-        claim(self.work_dir)  # a new cluster is a new job: what a previous run wrote goes
-        self.cleared = clear_previous_run(self.work_dir)
+        if self.work_claim is None:
+            self.work_claim, self._claimed_here = Claim(self.work_dir), True
+        self.cleared = clear_previous_run(self.work_dir)  # a new cluster is a new job
         for i in range(self.num_servers):
             self.server_daemons.append(self._server(i, "0"))
         servers = tuple(d.address for d in self.server_daemons)
@@ -266,6 +269,8 @@ class LocalCluster:
             *self.server_daemons,
         ]:
             d.stop()
+        if self._claimed_here and self.work_claim is not None:
+            self.work_claim.release()
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -325,7 +330,7 @@ def _preflight(
 def _up(args: argparse.Namespace, work: WorkDir) -> int:
     data_dir = args.data_dir or work.path / "data"
     try:
-        claim(work.path)  # before anything is written there
+        hold = work.claim()  # before anything is written there
         spec, token = _preflight(args, data_dir, work.path)
     except (SpecError, PreflightError, DataError, SecurityError, OSError) as e:
         print(f"ps-cluster: {e}", file=sys.stderr)
@@ -339,6 +344,7 @@ def _up(args: argparse.Namespace, work: WorkDir) -> int:
         device=args.device,
         token=token,
         restart_on_failure=args.restart_on_failure,
+        work_claim=hold,
     )
     started, started_at = time.monotonic(), time.time()
     interactive = sys.stdout.isatty()

@@ -13,6 +13,7 @@ run that ends well or is stopped, and stays, with the logs, when the job fails.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import re
@@ -50,39 +51,60 @@ def generated(work_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-def claim(work_dir: Path) -> bool:
-    """Record a run in ``work_dir`` (created if missing); True if an earlier run had.
+class Claim:
+    """A run's hold on its work dir: the marker file, which records that a run was here
+    (its pid) and is locked (``flock``) until ``release()``, so that two runs never share
+    one work dir. ``previous``: whether an earlier run had recorded itself there.
 
-    A directory that a cluster never recorded itself in, but that holds a name a
-    cluster writes (a ``worker0.log`` of the person's, say), is refused with
-    WorkDirError rather than cleared or overwritten later."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    marker = work_dir / MARKER
-    try:
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    except FileExistsError:
-        if not marker.is_file() or marker.is_symlink():
+    A directory that no run recorded itself in, but that holds a name a cluster writes
+    (a ``worker0.log`` of the person's, say), is refused with WorkDirError rather than
+    cleared or overwritten later; so is one another run holds."""
+
+    def __init__(self, work_dir: Path) -> None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        marker = work_dir / MARKER
+        flags = os.O_RDWR | os.O_NOFOLLOW
+        try:
+            self.fd = os.open(marker, flags | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if not marker.is_file() or marker.is_symlink():
+                raise WorkDirError(
+                    f"work dir {work_dir}: {MARKER} is not a ps-cluster marker file"
+                ) from None
+            self.fd = os.open(marker, flags)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            self.release()
             raise WorkDirError(
-                f"work dir {work_dir}: {MARKER} is not a ps-cluster marker file"
+                f"work dir {work_dir} is in use by another ps-cluster (pid {pid})"
             ) from None
-        return True
-    os.close(fd)
-    if found := generated(work_dir):
-        marker.unlink()
-        names = ", ".join(str(p.relative_to(work_dir)) for p in found[:3])
-        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-        raise WorkDirError(
-            f"work dir {work_dir} holds {names}{more}, which no ps-cluster run recorded "
-            "writing there; move them or choose another work dir"
-        )
-    return False
+        self.previous = bool(os.pread(self.fd, 32, 0).strip())  # a run wrote its pid
+        if not self.previous and (found := generated(work_dir)):
+            marker.unlink()
+            self.release()
+            names = ", ".join(str(p.relative_to(work_dir)) for p in found[:3])
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            raise WorkDirError(
+                f"work dir {work_dir} holds {names}{more}, which no ps-cluster run recorded "
+                "writing there; move them or choose another work dir"
+            )
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Let another run use the work dir (the marker stays: this run was here)."""
+        if self.fd >= 0:
+            os.close(self.fd)  # which drops the lock
+            self.fd = -1
 
 
 def clear_previous_run(work_dir: Path) -> list[str]:
     """Remove what an earlier run wrote in ``work_dir`` (the names a cluster gives, and
     only where its marker is); returns the names removed."""
     if not (work_dir / MARKER).is_file():
-        return []
+        return []  # never the person's files: only where a run was (see Claim)
     removed = []
     for path in generated(work_dir):
         if path.is_dir() and not path.is_symlink():
@@ -108,6 +130,12 @@ class WorkDir:
         self.temporary = given is None
         self.path = Path(tempfile.mkdtemp(prefix="ps-cluster-")) if given is None else given
         self.keep = False  # set when the job failed: its logs say why
+        self.hold: Claim | None = None
+
+    def claim(self) -> Claim:
+        """Hold the work dir for this run (WorkDirError if another run holds it)."""
+        self.hold = Claim(self.path)
+        return self.hold
 
     def describe(self) -> str:
         if self.temporary:
@@ -115,6 +143,8 @@ class WorkDir:
         return f"work dir {self.path}"
 
     def finish(self) -> None:
+        if self.hold is not None:
+            self.hold.release()
         if self.temporary and not self.keep:
             shutil.rmtree(self.path, ignore_errors=True)
 

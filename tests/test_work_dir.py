@@ -4,6 +4,7 @@ person's --config, and two runs never share one work dir."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from ps_worker.data import prepare
 from scheduler.launch import BIN
-from scheduler.lifecycle import MARKER, claim, clear_previous_run
+from scheduler.lifecycle import MARKER, Claim, clear_previous_run
 
 pytestmark = pytest.mark.integration
 USER_CONFIG = "epochs: 1\nbatch_size: 32\n"  # YAML, not JSON
@@ -25,14 +26,18 @@ def tiny(tmp_path_factory) -> Path:
     return out
 
 
-def up(tiny: Path, work: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    argv = [
+def up_argv(tiny: Path, work: Path, *extra: str) -> list[str]:
+    return [
         str(BIN / "ps-cluster"),
         "up",
         *("--data-dir", str(tiny), "--model", "digits-mlp", "--servers", "1", "--workers", "1"),
         *("--device", "cpu", "--work-dir", str(work), "--timeout-s", "90", "--quiet", *extra),
     ]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def up(tiny: Path, work: Path, *extra: str) -> subprocess.CompletedProcess:
+    argv = up_argv(tiny, work, *extra)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
 def persons_files(work: Path) -> dict[Path, bytes]:
@@ -71,7 +76,7 @@ def test_a_dir_without_the_marker_holding_a_clusters_name_is_refused(tmp_path, t
     work.mkdir()
     (work / "worker0.log").write_text("the person's")
     with pytest.raises(OSError, match="which no ps-cluster run recorded writing there"):
-        claim(work)
+        Claim(work).release()
     assert not (work / MARKER).exists()
     run = up(tiny, work, "--epochs", "1")
     assert run.returncode == 2, run.stdout + run.stderr
@@ -97,7 +102,7 @@ def test_a_run_keeps_the_persons_files_and_config_first_time_and_after(tmp_path,
 @pytest.mark.timeout(60)
 def test_the_clusters_own_job_file_is_not_a_config(tmp_path, tiny):
     work = tmp_path / "w"
-    claim(work)
+    Claim(work).release()
     (work / "cluster-job.json").write_text(USER_CONFIG)
     run = up(tiny, work, "--config", str(work / "cluster-job.json"))
     assert run.returncode == 2 and "the cluster writes its job file there" in run.stderr
@@ -109,3 +114,38 @@ def wait_for(predicate, what: str, timeout_s: float = 60.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)  # polling a condition, with a deadline
+
+
+@pytest.mark.timeout(240)
+def test_a_second_run_in_a_work_dir_in_use_is_refused_touching_nothing(tmp_path, tiny):
+    """The trap: run B cleared run A's state, B's server restored A's live checkpoints and
+    B reported a wrong accuracy."""
+    work, summary = tmp_path / "w", tmp_path / "a.json"
+    a = subprocess.Popen(
+        up_argv(tiny, work, "--epochs", "40", "--summary-json", str(summary)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        marker = work / MARKER
+        wait_for(
+            lambda: marker.exists() and marker.read_text().strip() == str(a.pid),
+            "run A to hold its work dir",
+        )
+        b = up(tiny, work, "--epochs", "1")
+        assert b.returncode == 2, b.stdout + b.stderr
+        assert (
+            b.stderr
+            == f"ps-cluster: work dir {work} is in use by another ps-cluster (pid {a.pid})\n"
+        )
+        assert b.stdout == ""
+        assert a.poll() is None, "run A ended before run B was refused: make A longer"
+        out, _ = a.communicate(timeout=180)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.communicate()
+    assert a.returncode == 0, out
+    assert len(json.loads(summary.read_text())["accuracy_curve"]) == 40
+    assert marker.read_text().strip() == str(a.pid)  # B wrote nothing there

@@ -13,7 +13,9 @@ state out with :meth:`~ParameterStore.snapshot_state` and back in with
 
 Semantics (docs/design.md): every push carries ``(worker_id, clock)``; a clock is
 the number of iterations the worker has pushed, so a push carries the
-clock the worker reaches with it (1 for its first push).
+clock the worker reaches with it (1 for its first push). A worker joins at
+the slowest active worker's clock; a push that joins it lands there (at that
+clock + 1, whatever it carries) and its client adopts the server's clock.
 
 - sync: gradients for step ``t`` (pushes whose ``pulled_version`` is ``t``)
   are summed until ``R = max(1, active - backup_workers)`` active workers have
@@ -173,7 +175,9 @@ class ParameterStore:
         params.gather(decoded, self._reject_nonfinite)
 
         # Validated: from here on nothing raises.
-        record = record or self._join(worker_id)
+        if record is None:  # a joining push lands at the join clock: it holds no one back
+            record = self._join(worker_id)
+            clock = max(clock, record.clock + 1)  # (the client adopts it from Status)
         self._workers[worker_id] = replace(record, clock=clock)
         self._sessions.seen(worker_id, session)
         self._tally.pushes_received += 1

@@ -339,7 +339,9 @@ class Client:
             header = self._state.push_header(i, clock)
             return self._router.run(i, lambda t: t.push(header, pushed))
 
-        return self._state.after_push(clock, self._each(push_one, "push"))
+        summary = self._state.after_push(clock, self._each(push_one, "push"))
+        unsure = self._state.unsure_clock  # it joined by this push: the servers' clock
+        return self._state.adopt_clock(summary, self.status()) if unsure else summary
 
     def push_from(self, module: torch.nn.Module) -> PushSummary:
         """Push a module's ``.grad``s; a parameter without a gradient pushes zeros."""

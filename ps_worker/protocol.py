@@ -12,6 +12,7 @@ contact wait for a crashed predecessor's session to go quiet.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -48,6 +49,7 @@ class ProtocolState:
         self.session = session  # this client's random id, on every push and joining pull
         self.member = False  # has pushed or pulled as a worker: the servers count it
         self.started = False  # a push or joining pull went through: the id is this session's
+        self.unsure_clock = False  # it joined by a push: the servers may have moved its clock
         self.told_waiting = False  # logged that it waits for its id's previous client
         self.clock = 0  # iterations this worker has pushed
         self.pulled_versions = [0] * servers  # each server's version last pulled
@@ -79,6 +81,7 @@ class ProtocolState:
 
     def after_push(self, clock: int, replies: Sequence[ps_pb2.PushResponse]) -> PushSummary:
         """Record a push every server answered; what it did."""
+        self.unsure_clock = self.unsure_clock or not self.started
         self.started = True
         self.clock = clock
         self.min_versions = [v + 1 for v in self.pulled_versions]  # sync: the next step
@@ -97,11 +100,22 @@ class ProtocolState:
         if observe:
             return
         self.started = True
+        self.unsure_clock = False
         if len(headers) != len(self.pulled_versions):
             raise ValueError(f"{len(headers)} pull headers for {len(self.pulled_versions)} servers")
         self.pulled_versions = [h.version for h in headers]
         self.min_versions = list(self.pulled_versions)
         self.clock = max([self.clock, *(h.worker_clock for h in headers)])
+
+    def adopt_clock(
+        self, summary: PushSummary, statuses: Sequence[ps_pb2.StatusResponse]
+    ) -> PushSummary:
+        """After a push that joined the job (no pull before): take the servers' clock for
+        this worker (a joining push lands at the slowest active worker's), as a pull does."""
+        clocks = (w.clock for s in statuses for w in s.workers if w.worker_id == self.worker_id)
+        self.clock = max(self.clock, *clocks)
+        self.unsure_clock = False
+        return dataclasses.replace(summary, clock=self.clock)
 
     def _pull(self, clock: int, min_version: int, observe: bool) -> ps_pb2.PullRequest:
         """A pull request; one that does not observe joins the job (and carries the session)."""

@@ -191,6 +191,27 @@ def test_a_rank_that_ends_releases_the_sync_barrier_at_once(addresses, ending):
     assert [out.strip() for out, _ in outputs] == ["done 3", "done 6"]
 
 
+@pytest.mark.parametrize("first", ["push_pull_into", "push_from"])
+def test_a_worker_whose_first_call_is_a_push_holds_no_one_back_in_ssp(addresses, first):
+    """w0 does 10 ssp steps (staleness 2); w1 joins by a push: it lands at w0's clock and
+    adopts the servers' clock, so w0's next pull does not wait for it."""
+    model = small_model()
+    quick = ClientConfig(pull_timeout_s=5)
+    with Client(addresses, "late", "w0", quick) as w0, Client(addresses, "late", "w1") as w1:
+        w0.init(model, mode="ssp", staleness=2)
+        for _ in range(10):
+            train(model, lambda: w0.push_pull_into(model))
+        w1.init(model, mode="ssp", staleness=2)
+        train(model, lambda: getattr(w1, first)(model))
+        assert w1.clock == 11
+        assert [{w.worker_id: w.clock for w in s.workers} for s in w1.status()] == [
+            {"w0": 10, "w1": 11}
+        ] * 2
+        train(model, lambda: w0.push_pull_into(model))  # not held by w1
+        summary = w1.push_from(model)
+        assert summary.applied and not summary.duplicate and summary.clock == 12
+
+
 def test_one_worker_id_has_one_live_client(addresses, caplog):
     """A second live client with w0's id is refused with the server's reason, and
     changes nothing; once the first has closed (left), the id is free again. A refused

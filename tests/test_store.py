@@ -191,6 +191,20 @@ def test_joining_worker_starts_at_the_slowest_clock():
     assert store.pull_decision("job", "a", 3, 0).ready  # the newcomer holds no one
 
 
+def test_a_worker_whose_first_call_is_a_push_joins_at_the_slowest_clock():
+    store, job = new_store("ssp", workers=["a"], staleness=2)
+    for clock in range(1, 11):
+        push(store, job, "a", clock, 0.0, session="sa")
+    assert push(store, job, "b", 1, 0.0, session="sb").applied  # b's first call
+    assert {w.worker_id: w.clock for w in store.view().workers} == {"a": 10, "b": 11}
+    assert store.pull_decision("job", "a", 11, 0, "sa").ready  # b holds no one back
+    assert push(store, job, "b", 1, 0.0, session="sb").duplicate  # its retry: acknowledged
+    assert push(store, job, "b", 11, 0.0, session="sb").duplicate
+    assert push(store, job, "b", 12, 0.0, session="sb").applied  # its next, at the adopted clock
+    _, clock, _ = store.pull("job", "b", session="sb")
+    assert clock == 12
+
+
 def test_waiting_lists_reasons():
     store, job = new_store("sync", workers=["a", "b"])
     push(store, job, "a", 1, 1.0)

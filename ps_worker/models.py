@@ -69,6 +69,11 @@ def _import_factory(name: str) -> Callable[[], nn.Module]:
         )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
+    except ModuleNotFoundError as e:
+        raise ModelError(
+            f"cannot load model {name!r}: {e} (is the directory holding it on PYTHONPATH, "
+            "for every process of the job?)"
+        ) from None
     except (ImportError, AttributeError) as e:
         raise ModelError(f"cannot load model {name!r}: {e}") from None
     if not callable(factory):

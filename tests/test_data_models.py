@@ -66,7 +66,9 @@ def test_user_models_by_import_path():
     assert isinstance(model, torch.nn.Identity)
     with pytest.raises(ModelError, match="unknown model"):
         build_model("resnet", 0)
-    with pytest.raises(ModelError, match="cannot load model"):
+    with pytest.raises(ModelError, match=r"cannot load model.*on PYTHONPATH"):
         build_model("no_such_package.models:make", 0)
+    with pytest.raises(ModelError, match=r"cannot load model.*has no attribute"):
+        build_model("torch.nn:NoSuchModule", 0)
     with pytest.raises(ModelError, match=r"not a torch\.nn\.Module"):
         build_model("builtins:dict", 0)

@@ -31,7 +31,7 @@ JOB_FILE = "cluster-job.json"  # the job the scheduler runs (a name no --config 
 ADDRESSES = "cluster.json"  # where `ps-cluster status` finds the scheduler
 CHECKPOINTS = "checkpoints"  # one directory per server: server0, server1, ...
 GENERATED = re.compile(
-    r"scheduler\.db(-wal|-shm)?|cluster-job\.json|cluster\.json"
+    r"scheduler\.db(-wal|-shm|\.lock)?|cluster-job\.json|cluster\.json"
     r"|scheduler\d*\.log|server\d+(-\d+)?\.log|worker\d+\.log"
 )
 SERVER_CHECKPOINTS = re.compile(r"server\d+")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -35,6 +36,7 @@ from scheduler.preflight import (
     model_argument,
 )
 from scheduler.state import OtherJob, SchedulerState, StateError
+from scheduler.statelock import hold_state
 
 if TYPE_CHECKING:
     from scheduler.service import SchedulerService
@@ -44,8 +46,25 @@ END_POLL_S = 0.5  # how often a finished job checks whether its workers have lef
 
 
 async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
+    """The job served on its state file, which this scheduler alone holds."""
+    try:
+        held = hold_state(args.state)  # before anything touches the state
+    except OSError as e:
+        print(f"ps-scheduler: {e}", file=sys.stderr)
+        return 2
+    try:
+        return await _serve(args, spec, shards)
+    finally:
+        os.close(held)
+
+
+async def _serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
     from scheduler.service import start_scheduler
 
+    address = f"{args.host}:{args.port}"
+    if busy := listen.cannot_listen("ps-scheduler", args.host, args.port):  # before --fresh
+        print(busy, file=sys.stderr)
+        return 2
     state = SchedulerState(str(args.state))
     if args.fresh and state.discard():
         log.info("--fresh: discarded the job %s held; starting a new one", args.state)
@@ -74,10 +93,6 @@ async def serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
             p.done,
             p.epochs * p.shards_per_epoch,
         )
-    address = f"{args.host}:{args.port}"
-    if busy := listen.cannot_listen("ps-scheduler", args.host, args.port):  # before anything
-        print(busy, file=sys.stderr)
-        return 2
     metrics = None
     if args.metrics_port is not None:
         metrics = SchedulerMetrics()

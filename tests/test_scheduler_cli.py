@@ -1,0 +1,92 @@
+"""ps-scheduler's state file, as processes: one scheduler per state file, and --fresh
+discarding nothing before it knows the scheduler can start."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from protos.jobspec import JobSpec
+from ps_worker.data import prepare
+from scheduler.launch import BIN, Daemon
+from scheduler.state import SchedulerState
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    prepare("digits", out, shards=2, samples=200)
+    return out
+
+
+def scheduler_argv(state: Path, tiny: Path, servers: str, *extra: str) -> list[str]:
+    return [
+        str(BIN / "ps-scheduler"),
+        *("--state", str(state), "--data-dir", str(tiny), "--model", "digits-mlp"),
+        *("--servers", servers, "--batch-size", "32", *extra),
+    ]
+
+
+def stored_epochs(state: Path) -> int:
+    """The epochs of the job the state file holds (read-only, beside a running scheduler)."""
+    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+    try:
+        (spec,) = db.execute("SELECT value FROM meta WHERE key='spec'").fetchone()
+    finally:
+        db.close()
+    return json.loads(spec)["epochs"]
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_scheduler_on_a_state_file_in_use_is_refused_changing_nothing(tmp_path, tiny):
+    """The trap: --fresh on a busy port exited 'address in use', but had already replaced
+    the running scheduler's job in the state file."""
+    state = tmp_path / "s.db"
+    first = Daemon(scheduler_argv(state, tiny, "127.0.0.1:1", "--epochs", "3"), tmp_path / "1.log")
+    try:
+        port = first.address.rsplit(":", 1)[1]
+        for where in (port, "0"):
+            second = run(
+                scheduler_argv(
+                    state, tiny, "127.0.0.1:1", "--fresh", "--port", where, "--epochs", "5"
+                )
+            )
+            assert second.returncode == 2, second.stderr
+            assert second.stderr == (
+                f"ps-scheduler: state file {state} is in use by another ps-scheduler "
+                f"(pid {first.proc.pid})\n"
+            )
+            assert stored_epochs(state) == 3
+        assert first.proc.poll() is None
+    finally:
+        first.stop()
+
+
+@pytest.mark.timeout(120)
+def test_fresh_on_a_port_in_use_discards_nothing(tmp_path, tiny):
+    state = tmp_path / "s.db"
+    held = SchedulerState(str(state))
+    spec = {"data_dir": str(tiny), "model": "digits-mlp", "servers": "127.0.0.1:1", "epochs": 3}
+    held.create_or_resume(JobSpec.from_dict(spec), shards=2)
+    held.close()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        second = run(
+            scheduler_argv(state, tiny, "127.0.0.1:1", "--fresh", "--port", port, "--epochs", "5")
+        )
+    assert second.returncode == 2
+    assert second.stderr == f"ps-scheduler: cannot listen on 127.0.0.1:{port}: address in use\n"
+    assert stored_epochs(state) == 3

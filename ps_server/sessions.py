@@ -40,6 +40,7 @@ class Sessions:
         self._now = now
         self._liveness_s = liveness_s  # a holder seen this recently keeps its worker id
         self._holders: dict[str, Holder] = {}
+        self._all: set[str] = set()  # every session seen in this job, holder or not
 
     def holder(self, worker_id: str) -> Holder | None:
         return self._holders.get(worker_id)
@@ -47,13 +48,20 @@ class Sessions:
     def seen(self, worker_id: str, session: str) -> None:
         """``session`` holds ``worker_id`` and was seen now."""
         self._holders[worker_id] = Holder(session, self._now())
+        self._all.add(session)
 
     def left(self, worker_id: str, session: str) -> None:
         """``session`` is done with ``worker_id``: the id is free, the session may not return."""
         self._holders[worker_id] = Holder(session, self._now(), left=True)
+        self._all.add(session)
+
+    def every_session(self) -> frozenset[str]:
+        """Every session seen (pushed, pulled or left) since the last clear."""
+        return frozenset(self._all)
 
     def clear(self) -> None:
         self._holders.clear()
+        self._all.clear()
 
     def conflict(
         self, worker_id: str, session: str, active: bool, waiting: Iterable[str]

@@ -64,6 +64,8 @@ from ps_server.records import (
 )
 from ps_server.sessions import LIVENESS_S, Sessions
 
+ENDED_SESSIONS = 100_000  # the clients of ended jobs a store remembers, to refuse them
+
 
 class ParameterStore:
     """The state of one parameter server."""
@@ -80,6 +82,9 @@ class ParameterStore:
         self._waiters: dict[int, Waiter] = {}  # in-flight calls: they outlive an ended job
         self._tokens = itertools.count()
         self._ended: str | None = None  # the job ended last, for the error its workers get
+        # the sessions seen in ended jobs (the latest ENDED_SESSIONS), by job id: refused in
+        # a new job with the same id, as clients of the job that was ended
+        self._ended_sessions: dict[str, str] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -147,7 +152,7 @@ class ParameterStore:
         """Apply (or accumulate, or drop) one worker's gradient for this server's parts.
 
         ``session`` is the sending client's; another live client's worker id is refused."""
-        job, params = self.check_job(job_id), self._held()
+        job, params = self.check_job(job_id, session), self._held()
         if clock < 1:
             raise InvalidArgument(f"worker {worker_id!r}: bad clock {clock} (pushes start at 1)")
         record = self._contact(worker_id, session)
@@ -231,7 +236,7 @@ class ParameterStore:
     ) -> PullDecision:
         """Whether a (taking part) pull may be served now (sync: step reached; ssp: bound
         met); a StoreError if the pull is refused (e.g. another live client's worker id)."""
-        job = self.check_job(job_id)
+        job = self.check_job(job_id, session)
         record = self._contact(worker_id, session)
         if job.settings.mode is Mode.SYNC:
             if self._version >= min_version or (self._restored and min_version > self._version + 1):
@@ -273,7 +278,7 @@ class ParameterStore:
         refused. The views share memory with the parameters: encode them before
         the next push is applied.
         """
-        job, params = self.check_job(job_id), self._held()
+        job, params = self.check_job(job_id, "" if observe else session), self._held()
         if observe:
             record = self._workers.get(worker_id)
         else:
@@ -340,7 +345,7 @@ class ParameterStore:
 
     def check_contact(self, job_id: str, worker_id: str, session: str) -> None:
         """Raise what a push or pull by this client would be refused with, changing nothing."""
-        self.check_job(job_id)
+        self.check_job(job_id, session)
         self._contact(worker_id, session)
 
     def _contact(self, worker_id: str, session: str) -> WorkerState | None:
@@ -376,7 +381,7 @@ class ParameterStore:
         once (a sync step its absence completes is applied now) and its id is free. Leaving
         twice, or as a worker never seen, changes nothing; leaving another live client's
         worker id is refused (WorkerIdInUse). Returns the active workers."""
-        job = self.check_job(job_id)
+        job = self.check_job(job_id, session)
         if not worker_id:
             raise InvalidArgument("worker_id is empty")
         holder = self._sessions.holder(worker_id)
@@ -415,13 +420,25 @@ class ParameterStore:
             return False
         self.check_job(job_id)
         self._ended = job_id
+        for session in self._sessions.every_session() - {""}:
+            self._ended_sessions.pop(session, None)  # re-inserted: the latest are kept
+            self._ended_sessions[session] = job_id
+        while len(self._ended_sessions) > ENDED_SESSIONS:
+            del self._ended_sessions[next(iter(self._ended_sessions))]
         self._reset()
         return True
 
     # ---------------------------------------------------------- read, copy
 
-    def check_job(self, job_id: str) -> Job:
+    def check_job(self, job_id: str, session: str = "") -> Job:
+        """The job held, if it is ``job_id`` and ``session`` (a client's, if given) is not
+        one of an ended job with that id; else the StoreError to refuse the call with."""
         ended = f"job {job_id!r} was ended on this server" if job_id == self._ended else ""
+        if session and self._ended_sessions.get(session) == job_id and self._job is not None:
+            raise NotFound(
+                f"job {job_id!r} was ended on this server; this client took part in it, and "
+                f"a new client may take part in the job {job_id!r} held now"
+            )
         if self._job is None:
             if ended:
                 raise NotFound(ended)

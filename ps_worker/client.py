@@ -479,7 +479,8 @@ class Client:
             ),
             "end job",
         )
-        self._job = self._plan = None  # and this client starts afresh: nothing left to leave
+        self._job = self._plan = None  # and this client starts afresh: nothing left to leave,
+        self.session = uuid.uuid4().hex  # a new session (the servers refuse the ended one's)
         self._state = ProtocolState(self.job_id, self.worker_id, len(replies), self.session)
         return [r.ended for r in replies]
 

@@ -123,13 +123,15 @@ def read(directory: Path) -> Snapshot | None:
         return None
     try:
         manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{MANIFEST} holds {json.dumps(manifest)[:40]}, not a JSON object")
         if manifest.get("format") != FORMAT:
             raise CheckpointError(f"unknown checkpoint format {manifest.get('format')!r}")
         tensor_path = directory / Path(manifest["tensors"]).name
         if _sha256(tensor_path) != manifest["sha256"]:
             raise CheckpointError(f"{tensor_path.name} does not match its checksum")
         return Snapshot(manifest, load_file(str(tensor_path)))
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read the checkpoint in {directory}: {e}") from e
 
 

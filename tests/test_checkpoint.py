@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from protos.optimizers import Adam
 from ps_server import checkpoint
 from ps_server.checkpoint import CheckpointError
 from ps_server.store import ParameterStore
+from scheduler.launch import BIN
 from tests.storekit import chunks_for, initial_values, new_store, push, weights
 
 
@@ -87,6 +89,31 @@ def test_no_checkpoint_is_none_and_a_damaged_one_is_refused(tmp_path):
     manifest.write_text(json.dumps({**data, "job": "bm90IGEgam9i"}))
     with pytest.raises(CheckpointError, match="valid job"):
         checkpoint.restore(ParameterStore(), checkpoint.read(tmp_path))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("text", ["[]", "null", "3", '"manifest"', '{"format": 1, "tensors": 5}'])
+def test_a_manifest_that_is_not_a_json_object_is_refused_in_one_line(tmp_path, text):
+    store, _ = new_store("async")
+    manifest = checkpoint.write(checkpoint.snapshot(store), tmp_path)
+    data = json.loads(manifest.read_text())
+    manifest.write_text(text.replace("1", str(data["format"])))
+    with pytest.raises(CheckpointError, match=f"cannot read the checkpoint in {tmp_path}") as info:
+        checkpoint.read(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+def test_ps_server_refuses_a_manifest_that_is_not_an_object_in_one_line(tmp_path):
+    (tmp_path / checkpoint.MANIFEST).write_text("[]")
+    argv = [str(BIN / "ps-server"), "--port", "0", "--checkpoint-dir", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=25)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"ps-server: cannot read the checkpoint in {tmp_path}: manifest.json holds [], "
+        f"not a JSON object"
+    )
 
 
 def test_restore_needs_an_empty_store_and_snapshot_needs_a_model(tmp_path):

@@ -32,7 +32,11 @@ class SecurityError(ValueError):
 
 
 def read_token(token_file: Path | str | None = None) -> str | None:
-    """The job's token: from the file if given, else $PS_TOKEN, else None (no token)."""
+    """The job's token: from the file if given, else $PS_TOKEN, else None (no token).
+
+    Either is stripped of surrounding whitespace (a secret's file often ends in a newline);
+    a token holding a space, a control or a non-ASCII character is refused (SecurityError),
+    since it could not travel as gRPC metadata."""
     if token_file:
         try:
             token = Path(token_file).read_text().strip()
@@ -40,8 +44,20 @@ def read_token(token_file: Path | str | None = None) -> str | None:
             raise SecurityError(f"cannot read the token file {token_file}: {e.strerror}") from None
         if not token:
             raise SecurityError(f"the token file {token_file} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
+        return _checked(token, f"the token file {token_file}")
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return _checked(token, f"${TOKEN_ENV}") if token else None
+
+
+def _checked(token: str, where: str) -> str:
+    """``token`` if every character is printable ASCII other than a space."""
+    for i, ch in enumerate(token):
+        if not "!" <= ch <= "~":
+            raise SecurityError(
+                f"{where} holds {ch!r} at character {i + 1}: a token is printable ASCII "
+                f"without spaces or control characters"
+            )
+    return token
 
 
 def _read(path: Path | str | None, what: str) -> bytes | None:

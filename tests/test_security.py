@@ -33,6 +33,35 @@ def test_token_comes_from_the_file_or_the_environment(tmp_path, monkeypatch):
         read_token(tmp_path / "missing")
 
 
+@pytest.mark.timeout(10)
+def test_a_token_is_stripped_and_one_with_inner_space_or_control_characters_refused(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PS_TOKEN", "from-env\n")  # a Kubernetes secret from a file
+    assert read_token(None) == "from-env"
+    monkeypatch.setenv("PS_TOKEN", " \n")
+    assert read_token(None) is None  # blank: as unset
+    for bad, shown in (("two words", "' '"), ("tab\there", "'\\t'"), ("caf\u00e9", "'\u00e9'")):
+        monkeypatch.setenv("PS_TOKEN", bad)
+        with pytest.raises(SecurityError, match="printable ASCII") as info:
+            read_token(None)
+        assert str(info.value).startswith(f"$PS_TOKEN holds {shown} at character")
+        assert "\n" not in str(info.value)
+        (tmp_path / "t").write_text(f"{bad}\n")
+        with pytest.raises(SecurityError, match=f"the token file {tmp_path / 't'} holds"):
+            read_token(tmp_path / "t")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_client_with_a_token_ending_in_a_newline_is_let_in(tmp_path, monkeypatch):
+    (tmp_path / "token").write_text(TOKEN)
+    with servers(1, tmp_path, "--token-file", str(tmp_path / "token")) as (server,):
+        monkeypatch.setenv("PS_TOKEN", f"{TOKEN}\n")
+        with Client([server.address], "t", "w0") as client:
+            assert [s.initialised for s in client.status()] == [False]
+
+
 def test_half_configured_tls_is_refused(tmp_path):
     with pytest.raises(SecurityError, match="both"):
         ServerSecurity(tls_cert=tmp_path / "c")

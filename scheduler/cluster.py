@@ -309,29 +309,33 @@ def up(args: argparse.Namespace) -> int:
 
 
 def _preflight(
-    args: argparse.Namespace, data_dir: Path, work_dir: Path
+    args: argparse.Namespace, data_dir: Path, work: WorkDir
 ) -> tuple[JobSpec, str | None]:
-    """The job and its token, checked before any process starts (the data prepared if
-    missing); raises what up() reports in one line."""
+    """The job and its token, checked before any process starts; the work dir held (a run
+    there is refused) before anything is written in it (the data, prepared if missing).
+    Raises what up() reports in one line."""
     spec = spec_from_args(args, {"data_dir": str(data_dir), "expected_workers": args.workers})
     check_stragglers(args.straggler, args.workers)
     check_device(args.device)
     check_save_path(args.save)
-    if args.config and args.config.resolve() == (work_dir / JOB_FILE).resolve():
+    if args.config and args.config.resolve() == (work.path / JOB_FILE).resolve():
         raise PreflightError(f"--config {args.config}: the cluster writes its job file there")
     token = read_token(args.token_file)
-    if not (data_dir / MANIFEST).exists():
+    prepared = (data_dir / MANIFEST).exists()
+    if prepared:
+        check_model_fits(spec)
+    work.claim()
+    if not prepared:
         print(f"preparing {args.dataset} in {data_dir} ...", flush=True)
         prepare(args.dataset, data_dir, args.shards, args.samples, int(args.seed or 0))
-    check_model_fits(spec)
+        check_model_fits(spec)
     return spec, token
 
 
 def _up(args: argparse.Namespace, work: WorkDir) -> int:
     data_dir = args.data_dir or work.path / "data"
     try:
-        hold = work.claim()  # before anything is written there
-        spec, token = _preflight(args, data_dir, work.path)
+        spec, token = _preflight(args, data_dir, work)
     except (SpecError, PreflightError, DataError, SecurityError, OSError) as e:
         print(f"ps-cluster: {e}", file=sys.stderr)
         return 2
@@ -344,7 +348,7 @@ def _up(args: argparse.Namespace, work: WorkDir) -> int:
         device=args.device,
         token=token,
         restart_on_failure=args.restart_on_failure,
-        work_claim=hold,
+        work_claim=work.hold,
     )
     started, started_at = time.monotonic(), time.time()
     interactive = sys.stdout.isatty()

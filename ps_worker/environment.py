@@ -57,10 +57,29 @@ def servers(given: str | Sequence[str] | None = None, env: Environ | None = None
     addresses = [a.strip() for a in items]
     if not any(addresses):
         raise InvalidRequestError(f"{source} is empty: give at least one HOST:PORT")
-    bad = [a for a in addresses if ":" not in a or a.startswith(":") or a.endswith(":")]
-    if bad:
-        raise InvalidRequestError(f"{source} {given!r}: {bad[0]!r} is not HOST:PORT")
+    for a in addresses:
+        if why := _bad_address(a):
+            raise InvalidRequestError(f"{source} {given!r}: {a!r} {why}")
     return addresses
+
+
+def _bad_address(address: str) -> str | None:
+    """Why ``address`` is not ``HOST:PORT`` (an IPv6 host in brackets), or None."""
+    host, colon, port = address.rpartition(":")
+    if "://" in address:
+        return "is not HOST:PORT (give no scheme such as http://)"
+    if not colon or not host or not port or any(c.isspace() for c in address):
+        return "is not HOST:PORT"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return "is not HOST:PORT (an IPv6 host goes in brackets: [::1]:7001)"
+    if not _ascii_digits(port) or not 1 <= int(port) <= 65535:
+        return f"has port {port!r}: a port is a whole number from 1 to 65535"
+    return None
+
+
+def _ascii_digits(text: str) -> bool:
+    """Only 0-9 (``int()`` also takes ``1_0`` and other scripts' digits)."""
+    return bool(text) and all("0" <= c <= "9" for c in text)
 
 
 def _whole(value: int | None, argument: str, variable: str, env: Environ) -> tuple[int | None, str]:
@@ -70,10 +89,9 @@ def _whole(value: int | None, argument: str, variable: str, env: Environ) -> tup
     text = env.get(variable, "").strip()
     if not text:
         return None, variable
-    try:
-        return int(text), variable
-    except ValueError:
-        raise InvalidRequestError(f"{variable}={text} is not a whole number") from None
+    if not _ascii_digits(text.removeprefix("-")):
+        raise InvalidRequestError(f"{variable}={text} is not a whole number")
+    return int(text), variable
 
 
 def rank_and_world(
@@ -103,13 +121,17 @@ def rank_and_world(
 
 
 def worker_id(given: str | None = None, env: Environ | None = None) -> str:
-    """``given``, else ``worker<RANK>`` when ``$RANK`` is set, else a unique id."""
+    """``given``, else ``worker<RANK>`` when ``$RANK`` is set (checked against
+    ``$WORLD_SIZE`` when that is set too), else a unique id."""
     if given:
         return given
     env = os.environ if env is None else env
     rank, _ = _whole(None, "rank", RANK_ENV, env)
+    world, _ = _whole(None, "world", WORLD_ENV, env)
     if rank is None:
         return unique_worker_id()
+    if world is not None:
+        rank_and_world(env=env)  # 0 <= RANK < WORLD_SIZE
     if rank < 0:
         raise InvalidRequestError(f"{RANK_ENV} {rank} < 0: a rank is a whole number >= 0")
     return worker_name(rank)

@@ -49,6 +49,14 @@ def test_servers_come_from_the_argument_else_the_environment(env):
         (None, " , ", "PS_SERVERS is empty"),
         (None, "a:1,,b:2", "PS_SERVERS 'a:1,,b:2': '' is not HOST:PORT"),
         (None, "localhost", "PS_SERVERS 'localhost': 'localhost' is not HOST:PORT"),
+        (None, "127.0.0.1:99999", "'127.0.0.1:99999' has port '99999': a port is a whole number"),
+        (None, "a:1,host:abc", "'host:abc' has port 'abc': a port is a whole number from 1"),
+        (None, "h:0", "'h:0' has port '0'"),
+        (None, "h:1_0", "'h:1_0' has port '1_0'"),
+        (None, "h:\u0661", "has port '\u0661'"),
+        (None, "http://h:7001", "'http://h:7001' is not HOST:PORT \\(give no scheme"),
+        (None, "::1:7001", "is not HOST:PORT \\(an IPv6 host goes in brackets"),
+        (["a b:1"], None, "servers \\['a b:1'\\]: 'a b:1' is not HOST:PORT"),
         ([], None, "servers is empty"),
         ([7001], None, "servers must be HOST:PORT addresses, got \\[7001\\]"),
     ],
@@ -73,6 +81,10 @@ def test_rank_and_world_come_from_the_arguments_else_the_environment(env):
     ("variables", "given", "error"),
     [
         ({"RANK": "abc", "WORLD_SIZE": "2"}, {}, "RANK=abc is not a whole number"),
+        ({"RANK": "1_0", "WORLD_SIZE": "20"}, {}, "RANK=1_0 is not a whole number"),
+        ({"RANK": "\u0661", "WORLD_SIZE": "2"}, {}, "RANK=\u0661 is not a whole number"),
+        ({"RANK": "+1", "WORLD_SIZE": "2"}, {}, "RANK=\\+1 is not a whole number"),
+        ({"RANK": "0", "WORLD_SIZE": "2_0"}, {}, "WORLD_SIZE=2_0 is not a whole number"),
         ({"RANK": "0", "WORLD_SIZE": "2.0"}, {}, "WORLD_SIZE=2.0 is not a whole number"),
         ({"RANK": "3", "WORLD_SIZE": "2"}, {}, "RANK 3 >= WORLD_SIZE 2"),
         ({"RANK": "-1", "WORLD_SIZE": "2"}, {}, "RANK -1 < 0"),
@@ -105,6 +117,22 @@ def test_a_client_takes_servers_worker_id_and_token_from_the_environment(env):
     env(RANK="x")
     with pytest.raises(InvalidRequestError, match="RANK=x is not a whole number"):
         Client()
+
+
+@pytest.mark.parametrize(
+    ("variables", "error"),
+    [
+        ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK 3 >= WORLD_SIZE 2"),
+        ({"RANK": "1_0", "WORLD_SIZE": "20"}, "RANK=1_0 is not a whole number"),
+        ({"RANK": "\u0661"}, "RANK=\u0661 is not a whole number"),
+        ({"RANK": "0", "WORLD_SIZE": "x"}, "WORLD_SIZE=x is not a whole number"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE 0 < 1"),
+    ],
+)
+def test_a_client_checks_its_rank_against_the_world_size(env, variables, error):
+    env(PS_SERVERS="127.0.0.1:1", **variables)
+    with pytest.raises(InvalidRequestError, match=error):
+        Client(job_id="j")
 
 
 def test_without_a_rank_every_client_gets_its_own_worker_id(env):

@@ -17,7 +17,6 @@ with ``strict=False``), and no optimizer state.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 from google.protobuf.message import DecodeError
 from safetensors.torch import save_file
 
+from protos import outfile
 from protos.job import Job, JobError
 from ps_server import checkpoint
 from ps_server.checkpoint import MANIFEST, CheckpointError
@@ -144,14 +144,10 @@ def read_shares(paths: Iterable[Path]) -> list[ServerShare]:
 
 
 def write_model(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    """Write the tensors as one safetensors file, atomically (a new file, then a rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    """Write the tensors as one safetensors file, atomically (a new file, then a rename;
+    never in place of a device, FIFO, socket, directory or symbolic link)."""
+    whole = {k: v.contiguous() for k, v in tensors.items()}
+    outfile.write(out, "--out", lambda tmp: save_file(whole, tmp, metadata))
 
 
 def export(paths: Iterable[Path], out: Path) -> tuple[list[ServerShare], dict[str, torch.Tensor]]:
@@ -190,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     args = parser.parse_args(argv)
+    try:
+        outfile.check(args.out, "--out")  # before any work
+    except OSError as e:
+        print(f"ps-export: {e}", file=sys.stderr)
+        return 2
     try:
         shares, tensors = export(args.checkpoints, args.out)
     except (ExportError, OSError) as e:

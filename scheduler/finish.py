@@ -10,12 +10,12 @@ statistics, say) live in each worker and are written as the model builds them.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from protos import outfile
 from protos.jobspec import JobSpec
 from protos.security import ClientSecurity
 from ps_worker import Client, ClientConfig
@@ -49,12 +49,12 @@ def final_state_dict(spec: JobSpec, security: ClientSecurity) -> dict[str, torch
 
 
 def save_model(spec: JobSpec, security: ClientSecurity, path: Path) -> None:
-    """Write the servers' final weights to ``path`` (a new file, then a rename)."""
+    """Write the servers' final weights to ``path`` (a new file, then a rename; never in
+    place of a device, FIFO, socket, directory or symbolic link)."""
+    outfile.check(path, "--save")  # before the weights are fetched
     state = final_state_dict(spec, security)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"model": spec.model, "job_id": spec.job_id})
-    os.replace(tmp, path)
+    metadata = {"model": spec.model, "job_id": spec.job_id}
+    outfile.write(path, "--save", lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def end_job(spec: JobSpec, security: ClientSecurity) -> list[bool]:

@@ -13,6 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
+from protos import outfile
 from protos.jobspec import JobSpec
 from ps_worker.data import DataError, load, read_manifest
 from ps_worker.models import BUILTIN, ModelError, build_model
@@ -96,11 +97,14 @@ def check_stragglers(stragglers: list[tuple[int, float]], workers: int) -> None:
 
 
 def check_save_path(path: Path | None) -> None:
-    """``--save PATH`` can be written when the job ends: not a directory, its folder one."""
+    """``--save PATH`` can be written when the job ends: a regular file or none yet, in a
+    folder this process may write in."""
     if path is None:
         return
-    if path.is_dir():
-        raise PreflightError(f"--save {path}: is a directory; give a file name")
+    try:
+        outfile.check(path, "--save")  # a device, FIFO, directory or link is not replaced
+    except OSError as e:
+        raise PreflightError(str(e)) from None
     folder = path.parent
     while not folder.exists():
         folder = folder.parent

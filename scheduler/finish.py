@@ -18,10 +18,11 @@ from safetensors.torch import save_file
 from protos import outfile
 from protos.jobspec import JobSpec
 from protos.security import ClientSecurity
-from ps_worker import Client, ClientConfig
+from ps_worker import Client, ClientConfig, PSError
 from ps_worker.models import build_model
 
 SAVE_TIMEOUT_S = 60.0
+DISCARDED_END_TIMEOUT_S = 5.0  # per server, when --fresh ends the job it discarded
 SAVE_HELP = (
     "when the job finishes, write the trained model here as safetensors "
     "(load_state_dict(safetensors.torch.load_file(PATH)))"
@@ -61,3 +62,22 @@ def end_job(spec: JobSpec, security: ClientSecurity) -> list[bool]:
     """Drop the job from its servers; for each, whether it held the job."""
     with _client(spec, security) as client:
         return client.end_job()
+
+
+def end_job_on_each(
+    spec: JobSpec, security: ClientSecurity, timeout_s: float = DISCARDED_END_TIMEOUT_S
+) -> tuple[list[str], list[str]]:
+    """Best effort: drop the job from each of its servers on its own, so that one that
+    cannot be reached stops none of the others. Returns the servers that held it, and a
+    line for each that could not be asked."""
+    held, failed = [], []
+    for address in spec.servers:
+        config = ClientConfig(timeout_s=timeout_s, security=security)
+        try:
+            with Client([address], job_id=spec.job_id, config=config) as client:
+                if client.end_job()[0]:
+                    held.append(address)
+        except PSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            failed.append(f"{address}: {first}")
+    return held, failed

@@ -26,7 +26,7 @@ from protos.jobspec import JobSpec, SpecError, add_job_arguments, spec_from_args
 from ps_worker.data import DataError, read_manifest
 from ps_worker.errors import PSError
 from scheduler import status
-from scheduler.finish import END_JOB_HELP, SAVE_HELP, end_job, save_model
+from scheduler.finish import END_JOB_HELP, SAVE_HELP, end_job, end_job_on_each, save_model
 from scheduler.metrics import SchedulerMetrics
 from scheduler.preflight import (
     MODEL_HELP,
@@ -66,8 +66,8 @@ async def _serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
         print(busy, file=sys.stderr)
         return 2
     state = SchedulerState(str(args.state))
-    if args.fresh and state.discard():
-        log.info("--fresh: discarded the job %s held; starting a new one", args.state)
+    if args.fresh:
+        await discard(state, args)
     try:
         created = state.create_or_resume(spec, shards)
     except OtherJob as e:
@@ -124,6 +124,25 @@ async def _serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
     await service.membership.close()
     state.close()
     return 0
+
+
+async def discard(state: SchedulerState, args: argparse.Namespace) -> None:
+    """``--fresh``: forget the job the state file holds and end it on its servers (best
+    effort, one line for each that cannot be reached), so that the new job's workers
+    neither meet it (ALREADY_EXISTS) nor train on from its weights."""
+    try:
+        old = state.spec
+    except (StateError, ValueError):  # no job, or one this version cannot read
+        old = None
+    if not state.discard():
+        return
+    log.info("--fresh: discarded the job %s held; starting a new one", args.state)
+    if old is None:
+        return
+    held, failed = await asyncio.to_thread(end_job_on_each, old, args.connecting)
+    log.info("--fresh: ended job %s on %d of %d server(s)", old.job_id, len(held), len(old.servers))
+    for line in failed:
+        log.warning("--fresh: cannot end job %s on %s; starting anyway", old.job_id, line)
 
 
 async def when_finished(service: SchedulerService, args: argparse.Namespace) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from protos.jobspec import JobSpec
+from ps_worker import Client, ClientConfig
 from ps_worker.data import prepare
-from scheduler.launch import BIN, Daemon
+from scheduler.launch import BIN, Daemon, servers
 from scheduler.state import SchedulerState
 
 pytestmark = pytest.mark.integration
@@ -90,3 +91,57 @@ def test_fresh_on_a_port_in_use_discards_nothing(tmp_path, tiny):
     assert second.returncode == 2
     assert second.stderr == f"ps-scheduler: cannot listen on 127.0.0.1:{port}: address in use\n"
     assert stored_epochs(state) == 3
+
+
+def server_job(address: str) -> tuple[bool, int]:
+    """Whether the server holds an initialised job, and its version."""
+    with Client([address], job_id="job", config=ClientConfig(timeout_s=10)) as client:
+        (status,) = client.status()
+    return status.initialised, status.version
+
+
+@pytest.mark.timeout(180)
+def test_fresh_ends_the_discarded_job_on_its_servers(tmp_path, tiny):
+    """The trap: the fresh job's workers trained on from the old job's weights (same
+    settings) or were refused ALREADY_EXISTS (other settings)."""
+    state = tmp_path / "s.db"
+    with servers(1, tmp_path) as (server,):
+        argv = scheduler_argv(state, tiny, server.address, "--epochs", "1")
+        first = Daemon([*argv, "--no-end-job"], tmp_path / "first.log")
+        try:
+            worker = Daemon(
+                [str(BIN / "ps-worker"), "--scheduler", first.address, "--no-progress"],
+                tmp_path / "worker.log",
+            )
+            try:
+                assert worker.proc.wait(120) == 0, worker.last_log_line()
+            finally:
+                worker.stop()
+        finally:
+            first.stop()
+        initialised, version = server_job(server.address)
+        assert initialised and version > 0  # the old job, trained a bit, kept there
+        fresh = Daemon([*argv, "--fresh"], tmp_path / "fresh.log")
+        try:
+            assert fresh.address  # listening: the old job is ended by now
+            assert server_job(server.address) == (False, 0)
+        finally:
+            fresh.stop()
+    assert "ended job job on 1 of 1 server(s)" in (tmp_path / "fresh.log").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_fresh_starts_when_the_discarded_jobs_server_cannot_be_reached(tmp_path, tiny):
+    state = tmp_path / "s.db"
+    held = SchedulerState(str(state))
+    spec = {"data_dir": str(tiny), "model": "digits-mlp", "servers": "127.0.0.1:1", "epochs": 3}
+    held.create_or_resume(JobSpec.from_dict(spec), shards=2)
+    held.close()
+    fresh = Daemon(scheduler_argv(state, tiny, "127.0.0.1:1", "--fresh"), tmp_path / "f.log")
+    try:
+        assert fresh.address
+    finally:
+        fresh.stop()
+    log = (tmp_path / "f.log").read_text()
+    (line,) = [x for x in log.splitlines() if "cannot end job job on 127.0.0.1:1" in x]
+    assert "starting anyway" in line and "ended job job on 0 of 1 server(s)" in log

@@ -318,6 +318,8 @@ def _preflight(
     check_stragglers(args.straggler, args.workers)
     check_device(args.device)
     check_save_path(args.save)
+    if not args.timeout_s > 0:  # NaN too
+        raise PreflightError(f"--timeout-s {args.timeout_s:g}: must be positive")
     if args.config and args.config.resolve() == (work.path / JOB_FILE).resolve():
         raise PreflightError(f"--config {args.config}: the cluster writes its job file there")
     token = read_token(args.token_file)

@@ -36,6 +36,10 @@ REFUSED = {
         ["ps-cluster", "up", "--model", "digits-mlp", "--straggler", "9:2", "--workers", "4"],
         "--straggler 9:2: there are 4 workers",
     ),
+    "timeout": (
+        ["ps-cluster", "up", "--model", "digits-mlp", "--timeout-s", "-1"],
+        "--timeout-s -1: must be positive",
+    ),
     "scheduler model": (
         ["ps-scheduler", "--model", "nosuch-model", "--servers", "127.0.0.1:1"],
         "unknown model 'nosuch-model'",

@@ -431,7 +431,13 @@ def cluster_status(args: argparse.Namespace) -> int:
         print(f"ps-cluster: {e}", file=sys.stderr)
         return 2
     return status.show(
-        addresses["scheduler"], ClientSecurity(token=token), args.json, args.watch, args.interval
+        addresses["scheduler"],
+        ClientSecurity(token=token),
+        args.json,
+        args.watch,
+        args.interval,
+        unreachable=f"ps-cluster: {{error}}; the run in {args.work_dir} has ended or was "
+        "stopped (its logs and any --summary-json say how it went)",
     )
 
 

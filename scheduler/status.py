@@ -79,15 +79,17 @@ def show(
     interval_s: float = 1.0,
     out: TextIO = sys.stdout,
     stop: threading.Event | None = None,
+    unreachable: str = "ps-scheduler: {error}",
 ) -> int:
-    """Print the job's progress (redrawn until it finishes with ``watch``); an exit code."""
+    """Print the job's progress (redrawn until it finishes with ``watch``); an exit code.
+    ``unreachable`` is the line printed when the scheduler does not answer."""
     stop = stop or threading.Event()
     live = watch and out.isatty()
     while True:
         try:
             progress = fetch_progress(address, credentials)
         except Unreachable as e:
-            print(f"ps-scheduler: {e}", file=sys.stderr)
+            print(unreachable.format(error=e), file=sys.stderr)
             return 1
         text = (
             json.dumps(progress, indent=None if watch else 2)

@@ -265,6 +265,14 @@ def test_metrics_of_servers_scheduler_and_workers_move_during_a_job(tmp_path, di
         progress = cluster.wait(180)
         final = scrape_until(cluster.scheduler, lambda m: m["ps_scheduler_finished"] == 1)
         watched, _ = watch.communicate(timeout=60)  # --watch ends by itself with the job
+    ended = subprocess.run(  # the cluster is gone: says so, in its own name
+        [BIN / "ps-cluster", "status", "--work-dir", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ended.returncode == 1 and ended.stderr.startswith("ps-cluster: cannot reach")
+    assert "has ended or was stopped" in ended.stderr, ended.stderr
     assert once.returncode == 0, once.stderr
     workers = [w["worker_id"] for w in progress["workers"]]
     assert all(w in once.stdout for w in workers) and re.search(r"epoch [1-4]/4 \[", once.stdout)

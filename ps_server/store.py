@@ -95,6 +95,7 @@ class ParameterStore:
         self._version = 0
         self._workers: dict[str, WorkerState] = {}
         self._contributors: list[str] = []
+        self._contributed_by: dict[str, str] = {}  # sync: worker -> session of its gradient
         self._tally = Tally()
         self._restored = False  # holds a checkpoint's state: workers may have seen newer weights
         self._sessions.clear()
@@ -171,8 +172,9 @@ class ParameterStore:
             )
         sync = job.settings.mode is Mode.SYNC
         # a new client for this worker id whose previous client already gave this step's gradient
+        # (its push is dropped); the same client giving it twice is refused
         again = sync and pulled_version == self._version and worker_id in self._contributors
-        if again and record is not None:
+        if again and self._contributed_by.get(worker_id) == session:
             raise FailedPrecondition(
                 f"worker {worker_id!r} already pushed a gradient for sync step {self._version}"
             )
@@ -195,6 +197,7 @@ class ParameterStore:
             lr = self._scheduled_lr()  # that of the step this gradient joins
             params.accumulate(first=not self._contributors)
             self._contributors.append(worker_id)
+            self._contributed_by[worker_id] = session
             self._maybe_finish_step()
             return PushResult(True, False, False, self._version, 0, lr)
         lr = self._scheduled_lr()
@@ -218,6 +221,7 @@ class ParameterStore:
         self._steps += 1
         params.step(job.settings.optimizer, self._steps, lr, mean_of=len(self._contributors))
         self._contributors = []
+        self._contributed_by = {}
         self._updated()
 
     def _updated(self) -> None:
@@ -487,6 +491,7 @@ class ParameterStore:
         self._steps, self._version = view.steps, view.version
         self._workers = {w.worker_id: w for w in view.workers}
         self._contributors = list(view.contributors)
+        self._contributed_by = {}  # sessions are not checkpointed
         self._tally = Tally.of(view.counters)
         self._restored = True
         self._sessions.clear()

@@ -88,10 +88,30 @@ def test_a_new_client_of_a_sync_worker_whose_gradient_is_in_the_step_is_dropped_
     clock.advance(LIVENESS_S)
     again = push(store, job, "a", 1, 5.0, session="new")  # the same step from its new process
     assert again.dropped and not again.applied and store.view().contributors == ("a",)
-    with pytest.raises(FailedPrecondition, match="already pushed a gradient for sync step 0"):
-        push(store, job, "a", 2, 5.0, session="new")  # its own second gradient: refused
+    assert push(store, job, "a", 2, 5.0, session="new").dropped  # still not its gradient
     push(store, job, "b", 1, 3.0, session="sb")
     assert store.version == 1
+
+
+def test_a_new_client_that_pulls_first_then_pushes_the_step_its_old_one_gave_is_dropped():
+    """A restarted rank (ps-worker, DistributedOptimizer) pulls before its first push."""
+    clock = FakeClock()
+    store, job = new_store("sync", now=clock, workers=["a", "b"])
+    push(store, job, "a", 1, 1.0, session="old")  # then a's process dies
+    clock.advance(LIVENESS_S)
+    store.pull_decision("job", "a", 0, 0, "new")  # the new process takes the id over
+    store.pull("job", "a", session="new")
+    again = push(store, job, "a", 1, 5.0, session="new")
+    assert again.dropped and store.view().contributors == ("a",)
+    push(store, job, "b", 1, 3.0, session="sb")
+    assert store.version == 1
+
+
+def test_the_same_client_giving_a_second_gradient_for_a_sync_step_is_refused():
+    store, job = new_store("sync", workers=["a", "b"])
+    push(store, job, "a", 1, 1.0, session="s")
+    with pytest.raises(FailedPrecondition, match="already pushed a gradient for sync step 0"):
+        push(store, job, "a", 2, 5.0, session="s")
 
 
 def test_sessions_are_not_checkpointed_the_first_seen_after_a_restore_claims_the_id(tmp_path):

@@ -18,7 +18,10 @@ class StateInUse(OSError):
 
 
 def lock_path(state: Path) -> Path:
-    return state.with_name(state.name + ".lock")
+    """Beside the file the state path leads to: a symbolic link to a state file, or a path
+    through one, shares that file's lock."""
+    real = state.resolve()
+    return real.with_name(real.name + ".lock")
 
 
 def hold_state(state: Path) -> int:

@@ -57,15 +57,17 @@ def test_a_second_scheduler_on_a_state_file_in_use_is_refused_changing_nothing(t
     first = Daemon(scheduler_argv(state, tiny, "127.0.0.1:1", "--epochs", "3"), tmp_path / "1.log")
     try:
         port = first.address.rsplit(":", 1)[1]
-        for where in (port, "0"):
+        link = tmp_path / "link.db"  # the same file by another name: the same lock
+        link.symlink_to(state)
+        for where, path in ((port, state), ("0", state), ("0", link)):
             second = run(
                 scheduler_argv(
-                    state, tiny, "127.0.0.1:1", "--fresh", "--port", where, "--epochs", "5"
+                    path, tiny, "127.0.0.1:1", "--fresh", "--port", where, "--epochs", "5"
                 )
             )
             assert second.returncode == 2, second.stderr
             assert second.stderr == (
-                f"ps-scheduler: state file {state} is in use by another ps-scheduler "
+                f"ps-scheduler: state file {path} is in use by another ps-scheduler "
                 f"(pid {first.proc.pid})\n"
             )
             assert stored_epochs(state) == 3

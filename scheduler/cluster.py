@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from protos import scheduler_pb2, scheduler_pb2_grpc
+from protos import outfile, scheduler_pb2, scheduler_pb2_grpc
 from protos.jobspec import JobSpec, SpecError, add_job_arguments, job_variables, spec_from_args
 from protos.security import TOKEN_ENV, ClientSecurity, SecurityError, read_token
 from ps_worker import Client, ClientConfig, PSError
@@ -43,6 +43,7 @@ from scheduler.lifecycle import (
     Claim,
     Terminated,
     WorkDir,
+    check_work_dir_use,
     clear_previous_run,
     ending_signals_raise,
     first_unused,
@@ -318,10 +319,11 @@ def _preflight(
     check_stragglers(args.straggler, args.workers)
     check_device(args.device)
     check_save_path(args.save)
+    if args.summary_json:
+        outfile.check(args.summary_json, "--summary-json")  # never a device, FIFO or link
     if not args.timeout_s > 0:  # NaN too
         raise PreflightError(f"--timeout-s {args.timeout_s:g}: must be positive")
-    if args.config and args.config.resolve() == (work.path / JOB_FILE).resolve():
-        raise PreflightError(f"--config {args.config}: the cluster writes its job file there")
+    check_work_dir_use(work.path, args.config)
     token = read_token(args.token_file)
     prepared = (data_dir / MANIFEST).exists()
     if prepared:
@@ -409,8 +411,12 @@ def _up(args: argparse.Namespace, work: WorkDir) -> int:
     if args.save:
         print(f"wrote the trained model to {args.save}")
     if args.summary_json:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(summary, indent=2))
+        text = json.dumps(summary, indent=2)
+        try:
+            outfile.write(args.summary_json, "--summary-json", lambda t: Path(t).write_text(text))
+        except OSError as e:
+            print(f"ps-cluster: {e}", file=sys.stderr)
+            return 1
         print(f"wrote {args.summary_json}")
     return 0
 

@@ -51,6 +51,27 @@ def generated(work_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+def check_work_dir_use(work_dir: Path, config: Path | None) -> None:
+    """WorkDirError when a run could not keep its work dir to itself: a ``--config`` that
+    is a file a cluster writes (and clears) there, or a ``checkpoints`` that is a symbolic
+    link (a next run could not clear it, and its servers would restore the old weights)."""
+    work = work_dir.resolve()
+    if config is not None:
+        real = config.resolve()
+        written = (
+            real.name == MARKER or GENERATED.fullmatch(real.name) is not None
+            if real.parent == work
+            else real.is_relative_to(work / CHECKPOINTS)
+        )
+        if written:
+            raise WorkDirError(f"--config {config}: a cluster writes (and clears) that file")
+    if (work_dir / CHECKPOINTS).is_symlink():
+        raise WorkDirError(
+            f"work dir {work_dir}: {CHECKPOINTS} is a symbolic link; the cluster keeps its "
+            "servers' checkpoints there and clears them between runs: make it a directory"
+        )
+
+
 class Claim:
     """A run's hold on its work dir: the marker file, which records that a run was here
     (its pid) and is locked (``flock``) until ``release()``, so that two runs never share

@@ -100,13 +100,32 @@ def test_a_run_keeps_the_persons_files_and_config_first_time_and_after(tmp_path,
 
 
 @pytest.mark.timeout(60)
-def test_the_clusters_own_job_file_is_not_a_config(tmp_path, tiny):
+@pytest.mark.parametrize("name", ["cluster-job.json", "cluster.json", "scheduler.db"])
+def test_a_file_the_cluster_writes_is_not_a_config(tmp_path, tiny, name):
     work = tmp_path / "w"
     Claim(work).release()
-    (work / "cluster-job.json").write_text(USER_CONFIG)
-    run = up(tiny, work, "--config", str(work / "cluster-job.json"))
-    assert run.returncode == 2 and "the cluster writes its job file there" in run.stderr
-    assert (work / "cluster-job.json").read_text() == USER_CONFIG
+    (work / name).write_text(USER_CONFIG)
+    run = up(tiny, work, "--config", str(work / name))
+    assert run.returncode == 2 and "a cluster writes (and clears) that file" in run.stderr
+    assert (work / name).read_text() == USER_CONFIG
+
+
+@pytest.mark.timeout(60)
+def test_a_symlinked_checkpoints_dir_or_summary_is_refused_before_anything(tmp_path, tiny):
+    """A linked checkpoints/ was never cleared: the next job restored the old weights."""
+    work, elsewhere = tmp_path / "w", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    (work / "checkpoints").symlink_to(elsewhere)
+    run = up(tiny, work)
+    assert run.returncode == 2 and "checkpoints is a symbolic link" in run.stderr, run.stderr
+    (work / "checkpoints").unlink()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    (tmp_path / "summary.json").symlink_to(precious)
+    run = up(tiny, work, "--summary-json", str(tmp_path / "summary.json"))
+    assert run.returncode == 2 and "--summary-json" in run.stderr, run.stderr
+    assert precious.read_text() == "mine" and not list(work.iterdir())
 
 
 def wait_for(predicate, what: str, timeout_s: float = 60.0) -> None:

@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from protos import listen, observability, security
+from protos import listen, observability, parent, security
 from protos.job import Limits
 from protos.shm import default_dir
 from ps_server.checkpoint import Checkpointer, CheckpointError, Every
@@ -221,6 +221,7 @@ def shm_dir(choice: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parent.die_with_launcher()  # a launcher's child ends with it
     args = parse_args(argv)
     observability.configure_logging(args)
     return asyncio.run(serve(args))

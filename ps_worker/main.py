@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from protos import observability, security
+from protos import observability, parent, security
 from ps_worker.daemon import DEVICE_HELP, DEVICES, WorkerOptions
 from ps_worker.data import DataError
 from ps_worker.errors import PSError
@@ -14,6 +14,7 @@ from ps_worker.models import ModelError
 
 
 def main(argv: list[str] | None = None) -> int:
+    parent.die_with_launcher()  # a launcher's child ends with it
     parser = argparse.ArgumentParser(
         prog="ps-worker",
         description="Register with the scheduler, lease data shards, pull weights, compute "

@@ -3,58 +3,35 @@
 Each daemon prints ``<name> listening on HOST:PORT`` as its first stdout line;
 the launcher reads it (with a deadline) to learn the port it bound. On Linux a
 daemon dies with its launcher, however the launcher ends (SIGKILL included):
-the kernel sends it SIGTERM (``PR_SET_PDEATHSIG``), so it shuts down cleanly.
+the kernel sends it SIGTERM (``PR_SET_PDEATHSIG``, asked for by the daemon itself:
+:mod:`protos.parent`), so it shuts down cleanly.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from protos.parent import LAUNCHER_ENV
+
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 30.0
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    """libc's prctl, resolved once here: a child between fork and exec must not load it."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
-_PRCTL = _load_prctl()
-
-
-def die_with_launcher() -> Callable[[], None] | None:
-    """A ``preexec_fn`` giving the child SIGTERM when this process ends, or None where
-    that is not possible. The kernel ties it to the thread that forks the child, so only
-    a child started by the main thread (which lives as long as the process) gets it."""
-    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl, launcher = _PRCTL, os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != launcher:  # the launcher ended before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
+def launcher_env() -> dict[str, str]:
+    """What makes a child end with this process (protos.parent); only a child started
+    by the main thread, which lives as long as the process: the kernel ties the signal
+    to the thread that starts the child."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {LAUNCHER_ENV: str(os.getpid())}
 
 
 class Daemon:
@@ -69,7 +46,7 @@ class Daemon:
     ) -> None:
         self.name = Path(argv[0]).name
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        full_env = {**os.environ, **env} if env else None
+        full_env = {**os.environ, **(env or {}), **launcher_env()}
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -77,7 +54,6 @@ class Daemon:
             text=True,
             env=full_env,
             cwd=cwd,
-            preexec_fn=die_with_launcher(),  # one prctl call between fork and exec
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()

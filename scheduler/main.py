@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protos import listen, observability, security
+from protos import listen, observability, parent, security
 from protos.jobspec import JobSpec, SpecError, add_job_arguments, spec_from_args
 from ps_worker.data import DataError, read_manifest
 from ps_worker.errors import PSError
@@ -171,6 +171,7 @@ async def when_finished(service: SchedulerService, args: argparse.Namespace) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    parent.die_with_launcher()  # a launcher's child ends with it
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
         parser = argparse.ArgumentParser(

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 from protos.status import LIVENESS_S
 
-__all__ = ["LIVENESS_S", "Holder", "Sessions"]
+__all__ = ["ENDED_SESSIONS", "LIVENESS_S", "EndedSessions", "Holder", "Sessions"]
+
+ENDED_SESSIONS = 100_000  # the clients of ended jobs a store remembers, to refuse them
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,25 @@ class Sessions:
         if ago >= self._liveness_s:
             return None
         return _in_use(worker_id, f"last seen {ago:.1f} s ago")
+
+
+class EndedSessions:
+    """The clients seen in ended jobs (the latest :data:`ENDED_SESSIONS`), by job id: a
+    new job with the same id refuses them, as clients of the job that was ended."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, str] = {}  # session -> job id, oldest first
+
+    def remember(self, sessions: frozenset[str], job_id: str) -> None:
+        for session in sessions - {""}:
+            self._jobs.pop(session, None)  # re-inserted: the latest are kept
+            self._jobs[session] = job_id
+        while len(self._jobs) > ENDED_SESSIONS:
+            del self._jobs[next(iter(self._jobs))]
+
+    def get(self, session: str) -> str | None:
+        """The ended job ``session`` took part in, if remembered."""
+        return self._jobs.get(session)
 
 
 def _in_use(worker_id: str, when: str) -> str:

@@ -14,8 +14,9 @@ state out with :meth:`~ParameterStore.snapshot_state` and back in with
 Semantics (docs/design.md): every push carries ``(worker_id, clock)``; a clock is
 the number of iterations the worker has pushed, so a push carries the
 clock the worker reaches with it (1 for its first push). A worker joins at
-the slowest active worker's clock; a push that joins it lands there (at that
-clock + 1, whatever it carries) and its client adopts the server's clock.
+the slowest active worker's clock, or at its own claim when that is further (a
+restarted server lost pushes, not progress: :mod:`ps_server.clocks`); a push
+that joins lands one past that, and its client adopts the server's clock.
 
 - sync: gradients for step ``t`` (pushes whose ``pulled_version`` is ``t``)
   are summed until ``R = max(1, active - backup_workers)`` active workers have
@@ -44,6 +45,7 @@ import torch
 
 from protos.codec import Piece, RawChunk, to_raw, wire_dtype
 from protos.job import Job, Mode
+from ps_server.clocks import check_claim, joining_clock
 from ps_server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -62,9 +64,7 @@ from ps_server.records import (
     Waiter,
     WorkerState,
 )
-from ps_server.sessions import LIVENESS_S, Sessions
-
-ENDED_SESSIONS = 100_000  # the clients of ended jobs a store remembers, to refuse them
+from ps_server.sessions import LIVENESS_S, EndedSessions, Sessions
 
 
 class ParameterStore:
@@ -82,9 +82,7 @@ class ParameterStore:
         self._waiters: dict[int, Waiter] = {}  # in-flight calls: they outlive an ended job
         self._tokens = itertools.count()
         self._ended: str | None = None  # the job ended last, for the error its workers get
-        # the sessions seen in ended jobs (the latest ENDED_SESSIONS), by job id: refused in
-        # a new job with the same id, as clients of the job that was ended
-        self._ended_sessions: dict[str, str] = {}
+        self._ended_sessions = EndedSessions()  # refused in a new job with the same id
         self._reset()
 
     def _reset(self) -> None:
@@ -160,9 +158,12 @@ class ParameterStore:
         if record is not None and clock <= record.clock:
             self._tally.duplicates += 1
             return PushResult(False, True, False, self._version, 0, 0.0)
+        check_claim(worker_id, clock, (w.clock for w in self._workers.values()))
         if pulled_version > self._version and self._restored:
             # Weights this server lost when it came back from an older checkpoint: drop the
-            # gradient; the reply's version sends the worker back to the current weights.
+            # gradient; the reply's version sends the worker back to the current weights. Its
+            # clock moves all the same: the server lost the push, not the worker's progress.
+            self._land(worker_id, record, clock, session)
             self._tally.stale_dropped += 1
             return PushResult(False, False, True, self._version, 0, 0.0)
         if pulled_version > self._version:
@@ -182,11 +183,7 @@ class ParameterStore:
         params.gather(decoded, self._reject_nonfinite)
 
         # Validated: from here on nothing raises.
-        if record is None:  # a joining push lands at the join clock: it holds no one back
-            record = self._join(worker_id)
-            clock = max(clock, record.clock + 1)  # (the client adopts it from Status)
-        self._workers[worker_id] = replace(record, clock=clock)
-        self._sessions.seen(worker_id, session)
+        self._land(worker_id, record, clock, session)
         self._tally.pushes_received += 1
         staleness = self._version - pulled_version
         self._tally.staleness[staleness] += 1
@@ -223,6 +220,15 @@ class ParameterStore:
         self._contributors = []
         self._contributed_by = {}
         self._updated()
+
+    def _land(self, worker_id: str, record: WorkerState | None, clock: int, session: str) -> None:
+        """Record a push at ``clock`` by this client; a joining one lands at the join clock
+        or its claim (:mod:`ps_server.clocks`; the client adopts it from Status)."""
+        if record is None:
+            record = self._join(worker_id)
+            clock = joining_clock(clock, record.clock)
+        self._workers[worker_id] = replace(record, clock=clock)
+        self._sessions.seen(worker_id, session)
 
     def _updated(self) -> None:
         self._version += 1
@@ -273,7 +279,7 @@ class ParameterStore:
         return PullDecision(True)
 
     def pull(
-        self, job_id: str, worker_id: str, observe: bool = False, session: str = ""
+        self, job_id: str, worker_id: str, observe: bool = False, session: str = "", clock: int = 0
     ) -> tuple[int, int, list[Piece]]:
         """(version, the worker's clock, raw views of every held part) for a ready pull.
 
@@ -286,7 +292,11 @@ class ParameterStore:
         if observe:
             record = self._workers.get(worker_id)
         else:
-            record = self._contact(worker_id, session) or self._join(worker_id)
+            record = self._contact(worker_id, session)
+            check_claim(worker_id, clock, (w.clock for w in self._workers.values()))
+            record = record or self._join(worker_id)
+            if clock > record.clock:  # pushes this server lost (ps_server.clocks)
+                record = self._workers[worker_id] = replace(record, clock=clock)
             self._sessions.seen(worker_id, session)
         weight_dtype = job.settings.compression.weight_dtype
         cast = wire_dtype(weight_dtype).torch if weight_dtype else None
@@ -424,11 +434,7 @@ class ParameterStore:
             return False
         self.check_job(job_id)
         self._ended = job_id
-        for session in self._sessions.every_session() - {""}:
-            self._ended_sessions.pop(session, None)  # re-inserted: the latest are kept
-            self._ended_sessions[session] = job_id
-        while len(self._ended_sessions) > ENDED_SESSIONS:
-            del self._ended_sessions[next(iter(self._ended_sessions))]
+        self._ended_sessions.remember(self._sessions.every_session(), job_id)
         self._reset()
         return True
 

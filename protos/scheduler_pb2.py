@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\x02ps\"/\n\x0fRegisterRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"<\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rjob_spec_json\x18\x02 \x01(\t\"K\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x15\n\rsamples_per_s\x18\x03 \x01(\x01\"%\n\x11HeartbeatResponse\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\"!\n\x0cLeaseRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"6\n\x04Task\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\r\n\x05shard\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\"\x8b\x01\n\rLeaseResponse\x12\x10\n\x08has_task\x18\x01 \x01(\x08\x12\x16\n\x04task\x18\x02 \x01(\x0b\x32\x08.ps.Task\x12\x16\n\x0ehas_evaluation\x18\x03 \x01(\x08\x12\x16\n\x0e\x65valuate_epoch\x18\x04 \x01(\r\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x9b\x01\n\x0f\x43ompleteRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x04task\x18\x02 \x01(\x0b\x32\x08.ps.Task\x12\x13\n\x0b\x63lock_start\x18\x03 \x01(\x04\x12\x11\n\tclock_end\x18\x04 \x01(\x04\x12$\n\x08versions\x18\x05 \x03(\x0b\x32\x12.ps.ServerVersions\x12\x0f\n\x07samples\x18\x06 \x01(\x04\"!\n\x0eServerVersions\x12\x0f\n\x07version\x18\x01 \x03(\x04\"$\n\x10\x43ompleteResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x08\"U\n\x11\x45valuationRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"\x14\n\x12\x45valuationResponse\"\'\n\x12WorkerLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x15\n\x13WorkerLeaveResponse\"\x11\n\x0fProgressRequest\")\n\x10ProgressResponse\x12\x15\n\rprogress_json\x18\x01 \x01(\t2\x95\x03\n\tScheduler\x12\x35\n\x08Register\x12\x13.ps.RegisterRequest\x1a\x14.ps.RegisterResponse\x12\x38\n\tHeartbeat\x12\x14.ps.HeartbeatRequest\x1a\x15.ps.HeartbeatResponse\x12,\n\x05Lease\x12\x10.ps.LeaseRequest\x1a\x11.ps.LeaseResponse\x12\x35\n\x08\x43omplete\x12\x13.ps.CompleteRequest\x1a\x14.ps.CompleteResponse\x12\x41\n\x10ReportEvaluation\x12\x15.ps.EvaluationRequest\x1a\x16.ps.EvaluationResponse\x12\x38\n\x05Leave\x12\x16.ps.WorkerLeaveRequest\x1a\x17.ps.WorkerLeaveResponse\x12\x35\n\x08Progress\x12\x13.ps.ProgressRequest\x1a\x14.ps.ProgressResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\x02ps\"/\n\x0fRegisterRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"<\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rjob_spec_json\x18\x02 \x01(\t\"^\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x15\n\rsamples_per_s\x18\x03 \x01(\x01\x12\x11\n\tlease_ids\x18\x04 \x03(\t\"%\n\x11HeartbeatResponse\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\"4\n\x0cLeaseRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tlease_ids\x18\x02 \x03(\t\"6\n\x04Task\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\r\n\x05shard\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\"\x8b\x01\n\rLeaseResponse\x12\x10\n\x08has_task\x18\x01 \x01(\x08\x12\x16\n\x04task\x18\x02 \x01(\x0b\x32\x08.ps.Task\x12\x16\n\x0ehas_evaluation\x18\x03 \x01(\x08\x12\x16\n\x0e\x65valuate_epoch\x18\x04 \x01(\r\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x9b\x01\n\x0f\x43ompleteRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x04task\x18\x02 \x01(\x0b\x32\x08.ps.Task\x12\x13\n\x0b\x63lock_start\x18\x03 \x01(\x04\x12\x11\n\tclock_end\x18\x04 \x01(\x04\x12$\n\x08versions\x18\x05 \x03(\x0b\x32\x12.ps.ServerVersions\x12\x0f\n\x07samples\x18\x06 \x01(\x04\"!\n\x0eServerVersions\x12\x0f\n\x07version\x18\x01 \x03(\x04\"$\n\x10\x43ompleteResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x08\"U\n\x11\x45valuationRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"\x14\n\x12\x45valuationResponse\"\'\n\x12WorkerLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x15\n\x13WorkerLeaveResponse\"\x11\n\x0fProgressRequest\")\n\x10ProgressResponse\x12\x15\n\rprogress_json\x18\x01 \x01(\t2\x95\x03\n\tScheduler\x12\x35\n\x08Register\x12\x13.ps.RegisterRequest\x1a\x14.ps.RegisterResponse\x12\x38\n\tHeartbeat\x12\x14.ps.HeartbeatRequest\x1a\x15.ps.HeartbeatResponse\x12,\n\x05Lease\x12\x10.ps.LeaseRequest\x1a\x11.ps.LeaseResponse\x12\x35\n\x08\x43omplete\x12\x13.ps.CompleteRequest\x1a\x14.ps.CompleteResponse\x12\x41\n\x10ReportEvaluation\x12\x15.ps.EvaluationRequest\x1a\x16.ps.EvaluationResponse\x12\x38\n\x05Leave\x12\x16.ps.WorkerLeaveRequest\x1a\x17.ps.WorkerLeaveResponse\x12\x35\n\x08Progress\x12\x13.ps.ProgressRequest\x1a\x14.ps.ProgressResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERRESPONSE']._serialized_start=79
   _globals['_REGISTERRESPONSE']._serialized_end=139
   _globals['_HEARTBEATREQUEST']._serialized_start=141
-  _globals['_HEARTBEATREQUEST']._serialized_end=216
-  _globals['_HEARTBEATRESPONSE']._serialized_start=218
-  _globals['_HEARTBEATRESPONSE']._serialized_end=255
-  _globals['_LEASEREQUEST']._serialized_start=257
-  _globals['_LEASEREQUEST']._serialized_end=290
-  _globals['_TASK']._serialized_start=292
-  _globals['_TASK']._serialized_end=346
-  _globals['_LEASERESPONSE']._serialized_start=349
-  _globals['_LEASERESPONSE']._serialized_end=488
-  _globals['_COMPLETEREQUEST']._serialized_start=491
-  _globals['_COMPLETEREQUEST']._serialized_end=646
-  _globals['_SERVERVERSIONS']._serialized_start=648
-  _globals['_SERVERVERSIONS']._serialized_end=681
-  _globals['_COMPLETERESPONSE']._serialized_start=683
-  _globals['_COMPLETERESPONSE']._serialized_end=719
-  _globals['_EVALUATIONREQUEST']._serialized_start=721
-  _globals['_EVALUATIONREQUEST']._serialized_end=806
-  _globals['_EVALUATIONRESPONSE']._serialized_start=808
-  _globals['_EVALUATIONRESPONSE']._serialized_end=828
-  _globals['_WORKERLEAVEREQUEST']._serialized_start=830
-  _globals['_WORKERLEAVEREQUEST']._serialized_end=869
-  _globals['_WORKERLEAVERESPONSE']._serialized_start=871
-  _globals['_WORKERLEAVERESPONSE']._serialized_end=892
-  _globals['_PROGRESSREQUEST']._serialized_start=894
-  _globals['_PROGRESSREQUEST']._serialized_end=911
-  _globals['_PROGRESSRESPONSE']._serialized_start=913
-  _globals['_PROGRESSRESPONSE']._serialized_end=954
-  _globals['_SCHEDULER']._serialized_start=957
-  _globals['_SCHEDULER']._serialized_end=1362
+  _globals['_HEARTBEATREQUEST']._serialized_end=235
+  _globals['_HEARTBEATRESPONSE']._serialized_start=237
+  _globals['_HEARTBEATRESPONSE']._serialized_end=274
+  _globals['_LEASEREQUEST']._serialized_start=276
+  _globals['_LEASEREQUEST']._serialized_end=328
+  _globals['_TASK']._serialized_start=330
+  _globals['_TASK']._serialized_end=384
+  _globals['_LEASERESPONSE']._serialized_start=387
+  _globals['_LEASERESPONSE']._serialized_end=526
+  _globals['_COMPLETEREQUEST']._serialized_start=529
+  _globals['_COMPLETEREQUEST']._serialized_end=684
+  _globals['_SERVERVERSIONS']._serialized_start=686
+  _globals['_SERVERVERSIONS']._serialized_end=719
+  _globals['_COMPLETERESPONSE']._serialized_start=721
+  _globals['_COMPLETERESPONSE']._serialized_end=757
+  _globals['_EVALUATIONREQUEST']._serialized_start=759
+  _globals['_EVALUATIONREQUEST']._serialized_end=844
+  _globals['_EVALUATIONRESPONSE']._serialized_start=846
+  _globals['_EVALUATIONRESPONSE']._serialized_end=866
+  _globals['_WORKERLEAVEREQUEST']._serialized_start=868
+  _globals['_WORKERLEAVEREQUEST']._serialized_end=907
+  _globals['_WORKERLEAVERESPONSE']._serialized_start=909
+  _globals['_WORKERLEAVERESPONSE']._serialized_end=930
+  _globals['_PROGRESSREQUEST']._serialized_start=932
+  _globals['_PROGRESSREQUEST']._serialized_end=949
+  _globals['_PROGRESSRESPONSE']._serialized_start=951
+  _globals['_PROGRESSRESPONSE']._serialized_end=992
+  _globals['_SCHEDULER']._serialized_start=995
+  _globals['_SCHEDULER']._serialized_end=1400
 # @@protoc_insertion_point(module_scope)

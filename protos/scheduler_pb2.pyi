@@ -23,14 +23,16 @@ class RegisterResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., job_spec_json: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "clock", "samples_per_s")
+    __slots__ = ("worker_id", "clock", "samples_per_s", "lease_ids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     clock: int
     samples_per_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., samples_per_s: _Optional[float] = ...) -> None: ...
+    lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("finished",)
@@ -39,10 +41,12 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, finished: _Optional[bool] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "lease_ids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("epoch", "shard", "lease_id")

@@ -26,6 +26,7 @@ from protos.security import ClientSecurity
 from ps_worker.client import Client, ClientConfig
 from ps_worker.data import Manifest, load, read_manifest
 from ps_worker.errors import PSError
+from ps_worker.errors import StateError as LeaseLost  # FAILED_PRECONDITION: not its lease now
 from ps_worker.metrics import WorkerMetrics
 from ps_worker.models import build_model
 from ps_worker.retry import RetryPolicy, call_with_retry
@@ -112,6 +113,9 @@ class WorkerDaemon:
         self.fatal: str | None = None
         self.samples_per_s = 0.0
         self.has_weights = False  # the model holds the weights its next gradient needs
+        # The lease this worker works on, from the Lease reply that granted it until the
+        # scheduler acknowledged (or refused) its completion: what the heartbeats report.
+        self.working: tuple[str, ...] = ()
 
     def run(self) -> int:
         reply = self.link.call(
@@ -161,8 +165,11 @@ class WorkerDaemon:
                 if self.fatal:
                     raise PSError(self.fatal)
                 lease = self.link.call(
-                    "Lease", scheduler_pb2.LeaseRequest(worker_id=self.worker_id)
+                    "Lease",
+                    scheduler_pb2.LeaseRequest(worker_id=self.worker_id, lease_ids=self.working),
                 )
+                if lease.has_task:
+                    self.working = (lease.task.lease_id,)
                 if lease.has_evaluation:
                     self._evaluate(lease.evaluate_epoch)
                 if lease.has_task:
@@ -222,17 +229,27 @@ class WorkerDaemon:
         if metrics := self.options.metrics:
             metrics.shards.inc()
             metrics.samples_per_s.set(self.samples_per_s)
-        reply = self.link.call(
-            "Complete",
-            scheduler_pb2.CompleteRequest(
-                worker_id=self.worker_id,
-                task=task,
-                clock_start=clock_start,
-                clock_end=self.client.clock,
-                samples=len(y),
-                versions=[scheduler_pb2.ServerVersions(version=v) for v in versions],
-            ),
+        request = scheduler_pb2.CompleteRequest(
+            worker_id=self.worker_id,
+            task=task,
+            clock_start=clock_start,
+            clock_end=self.client.clock,
+            samples=len(y),
+            versions=[scheduler_pb2.ServerVersions(version=v) for v in versions],
         )
+        try:  # retried on a scheduler that restarts: a repeat of a recorded one is answered
+            reply = self.link.call("Complete", request)
+        except LeaseLost as e:
+            log.warning(
+                "epoch %d shard %d: the scheduler refused its completion; the shard goes to "
+                "another worker: %s",
+                task.epoch + 1,
+                task.shard,
+                e,
+            )
+            return
+        finally:
+            self.working = ()
         log.info(
             "epoch %d shard %d: %d samples in %.2fs (%.0f samples/s)%s",
             task.epoch + 1,
@@ -240,7 +257,7 @@ class WorkerDaemon:
             len(y),
             elapsed,
             self.samples_per_s,
-            "" if reply.recorded else "; already done by another worker",
+            "" if reply.recorded else "; recorded before (a retried report)",
             extra={
                 "epoch": task.epoch + 1,
                 "shard": task.shard,
@@ -268,7 +285,10 @@ class WorkerDaemon:
         period = self.spec.lease_timeout_s / 3
         while not self.stop.wait(period):
             request = scheduler_pb2.HeartbeatRequest(
-                worker_id=self.worker_id, clock=self.client.clock, samples_per_s=self.samples_per_s
+                worker_id=self.worker_id,
+                clock=self.client.clock,
+                samples_per_s=self.samples_per_s,
+                lease_ids=self.working,
             )
             try:
                 self.link.stub.Heartbeat(request, timeout=period)

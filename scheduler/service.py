@@ -24,11 +24,13 @@ from grpc_health.v1 import health
 
 from protos import ps_pb2, rpc, scheduler_pb2, scheduler_pb2_grpc
 from protos.security import ClientSecurity, ServerSecurity
+from scheduler import requests
 from scheduler.metrics import SchedulerMetrics
 from scheduler.state import Completion, SchedulerState, StateError
 
 log = logging.getLogger("scheduler")
 T = TypeVar("T")
+SERVICE = "Scheduler"  # ps.Scheduler, in protos/scheduler.proto
 BACKOFF_S = (0.5, 5.0)  # after a failed membership update: the first delay, the longest
 
 
@@ -167,7 +169,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         await self._call(
             context,
             lambda: self.state.heartbeat(
-                request.worker_id, request.clock, request.samples_per_s, self.now()
+                request.worker_id,
+                request.clock,
+                request.samples_per_s,
+                self.now(),
+                lease_ids=request.lease_ids,
             ),
         )
         return scheduler_pb2.HeartbeatResponse(finished=self.state.finished())
@@ -175,9 +181,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Lease(self, request, context):
         def decide():
             confirmed = self.membership.confirmed or frozenset()
-            return self.state.lease(request.worker_id, self.now(), confirmed)
+            return self.state.lease(
+                request.worker_id, self.now(), confirmed, held=request.lease_ids
+            )
 
         decision = await self._call(context, decide)
+        if decision.released:
+            log.warning(
+                "worker %s asked for work holding %d lease(s) it no longer works on (a reply "
+                "lost to a restart, say): requeued",
+                request.worker_id,
+                decision.released,
+                extra={"worker": request.worker_id},
+            )
         # Keep the servers' count in step: this worker may have become idle or active.
         synced = await self.sync_membership()
         if synced and decision.awaiting_membership:
@@ -212,7 +228,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             "epoch %d shard %d %s by %s",
             c.epoch + 1,
             c.shard,
-            "done" if recorded else "already done; reported again",
+            "done" if recorded else "already done; the same report again",
             c.worker,
             extra={"worker": c.worker, "epoch": c.epoch + 1, "shard": c.shard},
         )
@@ -222,7 +238,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.CompleteResponse(recorded=recorded)
 
     async def ReportEvaluation(self, request, context):
-        await self._call(
+        recorded = await self._call(
             context,
             lambda: self.state.record_evaluation(
                 request.epoch, request.loss, request.accuracy, request.worker_id, self.now()
@@ -235,7 +251,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             request.accuracy,
             extra={"epoch": request.epoch + 1, "accuracy": request.accuracy, "loss": request.loss},
         )
-        if self.metrics:
+        if recorded and self.metrics:
             self.metrics.evaluations.inc()
             self.metrics.refresh(self.state, self.now())
         if self.state.finished():
@@ -273,6 +289,33 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 await asyncio.wait_for(stop.wait(), period)
 
 
+def parsing_handler(service: SchedulerService) -> grpc.GenericRpcHandler:
+    """Every method of the Scheduler service, taking its request as bytes: each handler
+    parses and checks it (:func:`scheduler.requests.parse`) and answers INVALID_ARGUMENT
+    for one it cannot, where gRPC's own deserializer would have answered UNKNOWN."""
+    handlers = {}
+    for method in scheduler_pb2.DESCRIPTOR.services_by_name[SERVICE].methods:
+        request_cls = getattr(scheduler_pb2, method.input_type.name)
+        response_cls = getattr(scheduler_pb2, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _parsed(getattr(service, method.name), request_cls),
+            request_deserializer=None,
+            response_serializer=response_cls.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(f"ps.{SERVICE}", handlers)
+
+
+def _parsed(handler: Callable, request_cls: type) -> Callable:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            request = requests.parse(request_cls, raw)
+        except StateError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return await handler(request, context)
+
+    return handle
+
+
 Started = tuple[grpc.aio.Server, int, "SchedulerService", health.aio.HealthServicer]
 
 
@@ -288,8 +331,8 @@ async def start_scheduler(
     serving = serving or ServerSecurity()
     server = rpc.new_server(interceptors=serving.interceptors())
     service = SchedulerService(state, security=connecting, metrics=metrics)
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((parsing_handler(service),))
     port, health_servicer = await rpc.start_with_health(
-        server, address, "ps.Scheduler", credentials=serving.credentials()
+        server, address, f"ps.{SERVICE}", credentials=serving.credentials()
     )
     return server, port, service, health_servicer

@@ -6,9 +6,12 @@ every decision takes ``now`` (seconds) as an argument.
 
 Tasks are (epoch, shard) pairs handed out as leases in epoch order, each
 epoch's shards in an order shuffled from the seed. A lease has a deadline,
-extended by the worker's heartbeats; a worker whose heartbeats stop is
-declared dead and its leases go back to the queue. A completion is recorded
-once per (epoch, shard), however often it is reported.
+extended by the heartbeats of the worker that reports working on it; a worker
+whose heartbeats stop is declared dead and its leases go back to the queue, and
+so does a lease its live worker no longer reports (after a scheduler restart
+that lost a reply, say). Only a lease's holder may complete it, once (a repeat
+of that very completion is answered, not recorded again); the same holds for an
+epoch's evaluation and the worker it was assigned to.
 
 Workers are ``active`` (training, or about to: counted by the servers' sync
 barrier and ssp bound), ``idle`` (asked for work and got none), ``dead`` or
@@ -20,94 +23,26 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Collection
 
 import numpy as np
 
 from protos.jobspec import JobSpec
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tasks (
-    epoch INTEGER NOT NULL, shard INTEGER NOT NULL, position INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending', lease_id TEXT, worker TEXT,
-    deadline REAL, attempts INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (epoch, shard));
-CREATE TABLE IF NOT EXISTS completions (
-    epoch INTEGER NOT NULL, shard INTEGER NOT NULL, worker TEXT NOT NULL,
-    lease_id TEXT NOT NULL, clock_start INTEGER NOT NULL, clock_end INTEGER NOT NULL,
-    versions TEXT NOT NULL, samples INTEGER NOT NULL, completed_at REAL NOT NULL,
-    PRIMARY KEY (epoch, shard));
-CREATE TABLE IF NOT EXISTS workers (
-    worker_id TEXT PRIMARY KEY, host TEXT NOT NULL, device TEXT NOT NULL,
-    registered_at REAL NOT NULL, last_heartbeat REAL NOT NULL, state TEXT NOT NULL,
-    clock INTEGER NOT NULL DEFAULT 0, samples_per_s REAL NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS evaluations (
-    epoch INTEGER PRIMARY KEY, worker TEXT, assigned_at REAL,
-    loss REAL, accuracy REAL, evaluated_at REAL);
-"""
+from scheduler.evaluations import Evaluations
+from scheduler.records import (
+    SCHEMA,
+    Completion,
+    InvalidRequest,
+    LeaseDecision,
+    OtherJob,
+    Progress,
+    StateError,
+    Task,
+    UnknownWorker,
+)
 
 
-class StateError(Exception):
-    """A request the scheduler's state refuses; ``code`` names the gRPC status."""
-
-    code = "FAILED_PRECONDITION"
-
-
-class UnknownWorker(StateError):
-    code = "NOT_FOUND"
-
-
-class OtherJob(StateError):
-    """The state file holds another job."""
-
-
-@dataclass(frozen=True)
-class Task:
-    epoch: int
-    shard: int
-    lease_id: str
-    deadline: float
-
-
-@dataclass(frozen=True)
-class LeaseDecision:
-    """The answer to a worker asking for work."""
-
-    task: Task | None
-    evaluate_epoch: int | None  # evaluate the weights for this finished epoch first
-    done: bool
-    reason: str  # why there is no task, for logs and progress output
-    awaiting_membership: bool = False  # a task waits until the servers count this worker
-
-
-@dataclass(frozen=True)
-class Completion:
-    epoch: int
-    shard: int
-    worker: str
-    lease_id: str
-    clock_start: int
-    clock_end: int
-    versions: list[list[int]]  # per push, each server's version after applying it
-    samples: int
-
-
-@dataclass
-class Progress:
-    epoch: int
-    epochs: int
-    shards_per_epoch: int
-    done: int
-    leased: int
-    pending: int
-    finished: bool
-    workers: list[dict] = field(default_factory=list)
-    evaluations: list[dict] = field(default_factory=list)
-    completions_per_epoch: list[int] = field(default_factory=list)
-
-
-class SchedulerState:
+class SchedulerState(Evaluations):
     """Durable job state; every method commits before it returns."""
 
     def __init__(self, path: str) -> None:
@@ -200,18 +135,34 @@ class SchedulerState:
                 "lease timeout, or left); register again as a new worker"
             )
 
-    def heartbeat(self, worker_id: str, clock: int, samples_per_s: float, now: float) -> None:
-        """Record that a worker lives; its leases' deadlines move to now + lease timeout."""
+    def heartbeat(
+        self,
+        worker_id: str,
+        clock: int,
+        samples_per_s: float,
+        now: float,
+        lease_ids: Collection[str] | None = None,
+    ) -> None:
+        """Record that a worker lives; the deadlines of the leases it reports working on
+        (``lease_ids``; None: all of its leases) move to now + lease timeout. A lease it
+        holds but no longer reports keeps its deadline, and is requeued when that passes."""
         self._check_alive(worker_id)
+        deadline = now + self.spec.lease_timeout_s
         with self._tx():
             self.db.execute(
                 "UPDATE workers SET last_heartbeat=?, clock=?, samples_per_s=? WHERE worker_id=?",
                 (now, clock, samples_per_s, worker_id),
             )
-            self.db.execute(
-                "UPDATE tasks SET deadline=? WHERE worker=? AND state='leased'",
-                (now + self.spec.lease_timeout_s, worker_id),
-            )
+            if lease_ids is None:
+                self.db.execute(
+                    "UPDATE tasks SET deadline=? WHERE worker=? AND state='leased'",
+                    (deadline, worker_id),
+                )
+            else:
+                self.db.executemany(
+                    "UPDATE tasks SET deadline=? WHERE worker=? AND state='leased' AND lease_id=?",
+                    [(deadline, worker_id, lease) for lease in set(lease_ids)],
+                )
 
     def leave(self, worker_id: str, now: float) -> None:
         """A worker exits: its leases go back to the queue."""
@@ -220,12 +171,14 @@ class SchedulerState:
             self.db.execute("UPDATE workers SET state='left' WHERE worker_id=?", (worker_id,))
             self._requeue_leases_of(worker_id)
 
-    def _requeue_leases_of(self, worker_id: str) -> int:
-        """Put a worker's leased shards back in the queue; returns how many."""
+    def _requeue_leases_of(self, worker_id: str, keep: Collection[str] = ()) -> int:
+        """Put a worker's leased shards back in the queue, but for the leases in ``keep``;
+        returns how many."""
+        kept = sorted(set(keep))
         return self.db.execute(
             "UPDATE tasks SET state='pending', lease_id=NULL, worker=NULL, deadline=NULL "
-            "WHERE worker=? AND state='leased'",
-            (worker_id,),
+            f"WHERE worker=? AND state='leased' AND lease_id NOT IN ({','.join('?' * len(kept))})",
+            (worker_id, *kept),
         ).rowcount
 
     def expire(self, now: float) -> list[str]:
@@ -294,18 +247,29 @@ class SchedulerState:
     # ---------------------------------------------------------------- tasks
 
     def lease(
-        self, worker_id: str, now: float, members: frozenset[str] | None = None
+        self,
+        worker_id: str,
+        now: float,
+        members: frozenset[str] | None = None,
+        held: Collection[str] | None = None,
     ) -> LeaseDecision:
         """Hand the worker its next task and/or an epoch to evaluate.
 
         ``members`` is the membership the servers have confirmed; a task is
         only handed to a worker the servers already count (None: skip the check).
+        ``held``: the leases the worker still works on; any other lease it holds
+        (one whose reply it never got, say) goes back to the queue first (None:
+        keep them all).
         """
         self._check_alive(worker_id)
+        released = 0
+        if held is not None:
+            with self._tx():
+                released = self._requeue_leases_of(worker_id, keep=held)
         spec = self.spec
         evaluate = self._assign_evaluation(worker_id, now)
         if self.finished():
-            return LeaseDecision(None, evaluate, True, "the job is finished")
+            return LeaseDecision(None, evaluate, True, "the job is finished", released=released)
         registered = self.registered_count()
         if registered < spec.expected_workers:
             return LeaseDecision(
@@ -313,6 +277,7 @@ class SchedulerState:
                 evaluate,
                 False,
                 f"waiting for workers: {registered} of {spec.expected_workers} registered",
+                released=released,
             )
         row = self.db.execute(
             "SELECT epoch, shard FROM tasks WHERE state='pending' ORDER BY epoch, position LIMIT 1"
@@ -324,12 +289,11 @@ class SchedulerState:
                 if self._count("leased")
                 else "waiting for the last evaluation"
             )
-            return LeaseDecision(None, evaluate, False, reason)
+            return LeaseDecision(None, evaluate, False, reason, released=released)
         self._set_state(worker_id, "active")
         if members is not None and worker_id not in members:
-            return LeaseDecision(
-                None, evaluate, False, "waiting for the servers to count this worker", True
-            )
+            reason = "waiting for the servers to count this worker"
+            return LeaseDecision(None, evaluate, False, reason, True, released)
         lease_id = uuid.uuid4().hex[:12]
         deadline = now + spec.lease_timeout_s
         with self._tx():
@@ -338,7 +302,8 @@ class SchedulerState:
                 "attempts=attempts+1 WHERE epoch=? AND shard=?",
                 (lease_id, worker_id, deadline, row[0], row[1]),
             )
-        return LeaseDecision(Task(row[0], row[1], lease_id, deadline), evaluate, False, "")
+        task = Task(row[0], row[1], lease_id, deadline)
+        return LeaseDecision(task, evaluate, False, "", released=released)
 
     def _set_state(self, worker_id: str, state: str) -> None:
         with self._tx():
@@ -354,15 +319,39 @@ class SchedulerState:
         ).fetchone()[0]
 
     def complete(self, c: Completion, now: float) -> bool:
-        """Record a finished shard; True if recorded now, False if it already was."""
-        self._worker_state(c.worker)  # a dead worker's finished shard still counts
-        task = self.db.execute(
-            "SELECT state FROM tasks WHERE epoch=? AND shard=?", (c.epoch, c.shard)
+        """Record a finished shard; True if recorded now, False for a repeat of the
+        completion recorded (the same holder, lease and figures). Anything else is refused
+        and changes nothing: only the current holder of a lease may complete it."""
+        self._worker_state(c.worker)
+        spec, shards = self.spec, self.shards
+        if not (0 <= c.epoch < spec.epochs and 0 <= c.shard < shards):
+            raise InvalidRequest(
+                f"no task for epoch {c.epoch} shard {c.shard}: the job has {spec.epochs} "
+                f"epoch(s) of {shards} shard(s), counted from 0"
+            )
+        state, worker, lease_id = self.db.execute(
+            "SELECT state, worker, lease_id FROM tasks WHERE epoch=? AND shard=?",
+            (c.epoch, c.shard),
         ).fetchone()
-        if task is None:
-            raise StateError(f"no task for epoch {c.epoch} shard {c.shard}")
-        if task[0] == "done":
+        what = f"epoch {c.epoch} shard {c.shard}"
+        if state == "done":
+            prior = next(p for p in self._completions(c.epoch, c.shard))
+            if (prior.worker, prior.lease_id) != (c.worker, c.lease_id):
+                raise StateError(
+                    f"{what} is already done, under another lease than {c.lease_id!r} of "
+                    f"worker {c.worker!r}"
+                )
+            if prior != c:
+                raise StateError(
+                    f"lease {c.lease_id!r} ({what}) was completed before with other figures"
+                )
             return False
+        if (state, worker, lease_id) != ("leased", c.worker, c.lease_id):
+            raise StateError(
+                f"worker {c.worker!r} holds no lease {c.lease_id!r} on {what} (it is "
+                f"{'leased to another' if state == 'leased' else state}: never leased to it, "
+                "or requeued when its worker died, left or stopped reporting it)"
+            )
         with self._tx():
             self.db.execute(
                 "INSERT INTO completions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -384,69 +373,20 @@ class SchedulerState:
             )
         return True
 
-    # ---------------------------------------------------------- evaluations
-
-    def _assign_evaluation(self, worker_id: str, now: float) -> int | None:
-        """The earliest finished epoch not evaluated, unless a live worker already has it."""
-        shards = self.shards
-        for epoch in range(self.spec.epochs):
-            if self._count("done", epoch) < shards:
-                return None
-            row = self.db.execute(
-                "SELECT worker, accuracy FROM evaluations WHERE epoch=?", (epoch,)
-            ).fetchone()
-            if row is not None and row[1] is not None:
-                continue
-            holder = row[0] if row else None
-            if (
-                holder is not None
-                and holder != worker_id
-                and self._worker_state(holder) in ("active", "idle")
-            ):
-                continue
-            with self._tx():
-                self.db.execute(
-                    "INSERT INTO evaluations (epoch, worker, assigned_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT(epoch) DO UPDATE SET worker=excluded.worker, "
-                    "assigned_at=excluded.assigned_at",
-                    (epoch, worker_id, now),
-                )
-            return epoch
-        return None
-
-    def record_evaluation(
-        self, epoch: int, loss: float, accuracy: float, worker_id: str, now: float
-    ) -> None:
-        if not 0 <= epoch < self.spec.epochs:
-            raise StateError(f"no epoch {epoch} in this job")
-        if not 0.0 <= accuracy <= 1.0:
-            raise StateError(f"accuracy {accuracy} is not within [0, 1]")
-        with self._tx():
-            self.db.execute(
-                "INSERT INTO evaluations (epoch, worker, loss, accuracy, evaluated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(epoch) DO UPDATE SET worker=excluded.worker, "
-                "loss=excluded.loss, accuracy=excluded.accuracy, "
-                "evaluated_at=excluded.evaluated_at",
-                (epoch, worker_id, loss, accuracy, now),
-            )
-
-    def finished(self) -> bool:
-        """Every shard of every epoch done, and every epoch evaluated."""
-        if self._count("done") < self.shards * self.spec.epochs:
-            return False
-        evaluated = self.db.execute(
-            "SELECT COUNT(*) FROM evaluations WHERE accuracy IS NOT NULL"
-        ).fetchone()[0]
-        return evaluated >= self.spec.epochs
-
     # ---------------------------------------------------------------- views
 
     def completions(self) -> list[Completion]:
+        return self._completions()
+
+    def _completions(self, epoch: int | None = None, shard: int | None = None) -> list[Completion]:
+        """Every completion, or the one of (epoch, shard)."""
+        where = "" if epoch is None else "WHERE epoch=? AND shard=? "
         return [
             Completion(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7])
             for r in self.db.execute(
                 "SELECT epoch, shard, worker, lease_id, clock_start, clock_end, versions, "
-                "samples FROM completions ORDER BY epoch, completed_at"
+                f"samples FROM completions {where}ORDER BY epoch, completed_at",
+                () if epoch is None else (epoch, shard),
             )
         ]
 

@@ -74,7 +74,8 @@ def test_dead_worker_releases_its_lease_to_another():
     retry = state.lease(b, 13.0).task
     assert (retry.epoch, retry.shard) == (task.epoch, task.shard)
     assert finish(state, b, retry, 14.0)
-    assert not finish(state, a, task, 15.0)  # the dead worker's late report: already done
+    with pytest.raises(StateError, match="already done, under another lease"):
+        finish(state, a, task, 15.0)  # the dead worker's late report: its lease was requeued
 
 
 def test_idle_workers_leave_the_membership_and_come_back():

@@ -38,6 +38,12 @@ class NotFound(StoreError):
     code = "NOT_FOUND"
 
 
+class ResourceExhausted(StoreError):
+    """A request that would make the job hold more than the server allows (e.g. workers)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class WorkerIdInUse(FailedPrecondition):
     """A push or pull (or leave) from another client than the live one holding the worker id;
     the service adds the typed reason WORKER_ID_IN_USE (protos.status)."""

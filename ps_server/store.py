@@ -45,7 +45,7 @@ import torch
 
 from protos.codec import Piece, RawChunk, to_raw, wire_dtype
 from protos.job import Job, Mode
-from ps_server.clocks import check_claim, joining_clock
+from ps_server.clocks import joining_clock
 from ps_server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -65,6 +65,10 @@ from ps_server.records import (
     WorkerState,
 )
 from ps_server.sessions import LIVENESS_S, EndedSessions, Sessions
+from ps_server.workers import Workers
+
+NAMED = 8  # workers a waiting pull's reason names
+WAITING_LISTED = 1000  # waiting pulls Status lists
 
 
 class ParameterStore:
@@ -91,7 +95,7 @@ class ParameterStore:
         self._params: FlatParams | None = None
         self._steps = 0
         self._version = 0
-        self._workers: dict[str, WorkerState] = {}
+        self._workers = Workers()
         self._contributors: list[str] = []
         self._contributed_by: dict[str, str] = {}  # sync: worker -> session of its gradient
         self._tally = Tally()
@@ -130,11 +134,12 @@ class ParameterStore:
                 f"job {self._job.job_id!r} is already initialised here and differs in: "
                 f"{', '.join(diff)}"
             )
+        workers = Workers.initial(job.workers)
         params = FlatParams(job)
         params.load(chunks)
         self._job, self._params = job, params
         self._steps = self._version = 0
-        self._workers = {w: WorkerState(w, 0) for w in job.workers}
+        self._workers = workers
         return True
 
     # ----------------------------------------------------------------- push
@@ -158,7 +163,9 @@ class ParameterStore:
         if record is not None and clock <= record.clock:
             self._tally.duplicates += 1
             return PushResult(False, True, False, self._version, 0, 0.0)
-        check_claim(worker_id, clock, (w.clock for w in self._workers.values()))
+        self._workers.check_claim(worker_id, clock)
+        if worker_id not in self._workers:
+            self._workers.check_room(1)
         if pulled_version > self._version and self._restored:
             # Weights this server lost when it came back from an older checkpoint: drop the
             # gradient; the reply's version sends the worker back to the current weights. Its
@@ -225,7 +232,7 @@ class ParameterStore:
         """Record a push at ``clock`` by this client; a joining one lands at the join clock
         or its claim (:mod:`ps_server.clocks`; the client adopts it from Status)."""
         if record is None:
-            record = self._join(worker_id)
+            record = self._workers.join(worker_id)
             clock = joining_clock(clock, record.clock)
         self._workers[worker_id] = replace(record, clock=clock)
         self._sessions.seen(worker_id, session)
@@ -259,22 +266,23 @@ class ParameterStore:
                 False,
                 f"sync step {self._version}: have {self._active_contributors()} of {required} "
                 f"required gradients; waiting for {_names(missing)}",
-                missing,
+                missing[:NAMED],
             )
         if job.settings.mode is Mode.SSP:
-            c = max(clock, record.clock if record else self._start_clock())
+            c = max(clock, record.clock if record else self._workers.start_clock())
             bound = c - job.settings.staleness
             behind = tuple(
                 w.worker_id for w in self._workers.values() if w.active and w.clock < bound
             )
             if not behind:
                 return PullDecision(True)
-            clocks = ", ".join(f"{w} at clock {self._workers[w].clock}" for w in behind)
+            clocks = _names([f"{w} at clock {self._workers[w].clock}" for w in behind[:NAMED]])
+            clocks += f" and {len(behind) - NAMED} more" if len(behind) > NAMED else ""
             return PullDecision(
                 False,
                 f"ssp clock {c} (staleness {job.settings.staleness}): waiting for {clocks} "
                 f"to reach clock {bound}",
-                behind,
+                behind[:NAMED],
             )
         return PullDecision(True)
 
@@ -293,8 +301,8 @@ class ParameterStore:
             record = self._workers.get(worker_id)
         else:
             record = self._contact(worker_id, session)
-            check_claim(worker_id, clock, (w.clock for w in self._workers.values()))
-            record = record or self._join(worker_id)
+            self._workers.check_claim(worker_id, clock)
+            record = record or self._workers.join(worker_id)
             if clock > record.clock:  # pushes this server lost (ps_server.clocks)
                 record = self._workers[worker_id] = replace(record, clock=clock)
             self._sessions.seen(worker_id, session)
@@ -319,10 +327,14 @@ class ParameterStore:
         del self._waiters[token]
 
     def waiting(self) -> list[tuple[Waiter, PullDecision]]:
-        """Every registered waiting pull with its current reason."""
+        """The registered waiting pulls with their current reasons: one per worker (the
+        oldest), at most :data:`WAITING_LISTED`, so a Status reply stays small."""
         job = self._held_job()
         out = []
+        oldest = {}
         for w in self._waiters.values():
+            oldest.setdefault(w.worker_id, w)
+        for w in itertools.islice(oldest.values(), WAITING_LISTED):
             try:
                 decision = self.pull_decision(
                     job.job_id, w.worker_id, w.clock, w.min_version, w.session
@@ -336,7 +348,7 @@ class ParameterStore:
     # ----------------------------------------------------------- membership
 
     def active_workers(self) -> list[str]:
-        return [w.worker_id for w in self._workers.values() if w.active]
+        return self._workers.active()
 
     def _active_contributors(self) -> int:
         """Sync: the active workers whose gradient is in this step's sum."""
@@ -347,15 +359,6 @@ class ParameterStore:
         """Sync: gradients needed to finish a step."""
         backup = self._held_job().settings.backup_workers
         return max(1, len(self.active_workers()) - backup)
-
-    def _start_clock(self) -> int:
-        """A joining worker starts at the slowest active worker's clock, so it holds no one."""
-        clocks = [w.clock for w in self._workers.values() if w.active]
-        return min(clocks) if clocks else 0
-
-    def _join(self, worker_id: str) -> WorkerState:
-        record = self._workers[worker_id] = WorkerState(worker_id, self._start_clock())
-        return record
 
     def check_contact(self, job_id: str, worker_id: str, session: str) -> None:
         """Raise what a push or pull by this client would be refused with, changing nothing."""
@@ -416,12 +419,7 @@ class ParameterStore:
         wanted = list(dict.fromkeys(active))
         if any(not w for w in wanted):
             raise InvalidArgument("worker ids must be non-empty")
-        start = self._start_clock()
-        for w, record in self._workers.items():
-            self._workers[w] = replace(record, active=w in wanted, left=False)
-        for w in wanted:
-            if w not in self._workers:
-                self._workers[w] = WorkerState(w, start)
+        self._workers.set_active(wanted)
         if job.settings.mode is Mode.SYNC:
             self._maybe_finish_step()
         return self.active_workers()
@@ -495,7 +493,7 @@ class ParameterStore:
         params.restore(state.groups, accumulating=bool(view.contributors))
         self._job, self._params = view.job, params
         self._steps, self._version = view.steps, view.version
-        self._workers = {w.worker_id: w for w in view.workers}
+        self._workers = Workers((w.worker_id, w) for w in view.workers)
         self._contributors = list(view.contributors)
         self._contributed_by = {}  # sessions are not checkpointed
         self._tally = Tally.of(view.counters)
@@ -512,4 +510,8 @@ class ParameterStore:
 
 
 def _names(workers: Sequence[str]) -> str:
-    return ", ".join(workers) if workers else "no active worker (set the membership)"
+    """At most :data:`NAMED` of them, and how many more (a reply stays small)."""
+    if not workers:
+        return "no active worker (set the membership)"
+    more = f" and {len(workers) - NAMED} more" if len(workers) > NAMED else ""
+    return ", ".join(workers[:NAMED]) + more

@@ -1,0 +1,262 @@
+"""A local cluster as a Python object: real processes on loopback, supervised.
+
+:class:`LocalCluster` starts the servers, the scheduler and the workers of a
+job (``ps-cluster up`` and the benchmarks use it), restarts a server that dies
+(on its checkpoint) or the scheduler (on its state file), and stops every
+process on ``close()``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from protos import scheduler_pb2, scheduler_pb2_grpc
+from protos.jobspec import JobSpec, job_variables
+from protos.security import TOKEN_ENV, ClientSecurity
+from ps_worker import Client, ClientConfig
+from ps_worker.daemon import DEVICES
+from scheduler.finish import end_job
+from scheduler.launch import BIN, Daemon
+from scheduler.lifecycle import (
+    ADDRESSES,
+    CHECKPOINTS,
+    JOB_FILE,
+    STATE_FILE,
+    Claim,
+    clear_previous_run,
+    first_unused,
+)
+
+__all__ = ["POLL_S", "SHARED_CORES_ENV", "LocalCluster"]
+
+POLL_S = 0.25
+# One OpenMP thread per process: a local cluster's processes share the machine's cores, and
+# several processes' busy-waiting OpenMP threads on the same cores made training 5x slower.
+SHARED_CORES_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@dataclass
+class LocalCluster:
+    """Real processes on loopback; ``close()`` (or the with-block) stops them all."""
+
+    spec: JobSpec
+    work_dir: Path
+    workers: int
+    slowdown: dict[int, float] = field(default_factory=dict)  # worker index -> factor
+    num_servers: int = 2
+    device: str = DEVICES[0]  # the workers' --device
+    server_daemons: list[Daemon] = field(default_factory=list)
+    scheduler: Daemon | None = None
+    worker_daemons: list[Daemon] = field(default_factory=list)
+    token: str | None = None  # the job's shared token, given to every process
+    restart_on_failure: bool = True  # restart a crashed server (on its checkpoint) or scheduler
+    checkpoint_every: str = "5s"
+    metrics: bool = False  # every daemon serves /metrics on a free port
+    log_format: str = "text"  # or json
+    restarts: list[str] = field(default_factory=list)  # what was restarted, and why
+    cleared: list[str] = field(default_factory=list)  # what an earlier run had left here
+    started: list[Daemon] = field(default_factory=list)  # every process started, restarts too
+    work_claim: Claim | None = None  # ps-cluster up's, taken before its checks; else start's
+    _claimed_here: bool = False
+    _scheduler_port: str = "0"
+
+    def start(self) -> LocalCluster:
+        """Start servers, the scheduler and the workers; on failure, stop what started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> LocalCluster:
+        if self.work_claim is None:
+            self.work_claim, self._claimed_here = Claim(self.work_dir), True
+        self.cleared = clear_previous_run(self.work_dir)  # a new cluster is a new job
+        for i in range(self.num_servers):
+            self.server_daemons.append(self._server(i, "0"))
+        servers = tuple(d.address for d in self.server_daemons)
+        self.spec = JobSpec.from_dict({**json.loads(self.spec.to_json()), "servers": servers})
+        self.start_scheduler()
+        (self.work_dir / ADDRESSES).write_text(
+            json.dumps({"scheduler": self.scheduler.address, "servers": list(servers)})
+        )
+        for _ in range(self.workers):
+            self.add_worker()
+        return self
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What every process of the cluster gets in its environment."""
+        return {**SHARED_CORES_ENV, **({TOKEN_ENV: self.token} if self.token else {})}
+
+    @property
+    def observability_args(self) -> list[str]:
+        """The flags every daemon gets for its logs and metrics."""
+        return ["--log-format", self.log_format] + (["--metrics-port", "0"] if self.metrics else [])
+
+    @property
+    def security(self) -> ClientSecurity:
+        return ClientSecurity(token=self.token)
+
+    def _server(self, i: int, port: str) -> Daemon:
+        """Server i on port (0: any), checkpointing into its own directory."""
+        argv = [
+            str(BIN / "ps-server"),
+            "--port",
+            port,
+            "--checkpoint-dir",
+            str(self.work_dir / CHECKPOINTS / f"server{i}"),
+            "--checkpoint-every",
+            self.checkpoint_every,
+            *self.observability_args,
+        ]
+        log = first_unused(self.work_dir, lambda n: f"server{i}{f'-{n}' if n else ''}.log")
+        return self._daemon(argv, log, self.env)
+
+    def _daemon(self, argv: list[str], log: Path, env: dict[str, str]) -> Daemon:
+        daemon = Daemon(argv, log, env=env)
+        self.started.append(daemon)
+        return daemon
+
+    def _supervise(self) -> None:
+        """Restart a server or the scheduler that exited, or raise if that is off."""
+        for i, d in enumerate(self.server_daemons):
+            if d.proc.poll() is None:
+                continue
+            what = f"parameter server {i} exited with code {d.proc.returncode}"
+            if not self.restart_on_failure:
+                raise RuntimeError(f"{what}: {d.last_log_line()} (see {d.log.name})")
+            d.stop()
+            port = d.address.rsplit(":", 1)[1]
+            self.server_daemons[i] = self._server(i, port)
+            assert self.server_daemons[i].address == d.address
+            self._restarted(f"{what}; restarted on its checkpoint")
+        if self.scheduler is not None and self.scheduler.proc.poll() is not None:
+            what = f"the scheduler exited with code {self.scheduler.proc.returncode}"
+            if not self.restart_on_failure:
+                raise RuntimeError(
+                    f"{what}: {self.scheduler.last_log_line()} (see {self.scheduler.log.name})"
+                )
+            self.scheduler.stop()
+            self.start_scheduler()
+            self._restarted(f"{what}; restarted on its state file")
+
+    def _restarted(self, message: str) -> None:
+        self.restarts.append(message)
+        print(f"ps-cluster: {message}", file=sys.stderr, flush=True)
+
+    def start_scheduler(self) -> Daemon:
+        """(Re)start the scheduler on its state file (and, after the first start, its port)."""
+        config = self.work_dir / JOB_FILE
+        config.write_text(self.spec.to_json())  # JSON is YAML
+        argv = [
+            str(BIN / "ps-scheduler"),
+            "--port",
+            self._scheduler_port,
+            "--config",
+            str(config),
+            "--state",
+            str(self.work_dir / STATE_FILE),
+            "--no-end-job",  # the launcher ends the job itself, once it has what it reports
+            *self.observability_args,
+        ]
+        # The job file is the whole job: PS_* variables in this environment must not override it
+        # (ps-scheduler reads them as flags); empty is unset.
+        env = {**self.env, **dict.fromkeys(job_variables(), "")}
+        log = first_unused(self.work_dir, lambda n: f"scheduler{n}.log")
+        self.scheduler = self._daemon(argv, log, env)
+        self._scheduler_port = self.scheduler.address.rsplit(":", 1)[1]
+        return self.scheduler
+
+    def add_worker(self) -> Daemon:
+        i = len(self.worker_daemons)
+        assert self.scheduler is not None
+        argv = [
+            str(BIN / "ps-worker"),
+            "--scheduler",
+            self.scheduler.address,
+            "--device",
+            self.device,
+            "--no-progress",
+            *self.observability_args,
+        ]
+        if self.slowdown.get(i):
+            argv += ["--slowdown", str(self.slowdown[i])]
+        daemon = self._daemon(argv, self.work_dir / f"worker{i}.log", self.env)
+        self.worker_daemons.append(daemon)
+        return daemon
+
+    def progress(self) -> dict | None:
+        """The scheduler's progress, or None while it cannot be reached."""
+        assert self.scheduler is not None
+        try:
+            with self.security.channel(self.scheduler.address, []) as channel:
+                reply = scheduler_pb2_grpc.SchedulerStub(channel).Progress(
+                    scheduler_pb2.ProgressRequest(), timeout=5
+                )
+            return json.loads(reply.progress_json)
+        except grpc.RpcError:
+            return None
+
+    def server_status(self) -> list:
+        with Client(
+            list(self.spec.servers),
+            job_id=self.spec.job_id,
+            config=ClientConfig(timeout_s=10, security=self.security),
+        ) as client:
+            return client.status()
+
+    def wait(self, timeout_s: float, on_progress=None) -> dict:
+        """Poll until the job finishes; raises RuntimeError if it cannot."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            p = self.progress()
+            if p is not None and on_progress:
+                on_progress(p)
+            if p is not None and p["finished"]:
+                return p
+            running = [w for w in self.worker_daemons if w.proc.poll() is None]
+            if not running and p is not None:
+                codes = [w.proc.returncode for w in self.worker_daemons]
+                failed = next((w for w in self.worker_daemons if w.proc.returncode), None)
+                said = f"; {Path(failed.log.name).name}: {failed.last_log_line()}" if failed else ""
+                raise RuntimeError(
+                    f"every worker exited (codes {codes}) before the job finished{said}"
+                )
+            self._supervise()
+            time.sleep(POLL_S)  # polling the job's progress, not synchronising
+        raise RuntimeError(f"the job did not finish within {timeout_s:.0f}s")
+
+    def end_job(self) -> None:
+        """After the job finished: its workers gone, the job dropped from the servers."""
+        deadline = time.monotonic() + self.spec.lease_timeout_s
+        for d in self.worker_daemons:  # a worker leaves once told the job is finished
+            try:
+                d.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                d.stop()
+        end_job(self.spec, self.security)
+
+    def close(self) -> None:
+        for d in [
+            *self.worker_daemons,
+            *([self.scheduler] if self.scheduler else []),
+            *self.server_daemons,
+            *self.started,  # any other (stopping one that ended is a no-op)
+        ]:
+            d.stop()
+        if self._claimed_here and self.work_claim is not None:
+            self.work_claim.release()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

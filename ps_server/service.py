@@ -37,7 +37,7 @@ from protos.rpc import (
     start_with_health,
 )
 from protos.security import ServerSecurity
-from protos.shm import Segment, SegmentCache, SegmentError, Slot, segment_slots
+from protos.shm import SegmentCache, SegmentError, SegmentFile, Slot, segment_slots
 from protos.status import (
     SHM_SEGMENT_UNAVAILABLE,
     SHM_UNSUPPORTED,
@@ -185,7 +185,10 @@ class ParameterService:
         if has_push:
             if has_pull:
                 await self._check_pull(request.pull, context)
-            push = await self._push(request.push, _chunks_in(segment, slots, job), context)
+            # a copy in the server's buffer, which the next push reuses: nothing suspends
+            # between this read and the push's apply
+            data = await self._on_segment(context, lambda: self._read(segment, size))
+            push = await self._push(request.push, _chunks_in(data, slots, job), context)
         if not has_pull:
             return ps_pb2.PullHeader(
                 version=self.store.version, mode=job.settings.mode.to_proto(), push=push
@@ -194,7 +197,7 @@ class ParameterService:
         # The same segment, unless it was dropped while the pull waited: the client then makes
         # a new one, and its push is a duplicate.
         segment = await self._segment(request.segment, size, context)
-        _write_into(segment, offsets, pieces)
+        await self._on_segment(context, lambda: _write_into(segment, size, offsets, pieces))
         return header
 
     async def SetMembership(
@@ -392,16 +395,27 @@ class ParameterService:
 
     # ------------------------------------------------------------ shared memory
 
-    async def _segment(self, name: str, size: int, context) -> Segment:
+    async def _segment(self, name: str, size: int, context) -> SegmentFile:
         """The client's segment; a refusal carries SHM_SEGMENT_UNAVAILABLE."""
         assert self.segments is not None
+        segments = self.segments
+        return await self._on_segment(context, lambda: segments.get(name, size))
+
+    def _read(self, segment: SegmentFile, size: int) -> memoryview:
+        """A push's bytes, copied out of the client's segment (SegmentError if it shrank)."""
+        assert self.segments is not None
+        return self.segments.read(segment, size)
+
+    async def _on_segment(self, context, fn: Callable[[], T]) -> T:
+        """fn's result; its SegmentError refuses the call with SHM_SEGMENT_UNAVAILABLE."""
         try:
-            return self.segments.get(name, size)
+            return fn()
         except SegmentError as e:
             # "shm step: cannot open segment" stays in the message for clients that read it
             await abort_with_reason(
                 context, grpc.StatusCode.INVALID_ARGUMENT, f"shm step: {e}", SHM_SEGMENT_UNAVAILABLE
             )
+            raise AssertionError("unreachable") from None  # abort always raises
 
     def _segment_slots(self, job: Job) -> tuple[list[Slot], int, dict[PartKey, int]]:
         """Where this server's parts live in a client's segment (computed once per job)."""
@@ -412,26 +426,29 @@ class ParameterService:
         return self._segment_layout[1:]
 
 
-def _chunks_in(segment: Segment, slots: list[Slot], job: Job) -> list[RawChunk]:
-    """A push's chunks as views of the client's segment: every held part, in place."""
+def _chunks_in(data: memoryview, slots: list[Slot], job: Job) -> list[RawChunk]:
+    """A push's chunks as views of a copy of the client's segment: every held part."""
     return [
         RawChunk(
             slot.part.tensor,
             slot.part.index,
             0,
             job.layout.dtypes[slot.part.tensor].proto,
-            segment.buffer[slot.offset : slot.offset + slot.part.nbytes],
+            data[slot.offset : slot.offset + slot.part.nbytes],
         )
         for slot in slots
     ]
 
 
-def _write_into(segment: Segment, offsets: dict[PartKey, int], pieces: list[Piece]) -> None:
-    """Copy a pull's pieces to their places in the client's segment."""
+def _write_into(
+    segment: SegmentFile, size: int, offsets: dict[PartKey, int], pieces: list[Piece]
+) -> None:
+    """Copy a pull's pieces to their places in the client's segment (of size bytes)."""
+    segment.check_size(size)
     for piece in pieces:
         raw = piece.values
         start = offsets[piece.tensor, piece.part] + piece.offset * raw.itemsize
-        np.frombuffer(segment.buffer, raw.dtype, raw.size, start)[:] = raw
+        segment.write(start, memoryview(np.ascontiguousarray(raw).view(np.uint8)))
 
 
 def _job_of(config: ps_pb2.JobConfig, limits: Limits) -> Job:

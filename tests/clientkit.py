@@ -122,11 +122,13 @@ class FakeServer:
         slots, size = segment_slots(self.layout, self.server)
         if self.segments is None:
             self.segments = SegmentCache(self.shm_dir)
-        segment = self.segments.get(request.segment, size)  # mapped once, as a server does
+        segment = self.segments.get(request.segment, size)  # opened once, as a server does
         self.opened.add(request.segment)
+        data = bytearray(size)  # copied through the file, as a server does
+        segment.read_into(memoryview(data))
         views = {
             (s.part.tensor, s.part.index): torch.frombuffer(
-                segment.buffer,
+                data,
                 dtype=self.layout.dtypes[s.part.tensor].torch,
                 count=s.part.count,
                 offset=s.offset,
@@ -141,6 +143,7 @@ class FakeServer:
         if request.HasField("pull"):
             for key, view in views.items():
                 view.copy_(self.weights[key])
+            segment.write(0, memoryview(data))
         return self._header(request.pull, pushed)
 
     def _apply(self, chunks) -> None:

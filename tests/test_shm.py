@@ -10,7 +10,7 @@ import torch
 
 from protos import ps_pb2, rpc
 from protos.layout import TensorSpec, plan_layout
-from protos.shm import ALIGN, Segment, SegmentCache, SegmentError, segment_slots
+from protos.shm import ALIGN, Segment, SegmentCache, SegmentError, SegmentFile, segment_slots
 from ps_worker import Client, ClientConfig
 from ps_worker.payload import SharedBuffers
 from ps_worker.transport import SharedMemory
@@ -36,12 +36,16 @@ def test_slots_are_aligned_and_cover_each_part_once():
 def test_open_accepts_only_our_regular_files_of_the_size_needed(tmp_path):
     made = Segment.create(str(tmp_path), 256)
     try:
-        opened = Segment.open(str(tmp_path), made.name, 256)
+        opened = SegmentFile.open(str(tmp_path), made.name, 256)
         made.buffer[:4] = b"abcd"
-        assert bytes(opened.buffer[:4]) == b"abcd"  # one memory, two mappings
+        seen = bytearray(256)
+        opened.read_into(memoryview(seen))  # the server copies through the file
+        assert seen[:4] == b"abcd"
+        opened.write(4, memoryview(b"efgh"))
+        assert bytes(made.buffer[:8]) == b"abcdefgh"
         opened.close()
         with pytest.raises(SegmentError, match="at least 512"):
-            Segment.open(str(tmp_path), made.name, 512)
+            SegmentFile.open(str(tmp_path), made.name, 512)
         (tmp_path / "other").write_bytes(b"x" * 512)
         os.symlink(tmp_path / "other", tmp_path / "gradstore-link")
         (tmp_path / "gradstore-dir").mkdir()
@@ -54,7 +58,7 @@ def test_open_accepts_only_our_regular_files_of_the_size_needed(tmp_path):
             ("gradstore-missing", "cannot open"),
         ]:
             with pytest.raises(SegmentError, match=error):
-                Segment.open(str(tmp_path), name, 1)
+                SegmentFile.open(str(tmp_path), name, 1)
     finally:
         made.unlink()
         made.close()

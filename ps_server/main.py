@@ -11,12 +11,12 @@ import signal
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from protos import listen, observability, parent, security
 from protos.job import Limits
-from protos.shm import default_dir
+from protos.orphans import SOCKET_PREFIX, SOCKET_SUFFIX, owned_name, remove_orphans
+from protos.shm import SEGMENT_PREFIX, default_dir
 from ps_server.checkpoint import Checkpointer, CheckpointError, Every
 from ps_server.metrics import ServerMetrics
 from ps_server.service import ServiceConfig, start_server
@@ -130,11 +130,13 @@ async def serve(args: argparse.Namespace) -> int:
                 args.checkpoint_dir,
             )
     socket_path = unix_socket_path(args.unix_socket)
+    segments_dir = shm_dir(args.shm_dir)
+    sweep(socket_path, segments_dir)
     config = ServiceConfig(
         chunk_bytes=args.chunk_bytes,
         max_wait_s=args.max_wait_s,
         unix_socket=f"unix:{socket_path}" if socket_path else "",
-        shm_dir=shm_dir(args.shm_dir),
+        shm_dir=segments_dir,
         limits=Limits(max_model_bytes=args.max_model_bytes),
     )
     metrics = None
@@ -205,8 +207,19 @@ def unix_socket_path(choice: str) -> Path | None:
     if choice == "none":
         return None
     if choice == "auto":
-        return Path(tempfile.gettempdir()) / f"ps-server-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
+        return Path(tempfile.gettempdir()) / owned_name(SOCKET_PREFIX, SOCKET_SUFFIX, 8)
     return Path(choice)
+
+
+def sweep(socket_path: Path | None, segments_dir: str) -> None:
+    """Remove what killed servers and clients left: sockets beside ours (and in the temp
+    directory), segments in the shared-memory directory we offer."""
+    dirs = {tempfile.gettempdir(), *([str(socket_path.parent)] if socket_path else [])}
+    removed = [p for d in dirs for p in remove_orphans(d, SOCKET_PREFIX, SOCKET_SUFFIX)]
+    if segments_dir:
+        removed += remove_orphans(segments_dir, SEGMENT_PREFIX)
+    if removed:
+        log.info("removed %d file(s) dead processes left: %s", len(removed), ", ".join(removed))
 
 
 def shm_dir(choice: str) -> str:

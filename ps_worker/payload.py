@@ -18,7 +18,8 @@ import torch
 from protos.codec import Piece, RawChunk, check_chunk, decode_frame, to_torch, wire_dtype
 from protos.job import Job
 from protos.layout import Part
-from protos.shm import Segment, segment_slots
+from protos.orphans import remove_orphans
+from protos.shm import SEGMENT_PREFIX, Segment, segment_slots
 from ps_worker.compress import GradientEncoder, PiecesFor
 from ps_worker.errors import PSError
 
@@ -124,6 +125,7 @@ class SharedBuffers:
     @classmethod
     def create(cls, directory: str, plan: Plan, server: int) -> SharedBuffers:
         slots, size = segment_slots(plan.layout, server)
+        remove_orphans(directory, SEGMENT_PREFIX)  # what killed clients left there
         segment = Segment.create(directory, size)
         views = {}
         for slot in slots:

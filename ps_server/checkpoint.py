@@ -110,10 +110,17 @@ def write(snap: Snapshot, directory: Path) -> Path:
     _fsync(staged)
     os.replace(staged, directory / MANIFEST)
     _fsync(directory)
-    for old in directory.glob("state-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
+    _remove_tensor_files(directory, keep=name)
     return directory / MANIFEST
+
+
+def _remove_tensor_files(directory: Path, keep: str = "") -> None:
+    """Delete the directory's tensor files but ``keep``: older checkpoints', and the partial
+    files of writes a crash cut short (each write's name is new: they would pile up)."""
+    for pattern in ("state-*.safetensors", ".state-*.safetensors.partial"):
+        for old in directory.glob(pattern):
+            if old.name != keep:
+                old.unlink(missing_ok=True)
 
 
 def read(directory: Path) -> Snapshot | None:
@@ -292,5 +299,4 @@ class Checkpointer:
             self.generation += 1
             self.written_version = None
             self.written_at = time.monotonic()
-            for old in self.directory.glob("state-*.safetensors"):
-                old.unlink(missing_ok=True)
+            _remove_tensor_files(self.directory)

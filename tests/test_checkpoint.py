@@ -172,3 +172,18 @@ def test_a_discarded_checkpoint_is_gone_and_a_snapshot_taken_before_is_not_writt
     push(store, job, "w", 1, 1.0)
     assert checkpointer.due() and checkpointer.save(checkpointer.snapshot()) is not None
     assert checkpoint.read(tmp_path).version == 1
+
+
+def test_partial_files_of_writes_a_crash_cut_short_do_not_pile_up(tmp_path):
+    store, _ = new_store("async")
+    cut_short = [tmp_path / f".state-{i:012d}-deadbeef.safetensors.partial" for i in range(3)]
+    for path in cut_short:  # what a server SIGKILLed in the middle of a write leaves
+        path.write_bytes(b"x" * 100)
+    (tmp_path / "notes.txt").write_text("a person's file")
+    checkpoint.write(checkpoint.snapshot(store), tmp_path)
+    assert not any(p.exists() for p in cut_short)
+    assert (tmp_path / "notes.txt").exists() and checkpoint.read(tmp_path) is not None
+    cut_short[0].write_bytes(b"x")
+    checkpointer = checkpoint.Checkpointer(store, tmp_path, checkpoint.Every(versions=1))
+    checkpointer.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

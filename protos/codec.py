@@ -54,6 +54,10 @@ class CodecError(ValueError):
     """A chunk or tensor that cannot be encoded or decoded."""
 
 
+class TooManyChunks(CodecError):
+    """A message with more chunks than its reader allows."""
+
+
 def wire_dtype(dtype: str | int | torch.dtype | np.dtype) -> WireDType:
     """Look up a supported dtype by name, proto enum, torch or numpy dtype."""
     found: WireDType | None
@@ -191,7 +195,19 @@ def check_sparse_chunk(
         raise CodecError(f"{where}: {indices.size} indices for {values.size} values")
     if indices.size and int(indices.max()) >= part_numel:
         raise CodecError(f"{where}: index {int(indices.max())} is past its {part_numel} values")
+    repeated = first_repeat(indices)
+    if repeated is not None:
+        raise CodecError(f"{where}: index {repeated} is sent twice")
     return indices, values
+
+
+def first_repeat(indices: np.ndarray) -> int | None:
+    """An index that occurs more than once in ``indices`` (None if all differ)."""
+    if indices.size < 2:
+        return None
+    ordered = np.sort(indices)
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    return int(ordered[same[0]]) if same.size else None
 
 
 def _check_values(chunk: RawChunk, wire: WireDType, part_numel: int) -> np.ndarray:
@@ -377,9 +393,30 @@ def _read_chunk(buf: memoryview) -> RawChunk:
     return RawChunk(tensor, part, offset, dtype, data, indices)
 
 
-def decode_frame(message: bytes) -> Frame:
-    """Read a serialized stream message without copying tensor data; CodecError if malformed."""
+def decode_frame(message: bytes, max_chunks: int | None = None) -> Frame:
+    """Read a serialized stream message without copying tensor data; CodecError if malformed
+    or if it has more than ``max_chunks`` chunks (counted as they are read: a message of
+    millions of empty chunks is refused at the first one over)."""
+    return decode_chunks(memoryview(message), max_chunks)
+
+
+def split_header(message: bytes) -> tuple[memoryview | None, memoryview]:
+    """(the header, the rest) of a message whose first field is its header, else (None, all):
+    the header read before any chunk, so that its claims can bound the chunks."""
     buf = memoryview(message)
+    if not buf:
+        return None, buf
+    key, pos = _read_varint(buf, 0)
+    if key != 1 << 3 | _WIRE_LEN:
+        return None, buf
+    size, pos = _read_varint(buf, pos)
+    if pos + size > len(buf):
+        raise CodecError("malformed message: a field runs past the end")
+    return buf[pos : pos + size], buf[pos + size :]
+
+
+def decode_chunks(buf: memoryview, max_chunks: int | None = None) -> Frame:
+    """The header (if any) and chunks of a message's fields; see :func:`decode_frame`."""
     header: memoryview | None = None
     chunks: list[RawChunk] = []
     for number, value in _fields(buf):
@@ -390,5 +427,7 @@ def decode_frame(message: bytes) -> Frame:
         if number == 1:
             header = value
         elif number == 2:
+            if max_chunks is not None and len(chunks) >= max_chunks:
+                raise TooManyChunks(f"more than {max_chunks} chunks")
             chunks.append(_read_chunk(value))
     return Frame(header, chunks)

@@ -10,6 +10,7 @@ servers and small ones are packed.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -118,19 +119,20 @@ def plan_layout(specs: Iterable[TensorSpec], num_servers: int, part_bytes: int) 
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError("tensor names must be unique")
-    pieces = [
-        (spec, index, start, count)
-        for spec in specs
-        for index, (start, count) in enumerate(split_tensor(spec, part_bytes))
-    ]
     # Largest first; ties broken by name and index so the result never depends on input order.
-    pieces.sort(key=lambda x: (-x[3] * x[0].itemsize, x[0].name, x[1]))
-    load = [0] * num_servers
+    pieces = sorted(
+        (-count * itemsize, spec.name, index, start, count, itemsize)
+        for spec, itemsize in ((spec, spec.itemsize) for spec in specs)
+        for index, (start, count) in enumerate(split_tensor(spec, part_bytes))
+    )
+    # (bytes held, server): the heap's least is the server holding the fewest, lowest index
+    # first; O(parts x log servers), where a scan of every server per part took minutes
+    load = [(0, server) for server in range(num_servers)]
     parts = []
-    for spec, index, start, count in pieces:
-        server = min(range(num_servers), key=lambda s: (load[s], s))
-        load[server] += count * spec.itemsize
-        parts.append(Part(spec.name, index, start, count, server, spec.itemsize))
+    for size, name, index, start, count, itemsize in pieces:
+        held, server = load[0]
+        heapq.heapreplace(load, (held - size, server))
+        parts.append(Part(name, index, start, count, server, itemsize))
     parts.sort(key=lambda p: (p.tensor, p.index))
     return Layout(tuple(sorted(specs, key=lambda s: s.name)), num_servers, part_bytes, tuple(parts))
 

@@ -92,6 +92,8 @@ class SGD(_Options):
             raise OptimizerError("nesterov momentum needs momentum > 0 and dampening = 0")
         if self.momentum < 0 or self.weight_decay < 0:
             raise OptimizerError("momentum and weight_decay must be non-negative")
+        if not 0 <= self.dampening <= 1:
+            raise OptimizerError(f"SGD dampening must lie in [0, 1]: it is {self.dampening}")
 
     def init_state(self, param: Tensor) -> State:
         return {"momentum_buffer": torch.zeros_like(param)} if self.momentum else {}
@@ -127,6 +129,8 @@ class Adam(_Options):
                 )
         if self.eps < 0 or self.weight_decay < 0:
             raise OptimizerError("eps and weight_decay must be non-negative")
+        if self.eps == 0:  # a zero gradient element would divide 0 by 0: NaN weights
+            raise OptimizerError("Adam eps must be positive")
 
     def init_state(self, param: Tensor) -> State:
         return {"exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
@@ -156,6 +160,8 @@ class Adagrad(_Options):
         self._check_types()
         if min(self.lr_decay, self.eps, self.weight_decay, self.initial_accumulator_value) < 0:
             raise OptimizerError("Adagrad options must be non-negative")
+        if self.eps == 0:  # a zero gradient element would divide 0 by 0: NaN weights
+            raise OptimizerError("Adagrad eps must be positive")
 
     def init_state(self, param: Tensor) -> State:
         return {"sum": torch.full_like(param, self.initial_accumulator_value)}

@@ -10,15 +10,20 @@ to the server), which saves the copies protobuf's ``bytes`` fields make.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from protos import ps_pb2
 
 SERVICE = "ps.ParameterServer"
 MAX_MESSAGE_BYTES = 64 << 20  # chunks are ~1 MiB; headroom for odd clients, never unbounded
+
+M = TypeVar("M", bound=Message)
+R = TypeVar("R")
 
 
 def method(name: str) -> str:
@@ -99,8 +104,21 @@ def calls(channel: grpc.Channel) -> Calls:
 
 
 def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
-    """Server-side handlers for a servicer with every method of the service."""
+    """Server-side handlers for a servicer with every method of the service.
+
+    Every request arrives as bytes and is parsed here or by the handler itself: a
+    message that does not parse is INVALID_ARGUMENT ("cannot parse PullRequest: ..."),
+    not the UNKNOWN gRPC's own deserializer failure gives.
+    """
     s = servicer
+
+    def unary(handler, request_type, response_type) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            parsed(handler, request_type),
+            request_deserializer=None,
+            response_serializer=response_type.SerializeToString,
+        )
+
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
@@ -115,38 +133,56 @@ def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
                 response_serializer=ps_pb2.PushResponse.SerializeToString,
             ),
             "Pull": grpc.unary_stream_rpc_method_handler(
-                s.Pull, request_deserializer=ps_pb2.PullRequest.FromString, response_serializer=None
+                parsed_stream(s.Pull, ps_pb2.PullRequest),
+                request_deserializer=None,
+                response_serializer=None,
             ),
             "Step": grpc.unary_unary_rpc_method_handler(
                 s.Step, request_deserializer=None, response_serializer=None
             ),
-            "ShmStep": grpc.unary_unary_rpc_method_handler(
-                s.ShmStep,
-                request_deserializer=ps_pb2.ShmStepRequest.FromString,
-                response_serializer=ps_pb2.PullHeader.SerializeToString,
+            "ShmStep": unary(s.ShmStep, ps_pb2.ShmStepRequest, ps_pb2.PullHeader),
+            "SetMembership": unary(
+                s.SetMembership, ps_pb2.MembershipRequest, ps_pb2.MembershipResponse
             ),
-            "SetMembership": grpc.unary_unary_rpc_method_handler(
-                s.SetMembership,
-                request_deserializer=ps_pb2.MembershipRequest.FromString,
-                response_serializer=ps_pb2.MembershipResponse.SerializeToString,
-            ),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                s.Status,
-                request_deserializer=ps_pb2.StatusRequest.FromString,
-                response_serializer=ps_pb2.StatusResponse.SerializeToString,
-            ),
-            "Leave": grpc.unary_unary_rpc_method_handler(
-                s.Leave,
-                request_deserializer=ps_pb2.LeaveRequest.FromString,
-                response_serializer=ps_pb2.LeaveResponse.SerializeToString,
-            ),
-            "EndJob": grpc.unary_unary_rpc_method_handler(
-                s.EndJob,
-                request_deserializer=ps_pb2.EndJobRequest.FromString,
-                response_serializer=ps_pb2.EndJobResponse.SerializeToString,
-            ),
+            "Status": unary(s.Status, ps_pb2.StatusRequest, ps_pb2.StatusResponse),
+            "Leave": unary(s.Leave, ps_pb2.LeaveRequest, ps_pb2.LeaveResponse),
+            "EndJob": unary(s.EndJob, ps_pb2.EndJobRequest, ps_pb2.EndJobResponse),
         },
     )
+
+
+async def parse(request: bytes, request_type: type[M], context: grpc.aio.ServicerContext) -> M:
+    """The request as a ``request_type``; INVALID_ARGUMENT if it does not parse."""
+    try:
+        return request_type.FromString(request)
+    except DecodeError as e:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse {request_type.__name__}: {e}"
+        )
+        raise AssertionError("unreachable") from None  # context.abort always raises
+
+
+def parsed(
+    handler: Callable[[M, grpc.aio.ServicerContext], Awaitable[R]], request_type: type[M]
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[R]]:
+    """A unary handler of ``request_type`` as a handler of the raw request bytes."""
+
+    async def handle(request: bytes, context: grpc.aio.ServicerContext) -> R:
+        return await handler(await parse(request, request_type, context), context)
+
+    return handle
+
+
+def parsed_stream(
+    handler: Callable[[M, grpc.aio.ServicerContext], AsyncIterator[R]], request_type: type[M]
+) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[R]]:
+    """A response-streaming handler of ``request_type`` as one of the raw request bytes."""
+
+    async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[R]:
+        async for reply in handler(await parse(request, request_type, context), context):
+            yield reply
+
+    return handle
 
 
 def new_server(

@@ -21,6 +21,7 @@ from protos.codec import (
     WireDType,
     check_chunk,
     check_sparse_chunk,
+    first_repeat,
     to_torch,
     wire_dtype,
 )
@@ -168,11 +169,11 @@ class FlatParams:
                     raise InvalidArgument(
                         f"tensor {chunk.tensor!r} part {chunk.part} is not held by this server"
                     )
-                known = any(s.name == chunk.tensor for s in job.layout.specs)
+                known = chunk.tensor in dtypes
                 raise InvalidArgument(
                     f"tensor {chunk.tensor!r} is not held by this server"
                     if known
-                    else f"unknown tensor {chunk.tensor!r}"
+                    else f"unknown tensor {_shown(chunk.tensor)}"
                 )
             wire = grad_wire or dtypes[slot.part.tensor]
             try:
@@ -191,6 +192,7 @@ class FlatParams:
                 raise InvalidArgument(
                     f"{what} for tensor {missing[0][0]!r} part {missing[0][1]}: no chunk sent"
                 )
+            _check_distinct(what, decoded)
             return decoded
         for key, slot in self.slots.items():
             _check_coverage(what, key, slot, decoded[key])
@@ -266,6 +268,23 @@ def _check_coverage(what: str, key: PartKey, slot: Slot, chunks: list) -> None:
             f"{what} for tensor {key[0]!r} part {key[1]}: {covered} of {slot.part.count} "
             "values sent"
         )
+
+
+def _check_distinct(what: str, decoded: Decoded) -> None:
+    """Top-k chunks of one part must name each index once (within a chunk: checked there)."""
+    for key, chunks in decoded.items():
+        if len(chunks) > 1:
+            indices = torch.cat([at for _, _, _, at in chunks if at is not None]).numpy()
+            repeated = first_repeat(indices)
+            if repeated is not None:
+                raise InvalidArgument(
+                    f"{what} for tensor {key[0]!r} part {key[1]}: index {repeated} is sent twice"
+                )
+
+
+def _shown(name: str, limit: int = 100) -> str:
+    """A client's name as an error message quotes it: at most ``limit`` characters."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name)} characters)"
 
 
 def _fits(value: torch.Tensor | None, like: torch.Tensor, what: str) -> None:

@@ -10,25 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health
 
 from protos import ps_pb2
-from protos.codec import (
-    DEFAULT_CHUNK_BYTES,
-    CodecError,
-    Piece,
-    RawChunk,
-    decode_frame,
-    encode_frames,
-)
-from protos.job import Job, JobError, Limits
+from protos.codec import DEFAULT_CHUNK_BYTES, Piece, RawChunk, encode_frames
+from protos.job import Job, Limits
 from protos.rpc import (
     MAX_MESSAGE_BYTES,
     SERVICE,
@@ -47,6 +39,17 @@ from protos.status import (
 from ps_server.errors import InvalidArgument, StoreError, WorkerIdInUse
 from ps_server.flat import PartKey
 from ps_server.metrics import ServerMetrics, Timer
+from ps_server.requests import (
+    Budget,
+    Reader,
+    check_ids,
+    check_pull,
+    check_push,
+    collect,
+    init_job,
+    read_header,
+    status_reply,
+)
 from ps_server.store import ParameterStore, PullDecision, Waiter
 
 log = logging.getLogger("ps_server")
@@ -96,11 +99,23 @@ class ParameterService:
         self.changed = asyncio.Condition()
         self.segments = SegmentCache(self.config.shm_dir) if self.config.shm_dir else None
         self._segment_layout: tuple[Job, list[Slot], int, dict[PartKey, int]] | None = None
+        self._push_budget: tuple[Job, Budget] | None = None
         self._publish()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         try:
             return fn()
+        except StoreError as e:
+            await abort(context, e)
+
+    async def _ids(self, context, job_id: str, worker_id="", session="", worker=False) -> None:
+        """Refuse ids over the limits (INVALID_ARGUMENT), before the store sees them."""
+        limits = self.config.limits
+        await self._call(context, lambda: check_ids(limits, job_id, worker_id, session, worker))
+
+    async def _await(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+        try:
+            return await work
         except StoreError as e:
             await abort(context, e)
 
@@ -118,8 +133,18 @@ class ParameterService:
     # -------------------------------------------------------------- handlers
 
     async def Init(self, request_iterator: AsyncIterator[bytes], context) -> ps_pb2.InitResponse:
-        header, chunks = await _collect(request_iterator, context, ps_pb2.InitHeader, "init")
-        job = await self._call(context, lambda: _job_of(header.config, self.config.limits))
+        limits = self.config.limits
+        jobs: list[Job] = []
+
+        async def budget_of(header: ps_pb2.InitHeader) -> Budget:
+            # work in proportion to the job's parts, off the event loop: other calls go on
+            job, budget = await asyncio.to_thread(init_job, header.config, limits)
+            jobs.append(job)
+            return budget
+
+        init = collect(request_iterator, ps_pb2.InitHeader, "init", budget_of)
+        _, chunks = await self._await(context, init)
+        job = jobs[0]
         created = await self._call(context, lambda: self.store.initialise(job, chunks))
         if created:
             log.info(
@@ -134,8 +159,21 @@ class ParameterService:
 
     async def Push(self, request_iterator: AsyncIterator[bytes], context) -> ps_pb2.PushResponse:
         """A push as a stream of frames."""
-        header, chunks = await _collect(request_iterator, context, ps_pb2.PushHeader, "push")
+        header, chunks = await self._await(
+            context, collect(request_iterator, ps_pb2.PushHeader, "push", self._budget_of)
+        )
         return await self._push(header, chunks, context)
+
+    async def _budget_of(self, header: ps_pb2.PushHeader) -> Budget:
+        """What a push stream may carry, from its header: refused at once for a bad one."""
+        check_push(self.config.limits, header)
+        return self._budget(self.store.check_job(header.job_id))
+
+    def _budget(self, job: Job) -> Budget:
+        """What a push for ``job`` may carry (computed once per job)."""
+        if self._push_budget is None or self._push_budget[0] is not job:
+            self._push_budget = (job, Budget.of(job, self.config.limits, gradient=True))
+        return self._push_budget[1]
 
     async def Pull(self, request: ps_pb2.PullRequest, context) -> AsyncIterator[bytes]:
         """A pull answered as a stream of frames of about chunk_bytes each."""
@@ -145,15 +183,16 @@ class ParameterService:
 
     async def Step(self, message: bytes, context) -> bytes:
         """A push, then the pull that follows it, in one message each way."""
-        try:
-            frame = decode_frame(message)
-            if frame.header is None:
-                raise CodecError("step: the message must carry the header")
-            step = ps_pb2.StepHeader.FromString(bytes(frame.header))
-        except (CodecError, DecodeError) as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step: {e}")
-        await self._check_pull(step.pull, context)  # nothing is applied for a refused pull
-        push = await self._push(step.push, frame.chunks, context)
+
+        def read() -> tuple[ps_pb2.StepHeader, list[RawChunk]]:
+            step, rest = read_header(message, ps_pb2.StepHeader, "step")
+            self._check_step(step.push, step.pull)  # nothing is applied for a refused pull
+            reader = Reader("step", self._budget(self.store.check_job(step.push.job_id)))
+            reader.read(rest)
+            return step, reader.chunks
+
+        step, chunks = await self._call(context, read)
+        push = await self._push(step.push, chunks, context)
         header, pieces = await self._pull(step.pull, context, push)
         one = max(1, sum(p.values.nbytes for p in pieces))
         (reply,) = encode_frames(header.SerializeToString(), pieces, one)
@@ -181,10 +220,14 @@ class ParameterService:
         )
         slots, size, offsets = self._segment_slots(job)
         segment = await self._segment(request.segment, size, context)
+        await self._call(  # every part, before anything is applied
+            context,
+            lambda: self._check_step(
+                request.push if has_push else None, request.pull if has_pull else None
+            ),
+        )
         push = None
         if has_push:
-            if has_pull:
-                await self._check_pull(request.pull, context)
             # a copy in the server's buffer, which the next push reuses: nothing suspends
             # between this read and the push's apply
             data = await self._on_segment(context, lambda: self._read(segment, size))
@@ -203,8 +246,17 @@ class ParameterService:
     async def SetMembership(
         self, request: ps_pb2.MembershipRequest, context
     ) -> ps_pb2.MembershipResponse:
-        for worker in request.active_workers:
-            await self._check_ids(context, request.job_id, worker, "")
+        limits = self.config.limits
+
+        def check() -> None:
+            if len(request.active_workers) > limits.max_workers:
+                raise InvalidArgument(
+                    f"{len(request.active_workers)} workers; the limit is {limits.max_workers}"
+                )
+            for worker in request.active_workers:
+                check_ids(limits, request.job_id, worker, "", worker=False)
+
+        await self._call(context, check)
         active = await self._call(
             context, lambda: self.store.set_membership(request.job_id, request.active_workers)
         )
@@ -215,7 +267,7 @@ class ParameterService:
     async def Leave(self, request: ps_pb2.LeaveRequest, context) -> ps_pb2.LeaveResponse:
         """A client is done: its worker stops counting for the barrier and the bound now."""
         r = request
-        await self._check_ids(context, r.job_id, r.worker_id, r.session)
+        await self._ids(context, r.job_id, r.worker_id, r.session, worker=True)
         active = await self._call(
             context, lambda: self.store.leave(r.job_id, r.worker_id, r.session)
         )
@@ -226,7 +278,7 @@ class ParameterService:
     async def EndJob(self, request: ps_pb2.EndJobRequest, context) -> ps_pb2.EndJobResponse:
         """Drop the job held here and its checkpoints; the server then takes any Init."""
         store = self.store
-        await self._check_ids(context, request.job_id, "", "")
+        await self._ids(context, request.job_id)
         if store.job is None:
             return ps_pb2.EndJobResponse(ended=False)
         job = await self._call(context, lambda: store.check_job(request.job_id))
@@ -249,33 +301,14 @@ class ParameterService:
             "unix_socket": self.config.unix_socket,
             "shm_dir": self.config.shm_dir,
         }
+        await self._ids(context, request.job_id)
         view = self.store.view()
         if view.job is None:
             return ps_pb2.StatusResponse(initialised=False, **where)
         if request.job_id and request.job_id != view.job.job_id:
             await self._call(context, lambda: self.store.check_job(request.job_id))
-        c = view.counters
-        return ps_pb2.StatusResponse(
-            initialised=True,
-            config=view.job.to_proto(),
-            version=view.version,
-            workers=[
-                ps_pb2.WorkerState(worker_id=w.worker_id, clock=w.clock, active=w.active)
-                for w in view.workers
-            ],
-            waiting=[
-                ps_pb2.Waiter(worker_id=w.worker_id, reason=d.reason, waiting_for=d.waiting_for)
-                for w, d in self.store.waiting()
-            ],
-            updates_applied=c.updates_applied,
-            pushes_received=c.pushes_received,
-            stale_dropped=c.stale_dropped,
-            duplicates=c.duplicates,
-            staleness_histogram=dict(c.staleness),
-            parameter_bytes=view.parameter_bytes,
-            contributions=len(view.contributors),
-            **where,
-        )
+        limit = self.config.max_message_bytes - 1024  # 1 KiB: gRPC's framing
+        return status_reply(view, self.store.waiting(), where, limit)
 
     # ------------------------------------------------- the one push, the one pull
 
@@ -284,7 +317,7 @@ class ParameterService:
     ) -> ps_pb2.PushResponse:
         """Apply one push (from any handler), count it and wake the waiting pulls."""
         h = header
-        await self._check_ids(context, h.job_id, h.worker_id, h.session)
+        await self._call(context, lambda: check_push(self.config.limits, h))
         with Timer() as timer:
             result = await self._call(
                 context,
@@ -323,7 +356,7 @@ class ParameterService:
         the next await, so no push can tear them.
         """
         store, r = self.store, request
-        await self._check_ids(context, r.job_id, r.worker_id, r.session)
+        await self._call(context, lambda: check_pull(self.config.limits, r))
 
         def decide() -> PullDecision:
             return store.pull_decision(r.job_id, r.worker_id, r.clock, r.min_version, r.session)
@@ -375,23 +408,18 @@ class ParameterService:
         finally:
             self.store.remove_waiter(token)
 
-    async def _check_ids(self, context, job_id: str, worker_id: str, session: str) -> None:
-        """Refuse ids over the server's limit (INVALID_ARGUMENT), before the store sees them."""
+    def _check_step(self, push: ps_pb2.PushHeader | None, pull: ps_pb2.PullRequest | None) -> None:
+        """Raise what a step's push or pull would be refused with before its push is applied:
+        ids, clocks, the job and (a pull that takes part) the client's contact."""
         limits = self.config.limits
-        try:
-            for name, value in (("job_id", job_id), ("worker_id", worker_id), ("session", session)):
-                limits.check_id(name, value)
-        except JobError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-
-    async def _check_pull(self, request: ps_pb2.PullRequest, context) -> None:
-        """A step's pull part: refuse a client that may not pull before its push is applied."""
-        if not request.observe:
-            r = request
-            await self._check_ids(context, r.job_id, r.worker_id, r.session)
-            await self._call(
-                context, lambda: self.store.check_contact(r.job_id, r.worker_id, r.session)
-            )
+        if push is not None:
+            check_push(limits, push)
+        if pull is not None:
+            check_pull(limits, pull)
+            if pull.observe:
+                self.store.check_job(pull.job_id)
+            else:
+                self.store.check_contact(pull.job_id, pull.worker_id, pull.session)
 
     # ------------------------------------------------------------ shared memory
 
@@ -449,38 +477,6 @@ def _write_into(
         raw = piece.values
         start = offsets[piece.tensor, piece.part] + piece.offset * raw.itemsize
         segment.write(start, memoryview(np.ascontiguousarray(raw).view(np.uint8)))
-
-
-def _job_of(config: ps_pb2.JobConfig, limits: Limits) -> Job:
-    try:
-        return Job.from_proto(config, limits)
-    except JobError as e:
-        raise InvalidArgument(str(e)) from None
-
-
-async def _collect(
-    request_iterator: AsyncIterator[bytes], context, header_type, what: str
-) -> tuple[Any, list[RawChunk]]:
-    """Read a client stream: the header from the first message, chunks from all."""
-    header = None
-    chunks: list[RawChunk] = []
-    first = True
-    async for message in request_iterator:
-        try:
-            frame = decode_frame(message)
-            if frame.header is not None:
-                if not first:
-                    raise CodecError(f"{what}: header repeated after the first message")
-                header = header_type.FromString(bytes(frame.header))
-            elif first:
-                raise CodecError(f"{what}: the first message must carry the header")
-        except (CodecError, DecodeError) as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e}")
-        first = False
-        chunks.extend(frame.chunks)
-    if header is None:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: empty stream")
-    return header, chunks
 
 
 async def start_server(

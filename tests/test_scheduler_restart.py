@@ -8,9 +8,19 @@ it sat idle ("every remaining shard is leased") and the job never finished.
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from pathlib import Path
 
+import grpc
+import pytest
+
+from protos import scheduler_pb2 as pb
+from protos import scheduler_pb2_grpc
 from protos.jobspec import JobSpec
+from ps_worker.data import prepare
+from scheduler.cluster import LocalCluster
 from scheduler.state import Completion, SchedulerState
 
 SHARDS = 2
@@ -72,3 +82,135 @@ def test_heartbeats_keep_only_the_leases_their_worker_reports(tmp_path):
         state.expire(now)
     assert state.progress(now).leased == 1
     assert finish(state, a, kept, now)
+
+
+# ------------------------------------------------------- real processes, SIGKILLed
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    prepare("digits", out, shards=4, samples=480)
+    return out
+
+
+def job(data: Path, mode: str) -> JobSpec:
+    return JobSpec.from_dict(
+        {
+            **{"data_dir": str(data), "model": "digits-mlp", "mode": mode, "epochs": 2},
+            **{"batch_size": 16, "lr": 0.003, "lease_timeout_s": 3.0, "staleness": 1},
+        }
+    )
+
+
+def wait_for(cluster: LocalCluster, predicate, what: str, timeout_s: float = 60.0) -> dict:
+    """Poll the scheduler's progress until predicate(progress) holds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        p = cluster.progress()
+        if p is not None and predicate(p):
+            return p
+        time.sleep(0.05)  # polling progress, with a deadline
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_scheduler(cluster: LocalCluster) -> None:
+    assert cluster.scheduler is not None
+    cluster.scheduler.proc.send_signal(signal.SIGKILL)
+    cluster.scheduler.proc.wait(10)
+
+
+def every_shard_once(work_dir: Path, spec: JobSpec) -> None:
+    state = SchedulerState(str(work_dir / "scheduler.db"))
+    try:
+        keys = [(c.epoch, c.shard) for c in state.completions()]
+    finally:
+        state.close()
+    assert sorted(keys) == [(e, s) for e in range(spec.epochs) for s in range(4)]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("mode", ["sync", "ssp"])  # async: the test after this one
+def test_a_scheduler_killed_while_workers_hold_leases_finishes_the_job(tmp_path, digits, mode):
+    spec = job(digits, mode)
+    with LocalCluster(spec, tmp_path, workers=2).start() as cluster:
+        wait_for(cluster, lambda p: p["done"] >= 1 and p["leased"] >= 1, "a lease mid-job")
+        kill_scheduler(cluster)
+        progress = cluster.wait(120)  # which restarts it on its state file, same port
+        assert progress["finished"]
+        assert cluster.restarts == [
+            "the scheduler exited with code -9; restarted on its state file"
+        ]
+    every_shard_once(tmp_path, spec)
+
+
+class Forgetful:
+    """A worker whose Lease reply was lost in the scheduler's death: it holds a lease it
+    never heard of. Afterwards it behaves as ps-worker does: heartbeats reporting what it
+    works on, Lease, Complete and ReportEvaluation (without training or evaluating: an
+    async job waits for nobody)."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.worker_id = self.stub.Register(pb.RegisterRequest(host="h"), timeout=10).worker_id
+        self.stop = threading.Event()
+        self.completed: list[tuple[int, int]] = []
+        self.errors: list[BaseException] = []
+
+    def lose_a_lease(self, cluster: LocalCluster) -> None:
+        """Ask until a task comes (once the servers count this worker); forget it."""
+        ask = pb.LeaseRequest(worker_id=self.worker_id)
+        wait_for(cluster, lambda _: self.stub.Lease(ask, timeout=10).has_task, "a task")
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.worker_id), timeout=5)
+                lease = self.stub.Lease(pb.LeaseRequest(worker_id=self.worker_id), timeout=5)
+                if lease.has_evaluation:  # its figures, without evaluating
+                    scored = pb.EvaluationRequest(
+                        worker_id=self.worker_id, epoch=lease.evaluate_epoch, loss=1.0
+                    )
+                    self.stub.ReportEvaluation(scored, timeout=5)
+                if lease.has_task:
+                    t = lease.task
+                    done = pb.CompleteRequest(worker_id=self.worker_id, task=t, clock_end=0)
+                    assert self.stub.Complete(done, timeout=5).recorded
+                    self.completed.append((t.epoch, t.shard))
+                if lease.finished:
+                    self.stub.Leave(pb.WorkerLeaveRequest(worker_id=self.worker_id), timeout=5)
+                    return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:  # the scheduler is down: again
+                    self.errors.append(e)
+                    return
+            self.stop.wait(0.2)  # the poll interval of a worker with nothing to do
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(150)
+def test_a_lease_granted_as_the_scheduler_died_is_not_held_forever(tmp_path, digits):
+    """An async job's scheduler SIGKILLed while two ps-workers train and a third worker
+    holds a lease it never heard of: the job finishes, every shard once."""
+    spec = job(digits, "async")
+    with LocalCluster(spec, tmp_path, workers=2).start() as cluster:
+        assert cluster.scheduler is not None
+        wait_for(cluster, lambda p: p["done"] >= 1, "the first shard")
+        forgetful = Forgetful(cluster.scheduler.address)
+        forgetful.lose_a_lease(cluster)
+        kill_scheduler(cluster)
+        worker = threading.Thread(target=forgetful.run)
+        worker.start()
+        try:
+            progress = cluster.wait(90)
+        finally:
+            forgetful.stop.set()
+            worker.join(30)
+            forgetful.channel.close()
+        assert progress["finished"] and not forgetful.errors
+        assert cluster.restarts == [
+            "the scheduler exited with code -9; restarted on its state file"
+        ]
+    every_shard_once(tmp_path, spec)

@@ -2,8 +2,9 @@
 
 :class:`LocalCluster` starts the servers, the scheduler and the workers of a
 job (``ps-cluster up`` and the benchmarks use it), restarts a server that dies
-(on its checkpoint) or the scheduler (on its state file), and stops every
-process on ``close()``.
+(on its checkpoint) or the scheduler (on its state file), removes what a dead
+child left behind (its Unix socket, its shared-memory segments:
+:func:`protos.orphans.sweep_leftovers`), and stops every process on ``close()``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import grpc
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from protos.jobspec import JobSpec, job_variables
+from protos.orphans import sweep_leftovers
 from protos.security import TOKEN_ENV, ClientSecurity
 from ps_worker import Client, ClientConfig
 from ps_worker.daemon import DEVICES
 from scheduler.finish import end_job
-from scheduler.launch import BIN, Daemon
+from scheduler.launch import BIN, Daemon, stop_together
 from scheduler.lifecycle import (
     ADDRESSES,
     CHECKPOINTS,
@@ -63,9 +65,11 @@ class LocalCluster:
     restarts: list[str] = field(default_factory=list)  # what was restarted, and why
     cleared: list[str] = field(default_factory=list)  # what an earlier run had left here
     started: list[Daemon] = field(default_factory=list)  # every process started, restarts too
+    swept: list[str] = field(default_factory=list)  # files dead processes had left, removed
     work_claim: Claim | None = None  # ps-cluster up's, taken before its checks; else start's
     _claimed_here: bool = False
     _scheduler_port: str = "0"
+    _seen_dead: set[int] = field(default_factory=set)  # children already swept after
 
     def start(self) -> LocalCluster:
         """Start servers, the scheduler and the workers; on failure, stop what started."""
@@ -125,8 +129,18 @@ class LocalCluster:
         self.started.append(daemon)
         return daemon
 
+    def _sweep_after_deaths(self) -> None:
+        """Once a child has died: remove the socket and shared-memory segments that dead
+        processes left (a killed process cannot remove its own)."""
+        dead = {d.proc.pid for d in self.started if d.proc.poll() is not None}
+        if dead - self._seen_dead:
+            self._seen_dead |= dead
+            self.swept += sweep_leftovers()
+
     def _supervise(self) -> None:
-        """Restart a server or the scheduler that exited, or raise if that is off."""
+        """Restart a server or the scheduler that exited, or raise if that is off; sweep
+        what a child that died left behind."""
+        self._sweep_after_deaths()
         for i, d in enumerate(self.server_daemons):
             if d.proc.poll() is None:
                 continue
@@ -225,7 +239,10 @@ class LocalCluster:
             running = [w for w in self.worker_daemons if w.proc.poll() is None]
             if not running and p is not None:
                 codes = [w.proc.returncode for w in self.worker_daemons]
-                failed = next((w for w in self.worker_daemons if w.proc.returncode), None)
+                # The error of one that failed by itself (exit code > 0), not of one killed
+                # by a signal (its last line is whatever it was doing then).
+                failed = max(self.worker_daemons, key=lambda w: w.proc.returncode or 0)
+                failed = failed if failed.proc.returncode else None
                 said = f"; {Path(failed.log.name).name}: {failed.last_log_line()}" if failed else ""
                 raise RuntimeError(
                     f"every worker exited (codes {codes}) before the job finished{said}"
@@ -245,13 +262,13 @@ class LocalCluster:
         end_job(self.spec, self.security)
 
     def close(self) -> None:
-        for d in [
-            *self.worker_daemons,
-            *([self.scheduler] if self.scheduler else []),
-            *self.server_daemons,
-            *self.started,  # any other (stopping one that ended is a no-op)
-        ]:
-            d.stop()
+        """Stop the workers, then the scheduler and the servers (together), then any other
+        process started; remove what the dead left behind."""
+        stop_together(self.worker_daemons)
+        stop_together([*([self.scheduler] if self.scheduler else []), *self.server_daemons])
+        stop_together(self.started)  # those replaced by a restart (a no-op once ended)
+        if self.started:  # every child has ended: nothing one made may stay
+            self.swept += sweep_leftovers()
         if self._claimed_here and self.work_claim is not None:
             self.work_claim.release()
 

@@ -214,10 +214,9 @@ class ParameterService:
         has_push, has_pull = request.HasField("push"), request.HasField("pull")
         if not has_push and not has_pull:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "shm step: neither push nor pull")
-        job = await self._call(
-            context,
-            lambda: self.store.check_job(request.push.job_id if has_push else request.pull.job_id),
-        )
+        job_id = request.push.job_id if has_push else request.pull.job_id
+        await self._ids(context, job_id)  # before an error quotes it; the rest after the segment
+        job = await self._call(context, lambda: self.store.check_job(job_id))
         slots, size, offsets = self._segment_slots(job)
         segment = await self._segment(request.segment, size, context)
         await self._call(  # every part, before anything is applied
@@ -249,6 +248,7 @@ class ParameterService:
         limits = self.config.limits
 
         def check() -> None:
+            check_ids(limits, request.job_id, "", "", worker=False)
             if len(request.active_workers) > limits.max_workers:
                 raise InvalidArgument(
                     f"{len(request.active_workers)} workers; the limit is {limits.max_workers}"

@@ -166,11 +166,22 @@ def test_a_message_of_countless_empty_chunks_is_refused_at_the_first_over():
 # ------------------------------------------------------------ 3: ids, numbers, top-k
 
 
-def test_ids_clocks_and_names_outside_the_limits_are_refused():
+def test_ids_clocks_and_names_outside_the_limits_are_refused(tmp_path):
     store, job = new_store("async")
     huge = "j" * (5 << 20)
-    with serving(store) as s:
+    with serving(store, shm_dir=str(tmp_path)) as s:
         cases = [
+            (
+                lambda: s.calls.set_membership(ps_pb2.MembershipRequest(job_id=huge), timeout=10),
+                "job_id has 5242880 characters",
+            ),
+            (
+                lambda: s.calls.shm_step(
+                    ps_pb2.ShmStepRequest(segment="x", push=ps_pb2.PushHeader(job_id=huge)),
+                    timeout=10,
+                ),
+                "job_id has 5242880 characters",
+            ),
             (lambda: push(s.calls, job, "", 1, "s"), "worker_id is empty"),
             (lambda: push(s.calls, job, "a\x00b", 1, "s"), "U+0000"),
             (lambda: push(s.calls, job, "a\nb", 1, "s"), "printable"),

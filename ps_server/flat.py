@@ -92,6 +92,14 @@ class FlatParams:
 
     # ----------------------------------------------------------- set-up
 
+    @classmethod
+    def initial(cls, job: Job, chunks: Sequence[RawChunk]) -> FlatParams:
+        """A job's parameters on this server from an Init's chunks (work in proportion to
+        the job's size)."""
+        params = cls(job)
+        params.load(chunks)
+        return params
+
     def load(self, chunks: Sequence[RawChunk]) -> None:
         """Set the initial values from chunks covering every part; fresh optimizer state."""
         for key_chunks in self.decode(chunks, what="initial value").values():

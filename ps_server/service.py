@@ -37,7 +37,7 @@ from protos.status import (
     abort_with_reason,
 )
 from ps_server.errors import InvalidArgument, StoreError, WorkerIdInUse
-from ps_server.flat import PartKey
+from ps_server.flat import FlatParams, PartKey
 from ps_server.metrics import ServerMetrics, Timer
 from ps_server.requests import (
     Budget,
@@ -145,7 +145,10 @@ class ParameterService:
         init = collect(request_iterator, ps_pb2.InitHeader, "init", budget_of)
         _, chunks = await self._await(context, init)
         job = jobs[0]
-        created = await self._call(context, lambda: self.store.initialise(job, chunks))
+        params = None
+        if self.store.job is None:  # a first Init builds the parameters, off the event loop
+            params = await self._await(context, asyncio.to_thread(FlatParams.initial, job, chunks))
+        created = await self._call(context, lambda: self.store.initialise(job, chunks, params))
         if created:
             log.info(
                 "initialised job %s: %d parts, %d bytes, mode %s",
@@ -369,7 +372,7 @@ class ParameterService:
                     timer.seconds
                 )
         version, clock, pieces = await self._call(
-            context, lambda: store.pull(r.job_id, r.worker_id, r.observe, r.session)
+            context, lambda: store.pull(r.job_id, r.worker_id, r.observe, r.session, r.clock)
         )
         assert store.job is not None
         self._publish()  # a first pull may have added a worker

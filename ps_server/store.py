@@ -116,8 +116,11 @@ class ParameterStore:
 
     # ----------------------------------------------------------------- init
 
-    def initialise(self, job: Job, chunks: Sequence[RawChunk]) -> bool:
-        """Hold this server's parts of ``job`` with the given initial values.
+    def initialise(
+        self, job: Job, chunks: Sequence[RawChunk], params: FlatParams | None = None
+    ) -> bool:
+        """Hold this server's parts of ``job`` with the given initial values (or ``params``,
+        :meth:`FlatParams.initial` of them, built ahead off the caller's event loop).
 
         Returns False, changing nothing, when an identical job is already held.
         """
@@ -135,8 +138,7 @@ class ParameterStore:
                 f"{', '.join(diff)}"
             )
         workers = Workers.initial(job.workers)
-        params = FlatParams(job)
-        params.load(chunks)
+        params = params or FlatParams.initial(job, chunks)
         self._job, self._params = job, params
         self._steps = self._version = 0
         self._workers = workers

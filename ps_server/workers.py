@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from protos.job import Limits
 from ps_server.clocks import check_claim
 from ps_server.errors import InvalidArgument, ResourceExhausted
 from ps_server.records import WorkerState
 
-MAX_WORKERS = 10_000  # worker ids a job may hold on a server (Status lists them all)
+MAX_WORKERS = Limits().max_workers  # worker ids a job may hold on a server
 
 
 class Workers(dict[str, WorkerState]):

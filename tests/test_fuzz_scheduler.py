@@ -172,7 +172,7 @@ def test_complete(sched, data):
         versions=[
             pb.ServerVersions(version=v)
             for v in data.draw(st.lists(st.lists(u64, max_size=3), max_size=3))
-        ],  # fmt: skip
+        ],
         samples=data.draw(st.just(10) | u64),
     )
     refuse, maybe = worker_refuse(s, worker)

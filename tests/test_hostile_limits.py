@@ -20,11 +20,12 @@ from protos.compression import Compression
 from protos.job import Job, JobError, Limits, Settings
 from protos.layout import TensorSpec
 from protos.shm import Segment, segment_slots
+from ps_server.flat import FlatParams
 from ps_server.service import ServiceConfig, start_server
 from ps_server.store import ParameterStore
 from tests.serverkit import push, refused, status
 from tests.storekit import frames as stream_frames
-from tests.storekit import grads, new_store
+from tests.storekit import grads, initial_values, new_store
 
 pytestmark = pytest.mark.timeout(90)
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -368,3 +369,25 @@ def test_fit_status_cuts_waiting_histogram_and_workers_to_the_limit():
         fitted = fit_status(fitted, limit)
         assert fitted.ByteSize() <= limit, limit
         assert sum(fitted.staleness_histogram.values()) == total  # folded, not lost
+
+
+def test_a_first_init_builds_the_parameters_off_the_event_loop(monkeypatch):
+    """Building a job's parameters takes time in proportion to its size (up to the 64 GiB
+    limit): held here until Status has been answered, it must not stop the server."""
+    building, release = threading.Event(), threading.Event()
+    build = FlatParams.initial
+
+    def held(job, chunks):
+        building.set()
+        assert release.wait(30)
+        return build(job, chunks)
+
+    _, job = new_store("async")
+    monkeypatch.setattr(FlatParams, "initial", held)
+    with serving(ParameterStore()) as s:
+        messages = stream_frames(ps_pb2.InitHeader(config=job.to_proto()), job, initial_values())
+        future = s.calls.init.future(iter(messages), timeout=60)
+        assert building.wait(30)
+        assert not status(s.calls).initialised  # answered while the Init works
+        release.set()
+        assert future.result().created and status(s.calls).initialised

@@ -8,6 +8,7 @@ from 1 in its log lines, from 0 on the wire.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -267,6 +268,9 @@ class WorkerDaemon:
 
     def _evaluate(self, epoch: int) -> None:
         loss, accuracy = evaluate(self.client, self.spec, self.manifest, self.device)
+        if not math.isfinite(loss):
+            log.warning("epoch %d: the model diverged (test loss %s)", epoch + 1, loss)
+            loss = math.inf  # what the scheduler takes for a diverged model (NaN is not a loss)
         self.link.call(
             "ReportEvaluation",
             scheduler_pb2.EvaluationRequest(

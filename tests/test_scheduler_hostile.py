@@ -19,6 +19,8 @@ from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc
 from protos.job import Limits
 from protos.jobspec import JobSpec
+from scheduler.records import InvalidRequest
+from scheduler.requests import check
 from scheduler.service import start_scheduler
 from scheduler.state import Completion, SchedulerState
 
@@ -250,9 +252,10 @@ def wire_cases(w: World) -> list[tuple[str, object, tuple[str, ...]]]:
     for bad in NOT_FINITE_OR_NEGATIVE:
         cases += [
             ("Heartbeat", pb.HeartbeatRequest(**hb, samples_per_s=bad), "samples_per_s"),
-            ("ReportEvaluation", evaluation(w.a, 0, loss=bad), "loss"),
             ("ReportEvaluation", evaluation(w.a, 0, accuracy=bad), "accuracy"),
         ]
+        if bad != float("inf"):  # a diverged model's loss: see the test below
+            cases.append(("ReportEvaluation", evaluation(w.a, 0, loss=bad), "loss"))
     for text, says in [(TOO_LONG, "the limit is"), ("w\n1", "control character")]:
         texts = [
             ("Register", pb.RegisterRequest(host=text, device="cpu"), "host"),
@@ -296,3 +299,9 @@ def test_unparseable_bytes_to_every_method_are_invalid_argument(world):
             assert info.value.code() == INVALID, (method.name, raw, info.value.details())
             assert info.value.details().startswith(f"cannot parse {method.input_type.name}")
     assert snapshot(world) == before
+
+
+def test_a_diverged_models_infinite_loss_is_a_loss_and_nan_is_not():
+    check(evaluation("w", 0, loss=float("inf")))
+    with pytest.raises(InvalidRequest, match="loss nan"):
+        check(evaluation("w", 0, loss=float("nan")))

@@ -3,10 +3,10 @@
     python -m benchmarks.report              # rewrite README.md between the markers, redraw
     python -m benchmarks.report --check      # fail if README.md is not what the JSON says
 
-Reads benchmarks/results/{transport,modes,slr,vs-ddp,load,transport-compression}/ (written by the
-benchmarks with ``--out``); a section whose file is missing is left out. Each figure is
-drawn by its benchmark's own ``plot`` from the same JSON the benchmark wrote, so a change
-to a plot shows in the README without running the benchmark again.
+Reads benchmarks/results/{transport,modes,slr,vs-ddp,load,transport-compression,chaos}/
+(written by the benchmarks with ``--out``); a section whose file is missing is left out.
+Each figure is drawn by its benchmark's own ``plot`` from the same JSON the benchmark
+wrote, so a change to a plot shows in the README without running the benchmark again.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+import benchmarks.chaos
 import benchmarks.load
 import benchmarks.transport
 import benchmarks.vs_ddp
@@ -151,6 +152,7 @@ TABLES = [
     ("load", "load.json", "Many clients at once", benchmarks.load.markdown, [("load", "load.png")]),
     ("transport-compression", "compression.json", "Compression on the wire",
      lambda r: "\n".join(compression_markdown(r["compression"])).lstrip() + "\n", []),
+    ("chaos", "chaos.json", "A SIGKILL mid-job", benchmarks.chaos.markdown, []),
 ]  # fmt: skip
 
 # Who draws each figure from a result: (directory, JSON file) -> plot(result, directory).

@@ -169,22 +169,22 @@ def test_hostile_requests_to_a_server_and_the_scheduler(tmp_path):
                     ("completion of a shard that does not exist", lambda: sched.Complete(
                         scheduler_pb2.CompleteRequest(
                             worker_id=worker.worker_id,
-                            task=scheduler_pb2.Task(epoch=99, shard=7)),
-                        timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "no task"),
+                            task=scheduler_pb2.Task(epoch=99, shard=7, lease_id="x")),
+                        timeout=10), INVALID, "no task"),
                     ("evaluation of an epoch the job has not", lambda: sched.ReportEvaluation(
                         scheduler_pb2.EvaluationRequest(
                             worker_id=worker.worker_id, epoch=500, accuracy=0.5),
-                        timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "no epoch"),
+                        timeout=10), INVALID, "no epoch"),
                     ("accuracy above 1", lambda: sched.ReportEvaluation(
                         scheduler_pb2.EvaluationRequest(
                             worker_id=worker.worker_id, epoch=0, accuracy=7.0),
-                        timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "accuracy"),
+                        timeout=10), INVALID, "accuracy"),
                     ("leave of an unknown worker", lambda: sched.Leave(
                         scheduler_pb2.WorkerLeaveRequest(worker_id="ghost"), timeout=10),
                      grpc.StatusCode.NOT_FOUND, "unknown worker"),
                     ("garbage bytes to the scheduler", lambda: s_channel.unary_unary(
                         "/ps.Scheduler/Lease")(b"\xff\xff\xff", timeout=10),
-                     grpc.StatusCode.UNKNOWN, "error parsing"),  # from gRPC, before any handler
+                     INVALID, "cannot parse LeaseRequest"),
                 ]  # fmt: skip
                 for name, call, code, message in cases:
                     error = raw(call)

@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from protos import listen, observability, parent, security
@@ -149,8 +150,9 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     try:
         on_end = (lambda _job_id: checkpointer.discard()) if checkpointer else None
+        on_init = first_checkpoint(checkpointer) if checkpointer else None
         server, port, health_servicer = await start_server(
-            store, address, config, args.security, metrics, on_end
+            store, address, config, args.security, metrics, on_end, on_init
         )
     except RuntimeError as e:  # taken meanwhile, or not an address of this host
         print(listen.cannot_listen("ps-server", args.host, args.port, e), file=sys.stderr)
@@ -177,6 +179,30 @@ async def serve(args: argparse.Namespace) -> int:
     if socket_path:
         socket_path.unlink(missing_ok=True)
     return 0
+
+
+def first_checkpoint(checkpointer: Checkpointer) -> Callable[[], Awaitable[None]]:
+    """What an Init awaits before its answer: a job without a checkpoint yet gets one, so a
+    server killed at any moment after an acknowledged Init comes back holding the job (the
+    periodic checkpoints start only after the first update)."""
+    lock = asyncio.Lock()
+
+    async def first() -> None:
+        async with lock:  # concurrent Inits of one job: one writes, all wait for it
+            if checkpointer.written_version is not None:
+                return
+            snap = checkpointer.snapshot()
+            if snap is None:
+                return
+            try:
+                path = await asyncio.to_thread(checkpointer.save, snap)
+            except OSError as e:
+                log.error("first checkpoint failed: %s", e)
+                return
+            if path is not None:
+                log.info("checkpoint at version %d: %s", snap.version, path)
+
+    return first
 
 
 async def checkpoint_loop(checkpointer: Checkpointer, stop: asyncio.Event) -> None:

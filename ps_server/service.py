@@ -91,10 +91,12 @@ class ParameterService:
         config: ServiceConfig | None = None,
         metrics: ServerMetrics | None = None,
         on_end: Callable[[str], None] | None = None,
+        on_init: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
         self.on_end = on_end  # deletes an ended job's checkpoints; OSError: the job stays
+        self.on_init = on_init  # makes an initialised job survive a crash, before Init answers
         self.config = config or ServiceConfig()
         self.changed = asyncio.Condition()
         self.segments = SegmentCache(self.config.shm_dir) if self.config.shm_dir else None
@@ -149,6 +151,8 @@ class ParameterService:
         if self.store.job is None:  # a first Init builds the parameters, off the event loop
             params = await self._await(context, asyncio.to_thread(FlatParams.initial, job, chunks))
         created = await self._call(context, lambda: self.store.initialise(job, chunks, params))
+        if self.on_init is not None:  # every Init: one that finds the job waits for it too
+            await self.on_init()
         if created:
             log.info(
                 "initialised job %s: %d parts, %d bytes, mode %s",
@@ -489,13 +493,15 @@ async def start_server(
     security: ServerSecurity | None = None,
     metrics: ServerMetrics | None = None,
     on_end: Callable[[str], None] | None = None,
+    on_init: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Create, bind and start a server; ``address`` may use port 0. Returns the bound port.
-    ``on_end`` is called with a job's id when EndJob ends it (to delete its checkpoints)."""
+    ``on_end`` is called with a job's id when EndJob ends it (to delete its checkpoints);
+    ``on_init`` is awaited before an Init is answered (to write the job's first checkpoint)."""
     config = config or ServiceConfig()
     security = security or ServerSecurity()
     server = new_server(config.max_message_bytes, security.interceptors())
-    service = ParameterService(store, config, metrics, on_end)
+    service = ParameterService(store, config, metrics, on_end, on_init)
     server.add_generic_rpc_handlers([generic_handler(service)])
     extra = [config.unix_socket] if config.unix_socket else []
     port, health_servicer = await start_with_health(

@@ -86,3 +86,27 @@ def test_sigterm_and_restart_on_the_checkpoint_loses_no_acknowledged_push(tmp_pa
     finally:
         for d in daemons:
             d.stop()
+
+
+def test_a_server_killed_right_after_an_acknowledged_init_comes_back_holding_the_job(tmp_path):
+    """Before any update there was no checkpoint: a server SIGKILLed then came back empty and
+    every worker failed on 'the model is not initialised'. An Init is answered only once the
+    job's first checkpoint is written."""
+    checkpoints = tmp_path / "ckpt"
+    daemon = start_server(tmp_path / "s.log", checkpoints)
+    init = {"w": torch.arange(10, dtype=torch.float32)}
+    config = ClientConfig(retries=40, max_backoff_s=0.5)
+    try:
+        with Client([daemon.address], job_id="early", worker_id="init", config=config) as c:
+            c.init(init, mode="async", optimizer="sgd", lr=1.0)
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        port = int(daemon.address.rsplit(":", 1)[1])
+        daemon = start_server(tmp_path / "s2.log", checkpoints, port)
+        with Client([daemon.address], job_id="early", worker_id="w0", config=config) as c:
+            status = c.status()[0]
+            assert status.initialised and status.config.job_id == "early"
+            c.push({"w": torch.ones(10)})
+            assert torch.equal(c.pull()["w"], init["w"] - 1)
+    finally:
+        daemon.stop()

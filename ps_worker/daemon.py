@@ -117,6 +117,7 @@ class WorkerDaemon:
         # The lease this worker works on, from the Lease reply that granted it until the
         # scheduler acknowledged (or refused) its completion: what the heartbeats report.
         self.working: tuple[str, ...] = ()
+        self.client: Client | None = None  # made once registered
 
     def run(self) -> int:
         reply = self.link.call(
@@ -133,22 +134,24 @@ class WorkerDaemon:
             self.spec.model,
             self.device,
         )
-        self.model = build_model(self.spec.model, self.spec.seed).to(self.device)
-        self.client = Client(
-            list(self.spec.servers),
-            job_id=self.spec.job_id,
-            worker_id=self.worker_id,
-            config=ClientConfig(security=self.options.security),
-        )
+        # Heartbeats from registration on: building the model, waiting for the servers or
+        # an Init may take longer than the lease timeout, and a silent worker is declared dead.
         heartbeats = threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat")
+        heartbeats.start()
         try:
+            self.model = build_model(self.spec.model, self.spec.seed).to(self.device)
+            self.client = Client(
+                list(self.spec.servers),
+                job_id=self.spec.job_id,
+                worker_id=self.worker_id,
+                config=ClientConfig(security=self.options.security),
+            )
             self.client.wait_for_servers(self.options.scheduler_timeout_s)
             settings = self.spec.job_settings(self.manifest.batches_per_epoch(self.spec.batch_size))
             created = self.client.init(self.model, settings)
             if created:
                 log.info("initialised the model on %d server(s)", len(self.spec.servers))
             log.info("job settings: %s", settings.describe())
-            heartbeats.start()
             self._loop()
             self.link.call("Leave", scheduler_pb2.WorkerLeaveRequest(worker_id=self.worker_id))
             return 0
@@ -156,7 +159,8 @@ class WorkerDaemon:
             self.stop.set()
             if heartbeats.is_alive():  # never leave a thread inside gRPC as the process exits
                 heartbeats.join(self.spec.lease_timeout_s)
-            self.client.close()
+            if self.client is not None:
+                self.client.close()
             self.link.close()
 
     def _loop(self) -> None:
@@ -290,7 +294,7 @@ class WorkerDaemon:
         while not self.stop.wait(period):
             request = scheduler_pb2.HeartbeatRequest(
                 worker_id=self.worker_id,
-                clock=self.client.clock,
+                clock=self.client.clock if self.client is not None else 0,
                 samples_per_s=self.samples_per_s,
                 lease_ids=self.working,
             )

@@ -211,9 +211,11 @@ async def checkpoint_loop(checkpointer: Checkpointer, stop: asyncio.Event) -> No
     The snapshot is taken on the event loop, between two requests, so it is
     consistent; the file is written on a thread while the server goes on.
     """
+    every = checkpointer.every.seconds
+    poll = min(1.0, every) if every else 1.0  # a checkpoint is never later than its interval
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.wait_for(stop.wait(), poll)
         if stop.is_set() or not checkpointer.due():
             continue
         snap = checkpointer.snapshot()

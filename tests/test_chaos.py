@@ -54,6 +54,7 @@ def test_plans_derive_from_the_seed_alone():
     assert chaoskit.round_per_mode(SEED) == PLANS
     kinds = {"+".join(role for role, _ in p.victims) for p in PLANS}
     assert len(kinds) == len(chaoskit.MODES)  # a different victim in each mode
+    assert {"worker", "server", "scheduler"} < kinds  # every row of the README's Faults
     for p in PLANS:
         assert 2 <= p.after_shards < chaoskit.EPOCHS * chaoskit.SHARDS
 

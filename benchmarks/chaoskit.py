@@ -182,7 +182,9 @@ def run_round(p: Plan, data: Path, work: Path, timeout_s: float = JOB_TIMEOUT_S)
     out = Outcome(p, work_dir=str(work))
     spec = chaos_spec(data, p.mode)
     started = time.monotonic()
-    cluster = LocalCluster(spec, work, WORKERS, num_servers=SERVERS, checkpoint_every=CHECKPOINT_EVERY)
+    cluster = LocalCluster(
+        spec, work, WORKERS, num_servers=SERVERS, checkpoint_every=CHECKPOINT_EVERY
+    )
 
     def phase(name: str) -> None:
         out.phases[name] = round(time.monotonic() - started - sum(out.phases.values()), 2)

@@ -189,45 +189,36 @@ def first_checkpoint(checkpointer: Checkpointer) -> Callable[[], Awaitable[None]
 
     async def first() -> None:
         async with lock:  # concurrent Inits of one job: one writes, all wait for it
-            if checkpointer.written_version is not None:
-                return
-            snap = checkpointer.snapshot()
-            if snap is None:
-                return
-            try:
-                path = await asyncio.to_thread(checkpointer.save, snap)
-            except OSError as e:
-                log.error("first checkpoint failed: %s", e)
-                return
-            if path is not None:
-                log.info("checkpoint at version %d: %s", snap.version, path)
+            if checkpointer.written_version is None:
+                await save_checkpoint(checkpointer)
 
     return first
 
 
-async def checkpoint_loop(checkpointer: Checkpointer, stop: asyncio.Event) -> None:
-    """Write a checkpoint whenever one is due, until stopped.
+async def save_checkpoint(checkpointer: Checkpointer) -> None:
+    """Snapshot the store on the event loop, between two requests, so it is consistent;
+    write the file on a thread while the server goes on (an error is logged)."""
+    snap = checkpointer.snapshot()
+    if snap is None:
+        return
+    try:
+        path = await asyncio.to_thread(checkpointer.save, snap)
+    except OSError as e:
+        log.error("checkpoint failed: %s", e)
+        return
+    if path is not None:  # None: the job was ended meanwhile
+        log.info("checkpoint at version %d: %s", snap.version, path)
 
-    The snapshot is taken on the event loop, between two requests, so it is
-    consistent; the file is written on a thread while the server goes on.
-    """
+
+async def checkpoint_loop(checkpointer: Checkpointer, stop: asyncio.Event) -> None:
+    """Write a checkpoint whenever one is due, until stopped."""
     every = checkpointer.every.seconds
     poll = min(1.0, every) if every else 1.0  # a checkpoint is never later than its interval
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), poll)
-        if stop.is_set() or not checkpointer.due():
-            continue
-        snap = checkpointer.snapshot()
-        if snap is None:
-            continue
-        try:
-            path = await asyncio.to_thread(checkpointer.save, snap)
-        except OSError as e:
-            log.error("checkpoint failed: %s", e)
-            continue
-        if path is not None:  # None: the job was ended meanwhile
-            log.info("checkpoint at version %d: %s", snap.version, path)
+        if not stop.is_set() and checkpointer.due():
+            await save_checkpoint(checkpointer)
 
 
 def unix_socket_path(choice: str) -> Path | None:

@@ -26,7 +26,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --durations=15
 
 # MNIST-1D on a local cluster: 2 servers, 4 workers, bounded staleness; prints the accuracy
 # and writes the trained model to $(DEMO_DIR)/model.safetensors.

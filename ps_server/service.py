@@ -426,7 +426,7 @@ class ParameterService:
             if pull.observe:
                 self.store.check_job(pull.job_id)
             else:
-                self.store.check_contact(pull.job_id, pull.worker_id, pull.session)
+                self.store.check_contact(pull.job_id, pull.worker_id, pull.session, pull.clock)
 
     # ------------------------------------------------------------ shared memory
 

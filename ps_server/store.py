@@ -65,9 +65,8 @@ from ps_server.records import (
     WorkerState,
 )
 from ps_server.sessions import LIVENESS_S, EndedSessions, Sessions
-from ps_server.workers import Workers
+from ps_server.workers import NAMED, Workers, named
 
-NAMED = 8  # workers a waiting pull's reason names
 WAITING_LISTED = 1000  # waiting pulls Status lists
 
 
@@ -267,7 +266,7 @@ class ParameterStore:
             return PullDecision(
                 False,
                 f"sync step {self._version}: have {self._active_contributors()} of {required} "
-                f"required gradients; waiting for {_names(missing)}",
+                f"required gradients; waiting for {named(missing[:NAMED], len(missing))}",
                 missing[:NAMED],
             )
         if job.settings.mode is Mode.SSP:
@@ -278,8 +277,8 @@ class ParameterStore:
             )
             if not behind:
                 return PullDecision(True)
-            clocks = _names([f"{w} at clock {self._workers[w].clock}" for w in behind[:NAMED]])
-            clocks += f" and {len(behind) - NAMED} more" if len(behind) > NAMED else ""
+            first = [f"{w} at clock {self._workers[w].clock}" for w in behind[:NAMED]]
+            clocks = named(first, len(behind))
             return PullDecision(
                 False,
                 f"ssp clock {c} (staleness {job.settings.staleness}): waiting for {clocks} "
@@ -302,8 +301,7 @@ class ParameterStore:
         if observe:
             record = self._workers.get(worker_id)
         else:
-            record = self._contact(worker_id, session)
-            self._workers.check_claim(worker_id, clock)
+            record = self.check_contact(job_id, worker_id, session, clock)
             record = record or self._workers.join(worker_id)
             if clock > record.clock:  # pushes this server lost (ps_server.clocks)
                 record = self._workers[worker_id] = replace(record, clock=clock)
@@ -362,10 +360,18 @@ class ParameterStore:
         backup = self._held_job().settings.backup_workers
         return max(1, len(self.active_workers()) - backup)
 
-    def check_contact(self, job_id: str, worker_id: str, session: str) -> None:
-        """Raise what a push or pull by this client would be refused with, changing nothing."""
+    def check_contact(
+        self, job_id: str, worker_id: str, session: str, clock: int = 0
+    ) -> WorkerState | None:
+        """Raise what a pull (taking part) by this client at ``clock`` would be refused with,
+        changing nothing (a step checks its pull before applying its push); the record it
+        continues, None when the worker joins."""
         self.check_job(job_id, session)
-        self._contact(worker_id, session)
+        record = self._contact(worker_id, session)
+        self._workers.check_claim(worker_id, clock)
+        if worker_id not in self._workers:
+            self._workers.check_room(1)
+        return record
 
     def _contact(self, worker_id: str, session: str) -> WorkerState | None:
         """The record a push or pull by this client continues; None when the worker joins
@@ -509,11 +515,3 @@ class ParameterStore:
     def _held_job(self) -> Job:
         assert self._job is not None, "checked by check_job"
         return self._job
-
-
-def _names(workers: Sequence[str]) -> str:
-    """At most :data:`NAMED` of them, and how many more (a reply stays small)."""
-    if not workers:
-        return "no active worker (set the membership)"
-    more = f" and {len(workers) - NAMED} more" if len(workers) > NAMED else ""
-    return ", ".join(workers[:NAMED]) + more

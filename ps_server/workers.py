@@ -11,6 +11,15 @@ from ps_server.errors import InvalidArgument, ResourceExhausted
 from ps_server.records import WorkerState
 
 MAX_WORKERS = Limits().max_workers  # worker ids a job may hold on a server
+NAMED = 8  # workers a waiting pull's reason names (a reply stays small)
+
+
+def named(first: Sequence[str], total: int) -> str:
+    """The first (at most :data:`NAMED`) of ``total`` workers, and how many more."""
+    if not total:
+        return "no active worker (set the membership)"
+    more = f" and {total - len(first)} more" if total > len(first) else ""
+    return ", ".join(first) + more
 
 
 class Workers(dict[str, WorkerState]):

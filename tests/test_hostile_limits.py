@@ -87,6 +87,7 @@ def test_a_step_or_shm_step_whose_pull_is_refused_applies_no_push(tmp_path):
             for pull in (
                 ps_pb2.PullRequest(job_id="nope", worker_id="w", observe=True),
                 ps_pb2.PullRequest(job_id="job", worker_id="w", observe=True, clock=1 << 63),
+                ps_pb2.PullRequest(job_id="job", worker_id="w", clock=1 << 21),  # too far ahead
             ):
                 step.pull.CopyFrom(pull)
                 (frames,) = stream_frames(step, job, grads(1.0))

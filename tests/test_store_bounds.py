@@ -6,8 +6,8 @@ import pytest
 
 from ps_server.errors import ResourceExhausted
 from ps_server.records import Waiter
-from ps_server.store import NAMED, WAITING_LISTED
-from ps_server.workers import MAX_WORKERS
+from ps_server.store import WAITING_LISTED
+from ps_server.workers import MAX_WORKERS, NAMED
 from tests.storekit import new_store, push
 
 

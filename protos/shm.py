@@ -123,7 +123,7 @@ class SegmentFile:
     @classmethod
     def open(cls, directory: str, name: str, min_size: int) -> SegmentFile:
         """Open an existing segment a client created; SegmentError unless it is a safe one."""
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise SegmentError(f"bad segment name {name!r}")
         path = os.path.join(directory, name)
         try:
@@ -131,10 +131,10 @@ class SegmentFile:
         except OSError as e:
             raise SegmentError(f"cannot open segment {name!r}: {e.strerror}") from None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size < min_size:
-            os.close(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size < min_size or info.st_nlink != 1:
+            os.close(fd)  # (a second link: the name may lead to a file that is not a segment)
             raise SegmentError(
-                f"segment {name!r} is not a regular file of at least {min_size} bytes"
+                f"segment {name!r} is not a regular file of at least {min_size} bytes with one name"
             )
         return cls(name, fd, info.st_size)
 

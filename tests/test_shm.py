@@ -49,7 +49,10 @@ def test_open_accepts_only_our_regular_files_of_the_size_needed(tmp_path):
         (tmp_path / "other").write_bytes(b"x" * 512)
         os.symlink(tmp_path / "other", tmp_path / "gradstore-link")
         (tmp_path / "gradstore-dir").mkdir()
+        os.link(tmp_path / "other", tmp_path / "gradstore-hard")  # another file's second name
         for name, error in [
+            ("gradstore-hard", "with one name"),
+            (f"{made.name}\n", "bad segment name"),
             ("../other", "bad segment name"),
             ("other", "bad segment name"),
             ("gradstore-a/b", "bad segment name"),

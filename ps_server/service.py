@@ -183,10 +183,13 @@ class ParameterService:
         return self._push_budget[1]
 
     async def Pull(self, request: ps_pb2.PullRequest, context) -> AsyncIterator[bytes]:
-        """A pull answered as a stream of frames of about chunk_bytes each."""
+        """A pull answered as a stream of frames of about chunk_bytes each, all encoded
+        before the first is sent: a push applied while the client reads cannot tear it."""
         header, pieces = await self._pull(request, context)
-        for frame in encode_frames(header.SerializeToString(), pieces, self.config.chunk_bytes):
-            yield frame
+        frames = list(encode_frames(header.SerializeToString(), pieces, self.config.chunk_bytes))
+        frames.reverse()
+        while frames:  # each frame freed once sent
+            yield frames.pop()
 
     async def Step(self, message: bytes, context) -> bytes:
         """A push, then the pull that follows it, in one message each way."""

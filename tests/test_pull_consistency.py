@@ -1,0 +1,41 @@
+"""A streamed pull is one version of the weights, however slowly its client reads it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from protos import ps_pb2
+from protos.codec import decode_frame
+from protos.job import Job, Settings
+from protos.layout import TensorSpec, plan_layout
+from protos.optimizers import SGD
+from ps_server.store import ParameterStore
+from tests.storekit import frames as stream_frames
+from tests.test_hostile_limits import serving
+
+VALUES = 4 << 20  # 16 MiB of float32: many frames, more than the transport buffers ahead
+
+
+@pytest.mark.timeout(60)
+def test_a_push_while_a_pull_streams_does_not_tear_it():
+    """Trap: the frames were encoded as they were sent, from live views of the weights, so
+    a push applied between two frames gave one pull the weights of two versions."""
+    settings = Settings(optimizer=SGD(), lr=1.0)
+    specs = [TensorSpec("w", "float32", (VALUES,))]
+    job = Job("job", settings, plan_layout(specs, 1, settings.part_bytes))
+    with serving(ParameterStore(), chunk_bytes=1 << 20) as s:
+        config = ps_pb2.InitHeader(config=job.to_proto())
+        s.calls.init(iter(stream_frames(config, job, {"w": torch.zeros(VALUES)})), timeout=30)
+        request = ps_pb2.PullRequest(job_id="job", worker_id="reader", observe=True)
+        stream = s.calls.pull(request, timeout=30)
+        first = next(stream)  # the pull has begun: its version is chosen
+        gradient = ps_pb2.PushHeader(job_id="job", worker_id="writer", clock=1, session="s")
+        reply = s.calls.push(iter(stream_frames(gradient, job, {"w": -torch.ones(VALUES)})))
+        assert reply.applied  # SGD, lr 1: the weights are 1 from now on
+        frames = [decode_frame(m) for m in [first, *stream]]
+    header = ps_pb2.PullHeader.FromString(bytes(frames[0].header))
+    values = np.concatenate([np.frombuffer(c.data, np.float32) for f in frames for c in f.chunks])
+    assert values.size == VALUES
+    assert header.version == 0 and np.all(values == 0.0), np.unique(values)

@@ -106,8 +106,13 @@ class Daemon:
                 f"{name} printed nothing within {START_TIMEOUT_S}s; see {self.log.name}"
             ) from None
         if line is None or " listening on " not in line:
-            self.stop()
-            said = self.last_log_line() or f"it printed {line!r}"
+            code, last = self.stop(), self.last_log_line()
+            if line is None and (not last or code is None or code < 0):  # killed at start
+                said = f"it exited with code {code} before it listened" + (
+                    f"; its last log line: {last}" if last else ""
+                )
+            else:  # its own error, in its last log line
+                said = last or f"it printed {line!r}"
             raise RuntimeError(f"{name} did not start: {said} (see {self.log.name})")
         return line.rsplit(" ", 1)[1]
 

@@ -108,6 +108,18 @@ def test_a_daemon_that_does_not_start_says_its_own_error(tmp_path):
     assert "None" not in message and "scheduler.log" in message
 
 
+@pytest.mark.timeout(60)
+def test_a_daemon_killed_before_it_listened_says_so(tmp_path):
+    """Trap: "ps-server did not start: it printed None" for a server SIGKILLed at start."""
+    daemon = Daemon([str(BIN / "ps-server"), "--port", "0"], tmp_path / "server.log")
+    daemon.proc.kill()
+    with pytest.raises(RuntimeError) as info:
+        assert daemon.address
+    message = str(info.value)
+    assert "exited with code -9 before it listened" in message, message
+    assert "None" not in message
+
+
 def test_bad_arguments_give_one_line_and_no_traceback():
     result = subprocess.run(
         [str(BIN / "ps-server"), "--port", "70000"], capture_output=True, text=True, timeout=60

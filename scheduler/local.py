@@ -16,9 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from protos import scheduler_pb2, scheduler_pb2_grpc
 from protos.jobspec import JobSpec, job_variables
 from protos.orphans import sweep_leftovers
 from protos.security import TOKEN_ENV, ClientSecurity
@@ -35,6 +32,7 @@ from scheduler.lifecycle import (
     clear_previous_run,
     first_unused,
 )
+from scheduler.status import Unreachable, fetch_progress
 
 __all__ = ["POLL_S", "SHARED_CORES_ENV", "LocalCluster"]
 
@@ -211,12 +209,8 @@ class LocalCluster:
         """The scheduler's progress, or None while it cannot be reached."""
         assert self.scheduler is not None
         try:
-            with self.security.channel(self.scheduler.address, []) as channel:
-                reply = scheduler_pb2_grpc.SchedulerStub(channel).Progress(
-                    scheduler_pb2.ProgressRequest(), timeout=5
-                )
-            return json.loads(reply.progress_json)
-        except grpc.RpcError:
+            return fetch_progress(self.scheduler.address, self.security, timeout_s=5)
+        except Unreachable:
             return None
 
     def server_status(self) -> list:

@@ -46,6 +46,12 @@ class InvalidRequest(StateError):
     code = "INVALID_ARGUMENT"
 
 
+class TooManyWorkers(StateError):
+    """A registration beyond the workers a job may have (every one is in Progress)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class OtherJob(StateError):
     """The state file holds another job."""
 

@@ -267,7 +267,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Progress(self, request, context):
         progress = self.state.progress(self.now())
         return scheduler_pb2.ProgressResponse(
-            progress_json=json.dumps(dataclasses.asdict(progress))
+            progress_json=json.dumps(dataclasses.asdict(progress), ensure_ascii=False)
         )
 
     async def watch(self, stop: asyncio.Event) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Collection
 
 import numpy as np
 
+from protos.job import Limits
 from protos.jobspec import JobSpec
 from scheduler.evaluations import Evaluations
 from scheduler.records import (
@@ -38,8 +39,11 @@ from scheduler.records import (
     Progress,
     StateError,
     Task,
+    TooManyWorkers,
     UnknownWorker,
 )
+
+MAX_WORKERS = Limits().max_workers  # registrations a job takes, the dead ones included
 
 
 class SchedulerState(Evaluations):
@@ -110,6 +114,8 @@ class SchedulerState(Evaluations):
     def register(self, host: str, device: str, now: float) -> str:
         """A new worker (a restarted process is a new worker); returns its id."""
         n = self.db.execute("SELECT COUNT(*) FROM workers").fetchone()[0]
+        if n >= MAX_WORKERS:
+            raise TooManyWorkers(f"this job has had {n} workers, its limit; start a new job")
         worker_id = f"w{n}-{uuid.uuid4().hex[:6]}"
         with self._tx():
             self.db.execute(

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from protos import rpc, scheduler_pb2_grpc
 from protos import scheduler_pb2 as pb
-from protos import scheduler_pb2_grpc
 from protos.job import Limits
 from protos.jobspec import JobSpec
+from protos.security import ClientSecurity
 from scheduler.records import InvalidRequest
 from scheduler.requests import check
 from scheduler.service import start_scheduler
 from scheduler.state import Completion, SchedulerState
+from scheduler.status import fetch_progress
 
 SHARDS = 4
 TOO_LONG = "w" * (Limits().max_id_chars + 1)
@@ -48,6 +50,7 @@ class World:
     pending: tuple[int, int]
     done: pb.Task  # a completed epoch-0 shard, with its figures below
     done_request: pb.CompleteRequest
+    address: str = ""
 
 
 def wire(task) -> pb.Task:
@@ -98,7 +101,7 @@ def world() -> Iterator[World]:
     server, port, service, _ = asyncio.run_coroutine_threadsafe(
         start_scheduler(state, "127.0.0.1:0"), loop
     ).result(30)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=rpc.channel_options())
     try:
         yield World(
             state,
@@ -112,6 +115,7 @@ def world() -> Iterator[World]:
             c_task,
             pending,
             *first[0],
+            f"127.0.0.1:{port}",
         )
     finally:
         channel.close()
@@ -305,3 +309,19 @@ def test_a_diverged_models_infinite_loss_is_a_loss_and_nan_is_not():
     check(evaluation("w", 0, loss=float("inf")))
     with pytest.raises(InvalidRequest, match="loss nan"):
         check(evaluation("w", 0, loss=float("nan")))
+
+
+def test_registrations_beyond_the_limit_are_refused_and_a_full_progress_is_read(world, monkeypatch):
+    """Trap: 900 registrations of 256-emoji hosts made Progress 5.6 MB; ps-cluster read it
+    over a channel with gRPC's 4 MiB default, took the refusal for an unreachable scheduler
+    and reported a finished job as failed. The registrations had no limit."""
+    import scheduler.state
+
+    host = "\U0001f600" * Limits().max_id_chars
+    for _ in range(2500):  # about 5 MB of Progress, as the attack's
+        world.stub.Register(pb.RegisterRequest(host=host, device=host), timeout=10)
+    progress = fetch_progress(world.address, ClientSecurity())
+    assert len(progress["workers"]) == 2503 and progress["workers"][-1]["host"] == host
+    monkeypatch.setattr(scheduler.state, "MAX_WORKERS", 2503)
+    too_many = grpc.StatusCode.RESOURCE_EXHAUSTED
+    refused(world, "Register", pb.RegisterRequest(host="h"), too_many, "2503 workers, its limit")

@@ -32,7 +32,7 @@ ADDRESSES = "cluster.json"  # where `ps-cluster status` finds the scheduler
 CHECKPOINTS = "checkpoints"  # one directory per server: server0, server1, ...
 GENERATED = re.compile(
     r"scheduler\.db(-wal|-shm|\.lock)?|cluster-job\.json|cluster\.json"
-    r"|scheduler\d*\.log|server\d+(-\d+)?\.log|worker\d+\.log"
+    r"|scheduler\d*\.log|server\d+(-\d+)?\.log|worker\d+(-\d+)?\.log"
 )
 SERVER_CHECKPOINTS = re.compile(r"server\d+")
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)

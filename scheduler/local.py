@@ -136,8 +136,8 @@ class LocalCluster:
             self.swept += sweep_leftovers()
 
     def _supervise(self) -> None:
-        """Restart a server or the scheduler that exited, or raise if that is off; sweep
-        what a child that died left behind."""
+        """Restart a server or the scheduler that exited, or raise if that is off; replace a
+        worker killed by a signal (when restarts are on); sweep what a dead child left."""
         self._sweep_after_deaths()
         for i, d in enumerate(self.server_daemons):
             if d.proc.poll() is None:
@@ -159,6 +159,12 @@ class LocalCluster:
             self.scheduler.stop()
             self.start_scheduler()
             self._restarted(f"{what}; restarted on its state file")
+        for i, d in enumerate(self.worker_daemons):
+            code = d.proc.poll()
+            if code is not None and code < 0 and self.restart_on_failure:
+                # killed by a signal (one that failed by itself, or finished, stays down)
+                self.worker_daemons[i] = self._worker(i)
+                self._restarted(f"worker {i} was killed (code {code}); a new worker replaces it")
 
     def _restarted(self, message: str) -> None:
         self.restarts.append(message)
@@ -188,7 +194,12 @@ class LocalCluster:
         return self.scheduler
 
     def add_worker(self) -> Daemon:
-        i = len(self.worker_daemons)
+        daemon = self._worker(len(self.worker_daemons))
+        self.worker_daemons.append(daemon)
+        return daemon
+
+    def _worker(self, i: int) -> Daemon:
+        """A ps-worker process for slot i (it registers as a new worker)."""
         assert self.scheduler is not None
         argv = [
             str(BIN / "ps-worker"),
@@ -201,9 +212,8 @@ class LocalCluster:
         ]
         if self.slowdown.get(i):
             argv += ["--slowdown", str(self.slowdown[i])]
-        daemon = self._daemon(argv, self.work_dir / f"worker{i}.log", self.env)
-        self.worker_daemons.append(daemon)
-        return daemon
+        log = first_unused(self.work_dir, lambda n: f"worker{i}{f'-{n}' if n else ''}.log")
+        return self._daemon(argv, log, self.env)
 
     def progress(self) -> dict | None:
         """The scheduler's progress, or None while it cannot be reached."""
@@ -230,6 +240,7 @@ class LocalCluster:
                 on_progress(p)
             if p is not None and p["finished"]:
                 return p
+            self._supervise()
             running = [w for w in self.worker_daemons if w.proc.poll() is None]
             if not running and p is not None:
                 codes = [w.proc.returncode for w in self.worker_daemons]
@@ -241,7 +252,6 @@ class LocalCluster:
                 raise RuntimeError(
                     f"every worker exited (codes {codes}) before the job finished{said}"
                 )
-            self._supervise()
             time.sleep(POLL_S)  # polling the job's progress, not synchronising
         raise RuntimeError(f"the job did not finish within {timeout_s:.0f}s")
 

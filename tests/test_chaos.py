@@ -13,6 +13,7 @@ failure). ``python -m benchmarks.chaos`` runs many rounds.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tempfile
 import time
@@ -109,4 +110,17 @@ def test_a_failed_job_names_the_error_of_a_worker_that_failed_not_of_one_killed(
         cluster.worker_daemons[0].proc.send_signal(signal.SIGKILL)
         with pytest.raises(RuntimeError, match="every worker exited") as failed:
             cluster.wait(120)
-    assert MESSAGE in str(failed.value) and "worker1.log" in str(failed.value)
+    # worker 1's error, or that of worker 0's replacement (worker0-1.log): never the killed one's
+    assert MESSAGE in str(failed.value)
+    assert re.search(r"worker(1|0-1)\.log", str(failed.value)), failed.value
+
+
+def test_a_worker_killed_before_it_registered_is_replaced_and_the_job_finishes(data, tmp_path):
+    """Trap: leases wait until expected_workers have registered, so a worker killed before
+    it registered (the launcher did not replace workers) left the job waiting for ever."""
+    spec = chaoskit.chaos_spec(data, "async")
+    with LocalCluster(spec, tmp_path, chaoskit.WORKERS).start() as cluster:
+        cluster.worker_daemons[0].proc.send_signal(signal.SIGKILL)  # it is still starting
+        assert cluster.wait(60)["finished"]
+        assert cluster.restarts == ["worker 0 was killed (code -9); a new worker replaces it"]
+    assert (tmp_path / "worker0-1.log").exists()

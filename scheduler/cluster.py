@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         "--restart-on-failure",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="restart a crashed server (on its checkpoint) or scheduler (default on)",
+        help="restart a crashed server (on its checkpoint) or scheduler, and replace a killed "
+        "worker (default on)",
     )
     p.add_argument(
         "--straggler",

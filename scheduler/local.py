@@ -56,7 +56,7 @@ class LocalCluster:
     scheduler: Daemon | None = None
     worker_daemons: list[Daemon] = field(default_factory=list)
     token: str | None = None  # the job's shared token, given to every process
-    restart_on_failure: bool = True  # restart a crashed server (on its checkpoint) or scheduler
+    restart_on_failure: bool = True  # restart a crashed server or scheduler, replace a worker
     checkpoint_every: str = "5s"
     metrics: bool = False  # every daemon serves /metrics on a free port
     log_format: str = "text"  # or json

@@ -18,10 +18,8 @@ so the others stop waiting for it at once; :meth:`Client.join` also waits for
 every other worker to finish. Servers, worker id and token may come from the
 environment (:mod:`ps_worker.environment`).
 
-The parts: :mod:`ps_worker.protocol` (clock, versions, headers; no I/O),
-:mod:`ps_worker.payload` (tensor data in one description),
-:mod:`ps_worker.transport` (streams, the unary step, shared memory) and
-:mod:`ps_worker.routes` (which transport serves each server, and the fallback).
+The parts: :mod:`ps_worker.protocol` (clock, versions, headers; no I/O), ``payload``
+(tensor data), ``transport`` (streams, the unary step, shared memory), ``routes``.
 """
 
 from __future__ import annotations
@@ -52,6 +50,7 @@ from ps_worker.errors import (
     InvalidRequestError,
     PSError,
     ServerUnavailableError,
+    UnknownJobError,
     WaitTimeoutError,
     WorkerIdInUseError,
     from_rpc_error,
@@ -269,6 +268,9 @@ class Client:
                 raise PSError(
                     f"server {first} holds no model yet: some worker must call init() first"
                 )
+            held = reply.config.job_id
+            if held != self.job_id:
+                raise UnknownJobError(f"server {first} holds job {held!r}, not {self.job_id!r}")
             try:
                 self._set_job(Job.from_proto(reply.config))
             except Exception as e:

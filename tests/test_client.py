@@ -14,6 +14,7 @@ from ps_worker import (
     LrSchedule,
     PSError,
     StateError,
+    UnknownJobError,
 )
 from scheduler.launch import servers
 
@@ -109,6 +110,18 @@ def test_second_worker_learns_the_job_from_the_servers(addresses):
             weights = second.pull()
             for name, p in model.named_parameters():
                 assert torch.equal(weights[name], p.detach())
+
+
+def test_a_client_of_another_job_is_told_the_job_is_not_there(addresses):
+    """Trap: a client of job 'nosuch', with another model, was told its tensors did not
+    match the model of the job the servers held (the README promises NOT_FOUND)."""
+    with Client(addresses, job_id="held", worker_id="first") as first:
+        first.init(small_model())
+        with Client(addresses, job_id="nosuch", worker_id="w") as other:
+            other_model = torch.nn.Linear(4, 2)
+            for call in (other.pull_into, other.push_from, other.job):
+                with pytest.raises(UnknownJobError, match="holds job 'held', not 'nosuch'"):
+                    call(*([other_model] if call != other.job else []))
 
 
 def test_parameters_without_gradients_push_zeros(addresses):

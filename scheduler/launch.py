@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -115,6 +116,13 @@ class Daemon:
                 said = last or f"it printed {line!r}"
             raise RuntimeError(f"{name} did not start: {said} (see {self.log.name})")
         return line.rsplit(" ", 1)[1]
+
+    def how_it_ended(self) -> str:
+        """Why it exited: killed by a signal, or its own last log line (its error)."""
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}: {self.last_log_line()} (see {self.log.name})"
 
     def last_log_line(self) -> str:
         """The last line the daemon wrote to its log (its error, when it failed), or ""."""

@@ -185,8 +185,9 @@ class Terminated(Exception):
 @contextmanager
 def ending_signals_raise() -> Iterator[None]:
     """Within the block, the first SIGTERM or SIGHUP raises Terminated where the main
-    thread is, as Ctrl-C raises KeyboardInterrupt, so with-blocks stop the children;
-    further ones are ignored while they do."""
+    thread is, as Ctrl-C (SIGINT, even if it was ignored when the launcher started)
+    raises KeyboardInterrupt, so with-blocks stop the children; further ones are ignored
+    while they do."""
     fired = False
 
     def handler(signum: int, _frame: object) -> None:
@@ -196,6 +197,9 @@ def ending_signals_raise() -> Iterator[None]:
             raise Terminated(signum)
 
     previous = {s: signal.signal(s, handler) for s in ENDING_SIGNALS}
+    # Ctrl-C as Python's: a shell that runs `ps-cluster up &` from a script starts it with
+    # SIGINT ignored, and `kill -INT` did nothing
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:

@@ -144,7 +144,7 @@ class LocalCluster:
                 continue
             what = f"parameter server {i} exited with code {d.proc.returncode}"
             if not self.restart_on_failure:
-                raise RuntimeError(f"{what}: {d.last_log_line()} (see {d.log.name})")
+                raise RuntimeError(f"parameter server {i} {d.how_it_ended()}")
             d.stop()
             port = d.address.rsplit(":", 1)[1]
             self.server_daemons[i] = self._server(i, port)
@@ -153,9 +153,7 @@ class LocalCluster:
         if self.scheduler is not None and self.scheduler.proc.poll() is not None:
             what = f"the scheduler exited with code {self.scheduler.proc.returncode}"
             if not self.restart_on_failure:
-                raise RuntimeError(
-                    f"{what}: {self.scheduler.last_log_line()} (see {self.scheduler.log.name})"
-                )
+                raise RuntimeError(f"the scheduler {self.scheduler.how_it_ended()}")
             self.scheduler.stop()
             self.start_scheduler()
             self._restarted(f"{what}; restarted on its state file")

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -219,3 +220,19 @@ def test_many_waiting_pulls_do_not_starve_the_server(tmp_path):
         finally:
             for c in clients:
                 c.close()
+
+
+@pytest.mark.timeout(60)
+def test_how_a_daemon_ended_names_the_signal_that_killed_it_or_its_own_error(tmp_path):
+    """Trap: "parameter server 1 exited with code -9: ... INFO serving on ..." quoted a
+    start-up line as the reason of a server SIGKILLed (with --no-restart-on-failure)."""
+    code = "import sys, time; print('INFO serving', file=sys.stderr, flush=True); "
+    killed = Daemon([sys.executable, "-c", code + "time.sleep(60)"], tmp_path / "a.log")
+    failed = Daemon([sys.executable, "-c", code + "sys.exit('bad config')"], tmp_path / "b.log")
+    killed.proc.kill()
+    for d in (killed, failed):
+        d.proc.wait(30)
+    assert killed.how_it_ended() == "was killed by SIGKILL"
+    assert failed.how_it_ended().startswith("exited with code 1: bad config (see ")
+    for d in (killed, failed):
+        d.stop()

@@ -126,3 +126,16 @@ def test_sigterm_and_sighup_raise_where_the_launcher_is():
             pytest.fail(f"{sig.name} did not raise")
         assert info.value.exit_code == 128 + sig
     assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # restored
+
+
+def test_sigint_interrupts_a_launcher_started_with_it_ignored():
+    """Trap: `ps-cluster up &` from a script starts with SIGINT ignored: kill -INT did
+    nothing and the job trained on."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt), ending_signals_raise():
+            os.kill(os.getpid(), signal.SIGINT)
+            pytest.fail("SIGINT did not interrupt")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored
+    finally:
+        signal.signal(signal.SIGINT, before)

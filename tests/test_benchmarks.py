@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import benchmarks.chaos
 from benchmarks import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -172,3 +173,20 @@ def test_the_report_redraws_every_figure_the_readme_shows_from_the_json_alone(tm
     assert shown and sorted({Path(p).parent for p in shown}) == sorted(redrawn)
     for png in shown:
         assert Path(png).read_bytes()[:8] == PNG, png
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_chaos_runs_the_readmes_command_and_the_report_reads_its_json(tmp_path):
+    """The README's chaos command, cut to one round of one mode (the last flags win)."""
+    result = readme_run(
+        "benchmarks.chaos", tmp_path, "--rounds", "1", "--reference", "0", "--modes", "async",
+        flag="--rounds",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "chaos.json").read_text())
+    assert data["seed"] == 7 and len(data["rounds"]) == 1
+    (only,) = data["rounds"]
+    assert only["mode"] == "async" and only["survived"] and only["killed_at_done"] >= 2
+    table = benchmarks.chaos.markdown(data)
+    assert "| all |" in table and "1/1" in table

@@ -430,6 +430,10 @@ class ParameterService:
                 self.store.check_job(pull.job_id)
             else:
                 self.store.check_contact(pull.job_id, pull.worker_id, pull.session, pull.clock)
+        if push is not None and pull is not None and not pull.observe:  # what the push changes
+            if push.worker_id == pull.worker_id and push.session != pull.session:
+                raise InvalidArgument("a step's push and pull must carry the same session")
+            self.store.check_room([push.worker_id, pull.worker_id])
 
     # ------------------------------------------------------------ shared memory
 

@@ -364,14 +364,17 @@ class ParameterStore:
         self, job_id: str, worker_id: str, session: str, clock: int = 0
     ) -> WorkerState | None:
         """Raise what a pull (taking part) by this client at ``clock`` would be refused with,
-        changing nothing (a step checks its pull before applying its push); the record it
-        continues, None when the worker joins."""
+        changing nothing; the record it continues, None when the worker joins."""
         self.check_job(job_id, session)
         record = self._contact(worker_id, session)
         self._workers.check_claim(worker_id, clock)
         if worker_id not in self._workers:
             self._workers.check_room(1)
         return record
+
+    def check_room(self, worker_ids: Iterable[str]) -> None:
+        """ResourceExhausted if these workers, joining, would pass the job's limit."""
+        self._workers.check_room(len({w for w in worker_ids if w not in self._workers}))
 
     def _contact(self, worker_id: str, session: str) -> WorkerState | None:
         """The record a push or pull by this client continues; None when the worker joins

@@ -20,6 +20,7 @@ from protos.compression import Compression
 from protos.job import Job, JobError, Limits, Settings
 from protos.layout import TensorSpec
 from protos.shm import Segment, segment_slots
+from ps_server import workers
 from ps_server.flat import FlatParams
 from ps_server.service import ServiceConfig, start_server
 from ps_server.store import ParameterStore
@@ -29,6 +30,7 @@ from tests.storekit import grads, initial_values, new_store
 
 pytestmark = pytest.mark.timeout(90)
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @dataclass
@@ -77,7 +79,7 @@ def version(s: Served) -> int:
 # ---------------------------------------------------------------- 1: a refused step
 
 
-def test_a_step_or_shm_step_whose_pull_is_refused_applies_no_push(tmp_path):
+def test_a_step_or_shm_step_whose_pull_is_refused_applies_no_push(tmp_path, monkeypatch):
     store, job = new_store("async")
     _, size = segment_slots(job.layout, 0)
     segment = Segment.create(str(tmp_path), size)
@@ -96,6 +98,24 @@ def test_a_step_or_shm_step_whose_pull_is_refused_applies_no_push(tmp_path):
                 shm = ps_pb2.ShmStepRequest(segment=segment.name, push=header(), pull=pull)
                 error = refused(lambda shm=shm: s.calls.shm_step(shm, timeout=10))
                 assert error.code() in (grpc.StatusCode.NOT_FOUND, INVALID), error.details()
+            assert version(s) == 0 and status(s.calls).pushes_received == 0
+            # What the push would change refuses the pull: its session taking the worker
+            # id, or its worker taking the last place of the job's (the limit made 1 here).
+            store.set_membership("job", ["w"])
+            step = ps_pb2.StepHeader(push=header("A", session="s1"))
+            for pull, code in (
+                (ps_pb2.PullRequest(job_id="job", worker_id="A", session="s2"), INVALID),
+                (ps_pb2.PullRequest(job_id="job", worker_id="B", session="s3"), EXHAUSTED),
+            ):
+                step.pull.CopyFrom(pull)
+                (frames,) = stream_frames(step, job, grads(1.0))
+                with monkeypatch.context() as m:
+                    m.setattr(workers, "MAX_WORKERS", 2)
+                    error = refused(lambda frames=frames: s.calls.step(frames, timeout=10))
+                    assert error.code() == code, error.details()
+                    shm = ps_pb2.ShmStepRequest(segment=segment.name, push=step.push, pull=pull)
+                    error = refused(lambda shm=shm: s.calls.shm_step(shm, timeout=10))
+                    assert error.code() == code, error.details()
             assert version(s) == 0 and status(s.calls).pushes_received == 0
     finally:
         segment.unlink()

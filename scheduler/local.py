@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from scheduler.lifecycle import (
 from scheduler.status import Unreachable, fetch_progress
 
 __all__ = ["POLL_S", "SHARED_CORES_ENV", "LocalCluster"]
+
+WORKER_REPLACEMENTS = 3  # a slot's killed workers replaced in a row with no shard done
+RESTART_ATTEMPTS = 3  # restarts in a row of a server or the scheduler that did not start
 
 POLL_S = 0.25
 # One OpenMP thread per process: a local cluster's processes share the machine's cores, and
@@ -68,6 +72,9 @@ class LocalCluster:
     _claimed_here: bool = False
     _scheduler_port: str = "0"
     _seen_dead: set[int] = field(default_factory=set)  # children already swept after
+    _done: int = 0  # shards done when last seen: progress resets the counts below
+    _replaced: dict[int, int] = field(default_factory=dict)  # worker slot -> replacements
+    _failed_starts: int = 0  # restarts of a server or the scheduler that did not start
 
     def start(self) -> LocalCluster:
         """Start servers, the scheduler and the workers; on failure, stop what started."""
@@ -146,23 +153,47 @@ class LocalCluster:
             if not self.restart_on_failure:
                 raise RuntimeError(f"parameter server {i} {d.how_it_ended()}")
             d.stop()
-            port = d.address.rsplit(":", 1)[1]
-            self.server_daemons[i] = self._server(i, port)
-            assert self.server_daemons[i].address == d.address
-            self._restarted(f"{what}; restarted on its checkpoint")
+            address = self.spec.servers[i]
+            self.server_daemons[i] = self._server(i, address.rsplit(":", 1)[1])
+            if self._started(lambda d=self.server_daemons[i]: d.address):  # (the same port)
+                self._restarted(f"{what}; restarted on its checkpoint")
         if self.scheduler is not None and self.scheduler.proc.poll() is not None:
             what = f"the scheduler exited with code {self.scheduler.proc.returncode}"
             if not self.restart_on_failure:
                 raise RuntimeError(f"the scheduler {self.scheduler.how_it_ended()}")
             self.scheduler.stop()
-            self.start_scheduler()
-            self._restarted(f"{what}; restarted on its state file")
+            if self._started(self.start_scheduler):
+                self._restarted(f"{what}; restarted on its state file")
         for i, d in enumerate(self.worker_daemons):
             code = d.proc.poll()
-            if code is not None and code < 0 and self.restart_on_failure:
-                # killed by a signal (one that failed by itself, or finished, stays down)
-                self.worker_daemons[i] = self._worker(i)
-                self._restarted(f"worker {i} was killed (code {code}); a new worker replaces it")
+            if code is None or code >= 0 or not self.restart_on_failure:
+                continue  # running, finished, or failed by its own error: stays down
+            d.stop()  # (closes its log)
+            if self._replaced.get(i, 0) >= WORKER_REPLACEMENTS:
+                if self._replaced[i] == WORKER_REPLACEMENTS:
+                    self._replaced[i] += 1
+                    self._restarted(
+                        f"worker {i} was killed (code {code}) {WORKER_REPLACEMENTS + 1} times "
+                        "with no shard done meanwhile: not replaced again"
+                    )
+                continue
+            self._replaced[i] = self._replaced.get(i, 0) + 1
+            self.worker_daemons[i] = self._worker(i)
+            self._restarted(f"worker {i} was killed (code {code}); a new worker replaces it")
+
+    def _started(self, start: Callable[[], object]) -> bool:
+        """Whether a restart started (killed before it listened, it is tried again at the
+        next look, up to RESTART_ATTEMPTS times in a row)."""
+        try:
+            start()
+        except RuntimeError as e:
+            self._failed_starts += 1
+            if self._failed_starts > RESTART_ATTEMPTS:
+                raise
+            print(f"ps-cluster: {e}; trying again", file=sys.stderr, flush=True)
+            return False
+        self._failed_starts = 0
+        return True
 
     def _restarted(self, message: str) -> None:
         self.restarts.append(message)
@@ -236,7 +267,11 @@ class LocalCluster:
             p = self.progress()
             if p is not None and on_progress:
                 on_progress(p)
+            if p is not None and p["done"] > self._done:
+                self._done, self._replaced = p["done"], {}
             if p is not None and p["finished"]:
+                if self.restart_on_failure:  # a server killed at the end: up, to end the job
+                    self._supervise()
                 return p
             self._supervise()
             running = [w for w in self.worker_daemons if w.proc.poll() is None]

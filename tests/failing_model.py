@@ -1,10 +1,15 @@
 """A model for tests: it passes the launcher's one-batch check, then fails in a worker.
 
 ``ps-cluster up --model tests.failing_model:build`` (with the repository on PYTHONPATH)
-is a job that starts and then fails, as a job whose worker hits a bug does.
+is a job that starts and then fails, as a job whose worker hits a bug does;
+``tests.failing_model:aborting`` one whose worker dies of a signal (SIGABRT, as a crash
+in native code) as soon as it builds the model.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 from torch import nn
@@ -26,4 +31,10 @@ class FailsOnRealBatches(nn.Module):
 
 
 def build() -> nn.Module:
+    return FailsOnRealBatches()
+
+
+def aborting() -> nn.Module:
+    if "ps-worker" in sys.argv[0]:
+        os.abort()
     return FailsOnRealBatches()

@@ -24,7 +24,7 @@ import pytest
 from benchmarks import chaoskit
 from protos.orphans import SOCKET_PREFIX, SOCKET_SUFFIX, creator
 from protos.shm import SEGMENT_PREFIX, default_dir
-from scheduler.local import LocalCluster
+from scheduler.local import WORKER_REPLACEMENTS, LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(200)]
 
@@ -124,3 +124,43 @@ def test_a_worker_killed_before_it_registered_is_replaced_and_the_job_finishes(d
         assert cluster.wait(60)["finished"]
         assert cluster.restarts == ["worker 0 was killed (code -9); a new worker replaces it"]
     assert (tmp_path / "worker0-1.log").exists()
+
+
+def test_a_worker_killed_again_and_again_with_no_progress_is_not_replaced_for_ever(
+    data, tmp_path, monkeypatch
+):
+    """Trap: a worker dying of SIGABRT as it starts (a crash in native code) was replaced
+    42 times in 45 s, until the launcher's timeout (an hour by default)."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    spec = chaoskit.chaos_spec(data, "async", model="tests.failing_model:aborting")
+    cluster = LocalCluster(spec, tmp_path, 1)
+    with cluster.start(), pytest.raises(RuntimeError, match="every worker exited"):
+        cluster.wait(120)
+    replaced = [r for r in cluster.restarts if r.endswith("a new worker replaces it")]
+    assert len(replaced) == WORKER_REPLACEMENTS
+    assert cluster.restarts[-1] == (
+        f"worker 0 was killed (code -6) {WORKER_REPLACEMENTS + 1} times with no shard done "
+        "meanwhile: not replaced again"
+    )
+
+
+def test_a_restart_killed_before_it_listened_is_tried_again(data, tmp_path, monkeypatch):
+    """Trap: the scheduler SIGKILLed, then its replacement SIGKILLed before it listened:
+    the launcher's restart raised "did not start" and ended the job."""
+    spec = chaoskit.chaos_spec(data, "async")
+    cluster = LocalCluster(spec, tmp_path, chaoskit.WORKERS)
+    with cluster.start():
+        start, attempts = cluster.start_scheduler, []
+
+        def killed_at_the_first_attempt():
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise RuntimeError("ps-scheduler did not start: it exited with code -9")
+            return start()
+
+        monkeypatch.setattr(cluster, "start_scheduler", killed_at_the_first_attempt)
+        assert cluster.scheduler is not None
+        cluster.scheduler.proc.send_signal(signal.SIGKILL)
+        assert cluster.wait(90)["finished"]
+    assert len(attempts) == 2
+    assert cluster.restarts == ["the scheduler exited with code -9; restarted on its state file"]

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import NoReturn, TypeVar
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health
 
 from protos import ps_pb2
@@ -39,6 +38,7 @@ from protos.status import (
 from ps_server.errors import InvalidArgument, StoreError, WorkerIdInUse
 from ps_server.flat import FlatParams, PartKey
 from ps_server.metrics import ServerMetrics, Timer
+from ps_server.pullroom import PullRoom
 from ps_server.requests import (
     Budget,
     Reader,
@@ -50,6 +50,7 @@ from ps_server.requests import (
     read_header,
     status_reply,
 )
+from ps_server.segments import chunks_in, write_into
 from ps_server.store import ParameterStore, PullDecision, Waiter
 
 log = logging.getLogger("ps_server")
@@ -102,6 +103,7 @@ class ParameterService:
         self.segments = SegmentCache(self.config.shm_dir) if self.config.shm_dir else None
         self._segment_layout: tuple[Job, list[Slot], int, dict[PartKey, int]] | None = None
         self._push_budget: tuple[Job, Budget] | None = None
+        self.pull_room = PullRoom()
         self._publish()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
@@ -184,12 +186,21 @@ class ParameterService:
 
     async def Pull(self, request: ps_pb2.PullRequest, context) -> AsyncIterator[bytes]:
         """A pull answered as a stream of frames of about chunk_bytes each, all encoded
-        before the first is sent: a push applied while the client reads cannot tear it."""
-        header, pieces = await self._pull(request, context)
-        frames = list(encode_frames(header.SerializeToString(), pieces, self.config.chunk_bytes))
-        frames.reverse()
-        while frames:  # each frame freed once sent
-            yield frames.pop()
+        before the first is sent: a push applied while the client reads cannot tear it.
+        They are held within the server's room for pulls (:mod:`ps_server.pullroom`)."""
+        need = self.store.parameter_bytes()
+        if not await self.pull_room.reserve(need, self._wait_budget(context)):
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"busy: {self.pull_room.held} bytes of pulls are being sent; try again",
+            )
+        try:
+            header, pieces = await self._pull(request, context)
+            frames = encode_frames(header.SerializeToString(), pieces, self.config.chunk_bytes)
+            for frame in list(frames):
+                yield frame
+        finally:
+            self.pull_room.release(need)
 
     async def Step(self, message: bytes, context) -> bytes:
         """A push, then the pull that follows it, in one message each way."""
@@ -240,7 +251,7 @@ class ParameterService:
             # a copy in the server's buffer, which the next push reuses: nothing suspends
             # between this read and the push's apply
             data = await self._on_segment(context, lambda: self._read(segment, size))
-            push = await self._push(request.push, _chunks_in(data, slots, job), context)
+            push = await self._push(request.push, chunks_in(data, slots, job), context)
         if not has_pull:
             return ps_pb2.PullHeader(
                 version=self.store.version, mode=job.settings.mode.to_proto(), push=push
@@ -249,7 +260,7 @@ class ParameterService:
         # The same segment, unless it was dropped while the pull waited: the client then makes
         # a new one, and its push is a duplicate.
         segment = await self._segment(request.segment, size, context)
-        await self._on_segment(context, lambda: _write_into(segment, size, offsets, pieces))
+        await self._on_segment(context, lambda: write_into(segment, size, offsets, pieces))
         return header
 
     async def SetMembership(
@@ -395,10 +406,7 @@ class ParameterService:
         self, request: ps_pb2.PullRequest, context, decide: Callable[[], PullDecision]
     ) -> None:
         """Wait until the pull may proceed, or abort with the reason before the deadline."""
-        remaining = context.time_remaining()
-        budget = self.config.max_wait_s
-        if remaining is not None:  # answer before the caller's own deadline fires
-            budget = min(budget, remaining - min(1.0, 0.1 * remaining) - 0.02)
+        budget = self._wait_budget(context)
         r = request
         token = self.store.add_waiter(Waiter(r.worker_id, r.clock, r.min_version, r.session))
         try:
@@ -417,6 +425,13 @@ class ParameterService:
             await abort(context, e)
         finally:
             self.store.remove_waiter(token)
+
+    def _wait_budget(self, context) -> float:
+        """How long a call may wait: answered before the caller's own deadline fires."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self.config.max_wait_s
+        return min(self.config.max_wait_s, remaining - min(1.0, 0.1 * remaining) - 0.02)
 
     def _check_step(self, push: ps_pb2.PushHeader | None, pull: ps_pb2.PullRequest | None) -> None:
         """Raise what a step's push or pull would be refused with before its push is applied:
@@ -466,31 +481,6 @@ class ParameterService:
             offsets = {(slot.part.tensor, slot.part.index): slot.offset for slot in slots}
             self._segment_layout = (job, slots, size, offsets)
         return self._segment_layout[1:]
-
-
-def _chunks_in(data: memoryview, slots: list[Slot], job: Job) -> list[RawChunk]:
-    """A push's chunks as views of a copy of the client's segment: every held part."""
-    return [
-        RawChunk(
-            slot.part.tensor,
-            slot.part.index,
-            0,
-            job.layout.dtypes[slot.part.tensor].proto,
-            data[slot.offset : slot.offset + slot.part.nbytes],
-        )
-        for slot in slots
-    ]
-
-
-def _write_into(
-    segment: SegmentFile, size: int, offsets: dict[PartKey, int], pieces: list[Piece]
-) -> None:
-    """Copy a pull's pieces to their places in the client's segment (of size bytes)."""
-    segment.check_size(size)
-    for piece in pieces:
-        raw = piece.values
-        start = offsets[piece.tensor, piece.part] + piece.offset * raw.itemsize
-        segment.write(start, memoryview(np.ascontiguousarray(raw).view(np.uint8)))
 
 
 async def start_server(

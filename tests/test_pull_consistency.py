@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ from protos.codec import decode_frame
 from protos.job import Job, Settings
 from protos.layout import TensorSpec, plan_layout
 from protos.optimizers import SGD
+from ps_server import pullroom
 from ps_server.store import ParameterStore
 from tests.storekit import frames as stream_frames
 from tests.test_hostile_limits import serving
@@ -39,3 +41,27 @@ def test_a_push_while_a_pull_streams_does_not_tear_it():
     values = np.concatenate([np.frombuffer(c.data, np.float32) for f in frames for c in f.chunks])
     assert values.size == VALUES
     assert header.version == 0 and np.all(values == 0.0), np.unique(values)
+
+
+@pytest.mark.timeout(60)
+def test_slow_readers_hold_at_most_the_servers_room_for_pulls(monkeypatch):
+    """Each streamed pull holds its encoded weights until read: a storm of slow readers
+    held 60 times the model. Beyond the room a pull waits for room, up to its deadline,
+    then gets UNAVAILABLE (clients retry it); once read, the room is free again."""
+    monkeypatch.setattr(pullroom, "PULL_ROOM_BYTES", VALUES * 4)  # room for one pull here
+    settings = Settings(optimizer=SGD(), lr=1.0)
+    specs = [TensorSpec("w", "float32", (VALUES,))]
+    job = Job("job", settings, plan_layout(specs, 1, settings.part_bytes))
+    store = ParameterStore()
+    with serving(store, chunk_bytes=1 << 20) as s:
+        config = ps_pb2.InitHeader(config=job.to_proto())
+        s.calls.init(iter(stream_frames(config, job, {"w": torch.zeros(VALUES)})), timeout=30)
+        request = ps_pb2.PullRequest(job_id="job", worker_id="reader", observe=True)
+        slow = s.calls.pull(request, timeout=30)
+        next(slow)  # it holds its frames, unread
+        with pytest.raises(grpc.RpcError) as refused:
+            list(s.calls.pull(request, timeout=2))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "busy" in refused.value.details()
+        assert len(list(slow)) > 1  # read to the end: its room is free
+        assert len(list(s.calls.pull(request, timeout=30))) > 1

@@ -188,19 +188,25 @@ class ParameterService:
         """A pull answered as a stream of frames of about chunk_bytes each, all encoded
         before the first is sent: a push applied while the client reads cannot tear it.
         They are held within the server's room for pulls (:mod:`ps_server.pullroom`)."""
-        need = self.store.parameter_bytes()
-        if not await self.pull_room.reserve(need, self._wait_budget(context)):
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"busy: {self.pull_room.held} bytes of pulls are being sent; try again",
-            )
+        need, reserved = self.store.parameter_bytes(), False
+
+        async def reserve() -> None:  # once ready: a waiting pull holds no room
+            nonlocal reserved
+            if not await self.pull_room.reserve(need, self._wait_budget(context)):
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"busy: {self.pull_room.held} bytes of pulls are being sent; try again",
+                )
+            reserved = True
+
         try:
-            header, pieces = await self._pull(request, context)
+            header, pieces = await self._pull(request, context, before_take=reserve)
             frames = encode_frames(header.SerializeToString(), pieces, self.config.chunk_bytes)
             for frame in list(frames):
                 yield frame
         finally:
-            self.pull_room.release(need)
+            if reserved:
+                self.pull_room.release(need)
 
     async def Step(self, message: bytes, context) -> bytes:
         """A push, then the pull that follows it, in one message each way."""
@@ -369,9 +375,11 @@ class ParameterService:
         request: ps_pb2.PullRequest,
         context,
         push: ps_pb2.PushResponse | None = None,
+        before_take: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[ps_pb2.PullHeader, list[Piece]]:
-        """Serve one pull (from any handler): wait as the mode requires, then the header
-        (carrying ``push``, a step's push reply) and views of the weights to send.
+        """Serve one pull (from any handler): wait as the mode requires (then await
+        ``before_take``), then the header (carrying ``push``, a step's push reply) and views
+        of the weights to send.
 
         The views share memory with the parameters: copy or encode them before
         the next await, so no push can tear them.
@@ -389,6 +397,8 @@ class ParameterService:
                 self.metrics.wait_seconds.labels(store.job.settings.mode.value).observe(
                     timer.seconds
                 )
+        if before_take is not None:
+            await before_take()
         version, clock, pieces = await self._call(
             context, lambda: store.pull(r.job_id, r.worker_id, r.observe, r.session, r.clock)
         )

@@ -59,6 +59,7 @@ class Daemon:
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
         self._address: str | None = None
+        self._failed: str | None = None  # why it did not start, once known
         self._metrics_address: str | None = None
 
     @property
@@ -98,6 +99,15 @@ class Daemon:
         self.lines.put(None)
 
     def _read_address(self) -> str:
+        if self._failed is not None:  # said once: its output is gone, do not wait for it
+            raise RuntimeError(self._failed)
+        try:
+            return self._address_line()
+        except RuntimeError as e:
+            self._failed = str(e)
+            raise
+
+    def _address_line(self) -> str:
         name = self.name
         try:
             line = self.lines.get(timeout=START_TIMEOUT_S)

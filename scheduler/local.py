@@ -71,6 +71,7 @@ class LocalCluster:
     work_claim: Claim | None = None  # ps-cluster up's, taken before its checks; else start's
     _claimed_here: bool = False
     _scheduler_port: str = "0"
+    _scheduler_address: str = ""
     _seen_dead: set[int] = field(default_factory=set)  # children already swept after
     _done: int = 0  # shards done when last seen: progress resets the counts below
     _replaced: dict[int, int] = field(default_factory=dict)  # worker slot -> replacements
@@ -219,7 +220,8 @@ class LocalCluster:
         env = {**self.env, **dict.fromkeys(job_variables(), "")}
         log = first_unused(self.work_dir, lambda n: f"scheduler{n}.log")
         self.scheduler = self._daemon(argv, log, env)
-        self._scheduler_port = self.scheduler.address.rsplit(":", 1)[1]
+        self._scheduler_address = self.scheduler.address  # kept across its restarts
+        self._scheduler_port = self._scheduler_address.rsplit(":", 1)[1]
         return self.scheduler
 
     def add_worker(self) -> Daemon:
@@ -233,7 +235,7 @@ class LocalCluster:
         argv = [
             str(BIN / "ps-worker"),
             "--scheduler",
-            self.scheduler.address,
+            self._scheduler_address,
             "--device",
             self.device,
             "--no-progress",
@@ -249,7 +251,7 @@ class LocalCluster:
         assert self.scheduler is not None
         try:
             return fetch_progress(self.scheduler.address, self.security, timeout_s=5)
-        except Unreachable:
+        except (Unreachable, RuntimeError):  # (RuntimeError: a restart that did not start)
             return None
 
     def server_status(self) -> list:

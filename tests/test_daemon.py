@@ -119,6 +119,9 @@ def test_a_daemon_killed_before_it_listened_says_so(tmp_path):
     message = str(info.value)
     assert "exited with code -9 before it listened" in message, message
     assert "None" not in message
+    with pytest.raises(RuntimeError) as again:  # at once, the same: its output is gone
+        assert daemon.address
+    assert str(again.value) == message
 
 
 def test_bad_arguments_give_one_line_and_no_traceback():

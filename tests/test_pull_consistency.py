@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -9,11 +11,12 @@ import torch
 
 from protos import ps_pb2
 from protos.codec import decode_frame
-from protos.job import Job, Settings
+from protos.job import Job, Mode, Settings
 from protos.layout import TensorSpec, plan_layout
 from protos.optimizers import SGD
 from ps_server import pullroom
 from ps_server.store import ParameterStore
+from tests.serverkit import status
 from tests.storekit import frames as stream_frames
 from tests.test_hostile_limits import serving
 
@@ -65,3 +68,29 @@ def test_slow_readers_hold_at_most_the_servers_room_for_pulls(monkeypatch):
         assert "busy" in refused.value.details()
         assert len(list(slow)) > 1  # read to the end: its room is free
         assert len(list(s.calls.pull(request, timeout=30))) > 1
+
+
+@pytest.mark.timeout(60)
+def test_a_pull_that_waits_holds_no_room(monkeypatch):
+    """Trap: a pull waiting for the ssp bound held room for its weights, so the pull of the
+    slowest worker, the one it waited for, was refused as busy."""
+    monkeypatch.setattr(pullroom, "PULL_ROOM_BYTES", VALUES * 4)  # room for one pull here
+    settings = Settings(mode=Mode.SSP, staleness=0, optimizer=SGD(), lr=1.0)
+    specs = [TensorSpec("w", "float32", (VALUES,))]
+    job = Job("job", settings, plan_layout(specs, 1, settings.part_bytes), workers=("a", "b"))
+    with serving(ParameterStore(), chunk_bytes=1 << 20) as s:
+        config = ps_pb2.InitHeader(config=job.to_proto())
+        s.calls.init(iter(stream_frames(config, job, {"w": torch.zeros(VALUES)})), timeout=30)
+        gradient = ps_pb2.PushHeader(job_id="job", worker_id="a", clock=1, session="sa")
+        s.calls.push(iter(stream_frames(gradient, job, {"w": torch.zeros(VALUES)})), timeout=30)
+        ahead = ps_pb2.PullRequest(job_id="job", worker_id="a", clock=1, session="sa")
+        waiting = s.calls.pull(ahead, timeout=30)  # waits for b to reach clock 1
+        deadline = time.monotonic() + 30
+        while not status(s.calls).waiting:
+            assert time.monotonic() < deadline, "a's pull never waited"
+            time.sleep(0.02)  # polling the server's state, with a deadline
+        slowest = ps_pb2.PullRequest(job_id="job", worker_id="b", clock=0, session="sb")
+        assert len(list(s.calls.pull(slowest, timeout=10))) > 1  # served, not busy
+        gradient = ps_pb2.PushHeader(job_id="job", worker_id="b", clock=1, session="sb")
+        s.calls.push(iter(stream_frames(gradient, job, {"w": torch.zeros(VALUES)})), timeout=30)
+        assert len(list(waiting)) > 1  # released by b's push

@@ -22,6 +22,7 @@ from protos import ps_pb2
 from protos.codec import CodecError, wire_dtype
 from protos.compression import Compression, CompressionError
 from protos.layout import DEFAULT_PART_BYTES, Layout, TensorSpec, plan_layout
+from protos.limits import JobError, Limits
 from protos.optimizers import (
     OPTIMIZERS,
     OPTION_TYPES,
@@ -33,14 +34,16 @@ from protos.optimizers import (
 )
 from protos.schedule import LrSchedule, ScheduleError
 
-
-class JobError(ValueError):
-    """A job setting that is unknown, out of range, or inconsistent with another."""
-
-
 OPTIMIZER_CLASSES = tuple(OPTIMIZERS.values())
+_LIMITS = Limits()
 # The whole-number settings: the least each may be, and the bound of its wire field.
-_WHOLE = (("staleness", 0, 1 << 32), ("backup_workers", 0, 1 << 32), ("part_bytes", 1, 1 << 64))
+_WHOLE = (
+    ("staleness", 0, 1 << 32),
+    ("backup_workers", 0, 1 << 32),
+    ("buffer", 1, 1 << 32),
+    ("local_steps", 1, 1 << 32),
+    ("part_bytes", 1, 1 << 64),
+)
 
 
 def _positive_float(value: Any) -> float | None:
@@ -60,6 +63,18 @@ class Mode(str, Enum):
     SYNC = "sync"
     ASYNC = "async"
     SSP = "ssp"
+    LOCAL = "local"  # Local SGD, a barrier per round
+    LOCAL_ASYNC = "local-async"  # Local SGD, each worker's change applied as it arrives
+
+    @property
+    def barrier(self) -> bool:
+        """Updates wait for every active worker (but the backup workers)."""
+        return self in (Mode.SYNC, Mode.LOCAL)
+
+    @property
+    def local(self) -> bool:
+        """Workers run the optimizer themselves and push the change of their weights."""
+        return self in (Mode.LOCAL, Mode.LOCAL_ASYNC)
 
     def to_proto(self) -> int:
         return ps_pb2.Mode.Value(self.name)
@@ -84,6 +99,16 @@ class Mode(str, Enum):
 
 assert {m.name for m in Mode} | {"MODE_UNSPECIFIED"} == set(ps_pb2.Mode.keys()), "Mode != proto"
 
+# The modes each setting applies to: another mode's job is refused a value but the default.
+_MODES_OF = {
+    "backup_workers": (Mode.SYNC, Mode.LOCAL),
+    "buffer": (Mode.ASYNC, Mode.SSP, Mode.LOCAL_ASYNC),
+    "delay_compensation": (Mode.ASYNC, Mode.SSP),
+    "local_steps": (Mode.LOCAL, Mode.LOCAL_ASYNC),
+    "outer_lr": (Mode.LOCAL, Mode.LOCAL_ASYNC),
+    "outer_momentum": (Mode.LOCAL, Mode.LOCAL_ASYNC),
+}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -93,7 +118,12 @@ class Settings:
     mode: Mode = Mode.SSP
     staleness: int = 2  # ssp: how many clocks a worker may run ahead of the slowest
     backup_workers: int = 0  # sync: a step needs all active workers but this many
-    staleness_aware_lr: bool = False  # async, ssp: lr / max(1, staleness) per gradient
+    staleness_aware_lr: bool = False  # async, ssp, local-async: lr / max(1, staleness)
+    buffer: int = 1  # async, ssp, local-async: the mean of every `buffer` gradients is one update
+    delay_compensation: float = 0.0  # async, ssp: DC-ASGD's lambda (0: off)
+    local_steps: int = 8  # local modes: batches a worker trains on between pushes
+    outer_lr: float = 1.0  # local modes: the server's step on the mean change
+    outer_momentum: float = 0.0  # local modes: Nesterov momentum of that step (0: averaging)
     optimizer: Optimizer = field(default_factory=Adam)
     lr: float = 0.01
     lr_schedule: LrSchedule = field(default_factory=LrSchedule)
@@ -114,6 +144,18 @@ class Settings:
             problems.append(
                 f"staleness_aware_lr must be true or false, got {self.staleness_aware_lr!r}"
             )
+        if _positive_float(self.outer_lr) is None:
+            problems.append(f"outer_lr must be a positive number, got {self.outer_lr!r}")
+        else:
+            object.__setattr__(self, "outer_lr", float(self.outer_lr))
+        for name in ("delay_compensation", "outer_momentum"):
+            value = getattr(self, name)
+            if value != 0 and _positive_float(value) is None:
+                problems.append(f"{name} must be a number >= 0, got {value!r}")
+            else:
+                object.__setattr__(self, name, float(value))
+        if not self.outer_momentum < 1:
+            problems.append(f"outer_momentum must be below 1, got {self.outer_momentum!r}")
         if _positive_float(self.lr) is None:
             problems.append(f"the learning rate lr must be a positive number, got {self.lr!r}")
         else:
@@ -126,8 +168,12 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, kinds):
                 problems.append(f"{name} must be {what}, by name or as an object, got {value!r}")
-        if self.backup_workers and self.mode is not Mode.SYNC:
-            problems.append("backup_workers applies to sync mode only")
+        if not problems:
+            for name, modes in _MODES_OF.items():
+                if self.mode not in modes and getattr(self, name) != getattr(_BARE, name):
+                    problems.append(
+                        f"{name} applies to modes {', '.join(m.value for m in modes)} only"
+                    )
         if problems:
             raise JobError("; ".join(problems))
 
@@ -135,7 +181,7 @@ class Settings:
     def names(cls) -> list[str]:
         """Every keyword :meth:`build` takes: the settings, ``lr_final_ratio`` (for a
         schedule given as a string), then every optimizer option."""
-        return [f.name for f in fields(cls)] + ["lr_final_ratio", *OPTION_TYPES]
+        return [f.name for f in fields(cls)] + ["lr_final_ratio", "lr_warmup", *OPTION_TYPES]
 
     @classmethod
     def build(cls, **given: Any) -> Settings:
@@ -151,6 +197,7 @@ class Settings:
         values = {k: v for k, v in given.items() if k in _FIELDS}
         options = {k: v for k, v in given.items() if k in OPTION_TYPES}
         final_ratio = given.get("lr_final_ratio")
+        warmup = given.get("lr_warmup")
         try:
             if "mode" in values:
                 values["mode"] = Mode.parse(values["mode"])
@@ -164,9 +211,13 @@ class Settings:
                 )
             schedule = values.get("lr_schedule", "constant")
             if isinstance(schedule, str):
-                values["lr_schedule"] = LrSchedule.parse(schedule, final_ratio or 0.0)
-            elif final_ratio is not None:
-                raise JobError("lr_final_ratio goes with an lr_schedule given as a string")
+                values["lr_schedule"] = LrSchedule.parse(
+                    schedule, final_ratio or 0.0, 0, warmup or 0
+                )
+            elif final_ratio is not None or warmup is not None:
+                raise JobError(
+                    "lr_final_ratio and lr_warmup go with an lr_schedule given as a string"
+                )
             if isinstance(values.get("compression"), str):
                 values["compression"] = Compression.parse(values["compression"])
             return cls(**values)
@@ -180,11 +231,17 @@ class Settings:
             "staleness": self.staleness,
             "backup_workers": self.backup_workers,
             "staleness_aware_lr": self.staleness_aware_lr,
+            "buffer": self.buffer,
+            "delay_compensation": self.delay_compensation,
+            "local_steps": self.local_steps,
+            "outer_lr": self.outer_lr,
+            "outer_momentum": self.outer_momentum,
             "optimizer": self.optimizer.name,
             **self.optimizer.options(),
             "lr": self.lr,
             "lr_schedule": self.lr_schedule.spec(),
             "lr_final_ratio": self.lr_schedule.final_ratio,
+            "lr_warmup": self.lr_schedule.warmup_steps,
             "compression": str(self.compression),
             "part_bytes": self.part_bytes,
         }
@@ -199,6 +256,16 @@ class Settings:
         config.staleness = self.staleness
         config.backup_workers = self.backup_workers
         config.staleness_aware_lr = self.staleness_aware_lr
+        config.buffer = self.buffer
+        config.delay_compensation = self.delay_compensation
+        if self.mode.local:
+            config.local.CopyFrom(
+                ps_pb2.LocalSgd(
+                    steps=self.local_steps,
+                    outer_lr=self.outer_lr,
+                    outer_momentum=self.outer_momentum,
+                )
+            )
         config.optimizer.CopyFrom(self.optimizer.to_proto(self.lr))
         schedule = self.lr_schedule.to_proto()
         if schedule is not None:
@@ -211,11 +278,28 @@ class Settings:
     def from_proto(cls, config: ps_pb2.JobConfig) -> Settings:
         """The settings a JobConfig carries; JobError names what is not valid."""
         try:
+            mode = Mode.from_proto(config.mode)
+            local = (
+                config.local
+                if mode.local
+                else ps_pb2.LocalSgd(
+                    steps=_BARE.local_steps,
+                    outer_lr=_BARE.outer_lr,
+                    outer_momentum=_BARE.outer_momentum,
+                )
+            )
+            if config.HasField("local") and not mode.local:
+                raise JobError(f"local applies to the local modes only, not {mode.value}")
             return cls(
-                mode=Mode.from_proto(config.mode),
+                mode=mode,
                 staleness=config.staleness,
                 backup_workers=config.backup_workers,
                 staleness_aware_lr=config.staleness_aware_lr,
+                buffer=config.buffer or 1,
+                delay_compensation=config.delay_compensation,
+                local_steps=local.steps,
+                outer_lr=local.outer_lr,
+                outer_momentum=local.outer_momentum,
                 optimizer=optimizer_from_proto(config.optimizer),
                 lr=config.optimizer.lr,
                 lr_schedule=LrSchedule.from_proto(config.optimizer),
@@ -232,75 +316,27 @@ class Settings:
             mode += f" (staleness {self.staleness})"
         if self.backup_workers:
             mode += f" ({self.backup_workers} backup workers)"
+        if self.buffer > 1:
+            mode += f" (buffer {self.buffer})"
+        if self.mode.local:
+            mode += f" ({self.local_steps} local steps, outer sgd lr {self.outer_lr:g}"
+            mode += f" nesterov {self.outer_momentum:g})" if self.outer_momentum else ")"
         text = f"{mode}, {self.optimizer} lr {self.lr:g}"
-        if self.lr_schedule.kind != "constant":
+        if self.lr_schedule != LrSchedule():
             text += f" {self.lr_schedule}"
         if self.staleness_aware_lr:
             text += ", staleness-aware lr"
+        if self.delay_compensation:
+            text += f", delay compensation {self.delay_compensation:g}"
         if self.compression.enabled:
             text += f", compression {self.compression}"
         return text
 
 
 _FIELDS = {f.name for f in fields(Settings)}
+# Each field's default, read by Settings' own checks (the default Settings needs them).
+_BARE = type("Defaults", (), {f.name: f.default for f in fields(Settings) if f.init})
 _DEFAULT = Settings()
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one job and one request may ask of a server: hostile or mistaken requests are
-    refused up front, before any work in proportion to what they claim.
-
-    Ids (job, worker, client session) and tensor names are at most :attr:`max_id_chars` /
-    :attr:`max_name_chars` characters, all printable (``str.isprintable``: no control
-    characters such as below U+0020, U+007F or U+0080..U+009F, no line or paragraph
-    separators, no format or unassigned characters; the plain space is allowed). A clock
-    or version a client sends is at most :attr:`max_clock`. A push or init stream carries
-    at most the bytes its job's parts on this server take, in at most one chunk per part
-    plus one per :attr:`chunk_grain_bytes` of them.
-    """
-
-    max_tensors: int = 100_000
-    max_rank: int = 8
-    max_model_bytes: int = 64 << 30  # the whole model, every server's share together
-    max_parts: int = 1_000_000
-    max_servers: int = 1024
-    max_id_chars: int = 256  # a job id, worker id or client session id
-    max_workers: int = 10_000  # worker ids a job may hold on a server (Status lists them all)
-    max_name_chars: int = 1024  # a tensor name
-    max_config_bytes: int = 16 << 20  # a serialized JobConfig (Status replies carry it)
-    max_clock: int = 1 << 62  # a push's clock and pulled_version, a pull's clock, min_version
-    chunk_grain_bytes: int = 32  # a stream's chunks: one per part plus one per this many bytes
-    digest_chars: int = 64  # a layout digest (this project's are 16)
-
-    def check_id(self, name: str, value: str, empty: bool = True) -> None:
-        """A JobError if an id is longer than :attr:`max_id_chars`, not printable, or empty
-        (unless allowed). The length is checked first: a huge id costs nothing more."""
-        self._check_text(name, value, self.max_id_chars)
-        if not value and not empty:
-            raise JobError(f"{name} is empty")
-
-    def check_name(self, name: str, value: str) -> None:
-        """A JobError if a tensor name is empty, too long or not printable."""
-        self._check_text(name, value, self.max_name_chars)
-        if not value:
-            raise JobError(f"{name} is empty")
-
-    def check_clock(self, name: str, value: int) -> None:
-        """A JobError if a clock or version is over :attr:`max_clock`."""
-        if value > self.max_clock:
-            raise JobError(f"{name} {value} is over the limit {self.max_clock}")
-
-    @staticmethod
-    def _check_text(name: str, value: str, limit: int) -> None:
-        if len(value) > limit:
-            raise JobError(f"{name} has {len(value)} characters; the limit is {limit}")
-        if not value.isprintable():
-            bad = next(c for c in value if not c.isprintable())
-            raise JobError(
-                f"{name} {value!r} has the character U+{ord(bad):04X}: ids and names must be "
-                "printable (no control characters)"
-            )
 
 
 @dataclass(frozen=True)
@@ -346,7 +382,7 @@ class Job:
         return config
 
     @classmethod
-    def from_proto(cls, config: ps_pb2.JobConfig, limits: Limits = Limits()) -> Job:
+    def from_proto(cls, config: ps_pb2.JobConfig, limits: Limits = _LIMITS) -> Job:
         """Validate a JobConfig and recompute its layout; JobError names what is wrong."""
         size = config.ByteSize()
         if size > limits.max_config_bytes:

@@ -54,7 +54,26 @@ class JobSpec:
         default=_DEFAULT.backup_workers, metadata=_help("sync: steps need all but this many")
     )
     staleness_aware_lr: bool = field(
-        default=_DEFAULT.staleness_aware_lr, metadata=_help("async, ssp: lr / staleness")
+        default=_DEFAULT.staleness_aware_lr,
+        metadata=_help("async, ssp, local-async: lr / staleness"),
+    )
+    buffer: int = field(
+        default=_DEFAULT.buffer,
+        metadata=_help("async, ssp, local-async: gradients averaged into one update"),
+    )
+    delay_compensation: float = field(
+        default=_DEFAULT.delay_compensation,
+        metadata=_help("async, ssp: DC-ASGD's lambda, 0 for none"),
+    )
+    local_steps: int = field(
+        default=_DEFAULT.local_steps, metadata=_help("local modes: batches between pushes")
+    )
+    outer_lr: float = field(
+        default=_DEFAULT.outer_lr, metadata=_help("local modes: the server's lr on the changes")
+    )
+    outer_momentum: float = field(
+        default=_DEFAULT.outer_momentum,
+        metadata=_help("local modes: the server's Nesterov momentum, 0 for averaging"),
     )
     optimizer: str = field(default=_DEFAULT.optimizer.name, metadata=_help("server optimizer"))
     lr: float = field(default=_DEFAULT.lr, metadata=_help("learning rate"))
@@ -64,6 +83,9 @@ class JobSpec:
     )
     lr_final_ratio: float = field(
         default=0.0, metadata=_help("cosine: the last updates' lr as a fraction of lr")
+    )
+    lr_warmup: int = field(
+        default=0, metadata=_help("updates over which lr rises linearly from lr / lr_warmup")
     )
     compression: str = field(
         default=str(_DEFAULT.compression),
@@ -108,19 +130,28 @@ class JobSpec:
             raise SpecError("; ".join(problems))
 
     def expected_updates(self, batches_per_epoch: int) -> int:
-        """Optimizer steps each server applies over the job: one per batch in async
-        and ssp; in sync one per barrier, to which every worker brings a batch."""
+        """Updates each server applies over the job: one per pushed gradient in async and
+        ssp, one per barrier (to which every worker brings one) in sync and local; a push
+        of a local mode stands for local_steps batches, and a buffer averages that many."""
         total = max(1, self.epochs * batches_per_epoch)  # a bad epochs is reported on its own
-        if self.mode == Mode.SYNC.value:
-            return max(1, total // max(1, self.expected_workers))
-        return total
+        mode = Mode.parse(self.mode) if self.mode in Mode.choices() else Mode.ASYNC
+        if mode.local:
+            total //= max(1, self.local_steps)
+        if mode.barrier:
+            total //= max(1, self.expected_workers)
+        else:
+            total //= max(1, self.buffer)
+        return max(1, total)
 
     def job_settings(self, batches_per_epoch: int) -> Settings:
         """The settings the servers run: the one translation of a spec into a job.
         A bare ``cosine`` schedule spans the job's expected updates."""
         values = {f.name: getattr(self, f.name) for f in fields(Settings)}
         values["lr_schedule"] = LrSchedule.parse(
-            self.lr_schedule, self.lr_final_ratio, self.expected_updates(batches_per_epoch)
+            self.lr_schedule,
+            self.lr_final_ratio,
+            self.expected_updates(batches_per_epoch),
+            self.lr_warmup,
         )
         return Settings.build(**values, **self.optimizer_options)
 

@@ -21,6 +21,8 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SYNC: _ClassVar[Mode]
     ASYNC: _ClassVar[Mode]
     SSP: _ClassVar[Mode]
+    LOCAL: _ClassVar[Mode]
+    LOCAL_ASYNC: _ClassVar[Mode]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -30,6 +32,8 @@ MODE_UNSPECIFIED: Mode
 SYNC: Mode
 ASYNC: Mode
 SSP: Mode
+LOCAL: Mode
+LOCAL_ASYNC: Mode
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -78,7 +82,7 @@ class AdagradConfig(_message.Message):
     def __init__(self, lr_decay: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ...) -> None: ...
 
 class LrSchedule(_message.Message):
-    __slots__ = ("kind", "total_steps", "final_ratio")
+    __slots__ = ("kind", "total_steps", "final_ratio", "warmup_steps")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CONSTANT: _ClassVar[LrSchedule.Kind]
@@ -88,10 +92,12 @@ class LrSchedule(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     FINAL_RATIO_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     kind: LrSchedule.Kind
     total_steps: int
     final_ratio: float
-    def __init__(self, kind: _Optional[_Union[LrSchedule.Kind, str]] = ..., total_steps: _Optional[int] = ..., final_ratio: _Optional[float] = ...) -> None: ...
+    warmup_steps: int
+    def __init__(self, kind: _Optional[_Union[LrSchedule.Kind, str]] = ..., total_steps: _Optional[int] = ..., final_ratio: _Optional[float] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
     __slots__ = ("lr", "sgd", "adam", "adagrad", "schedule")
@@ -108,7 +114,7 @@ class OptimizerConfig(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., sgd: _Optional[_Union[SGDConfig, _Mapping]] = ..., adam: _Optional[_Union[AdamConfig, _Mapping]] = ..., adagrad: _Optional[_Union[AdagradConfig, _Mapping]] = ..., schedule: _Optional[_Union[LrSchedule, _Mapping]] = ...) -> None: ...
 
 class JobConfig(_message.Message):
-    __slots__ = ("job_id", "mode", "staleness", "backup_workers", "staleness_aware_lr", "optimizer", "tensors", "part_bytes", "num_servers", "server_index", "layout_digest", "workers", "compression")
+    __slots__ = ("job_id", "mode", "staleness", "backup_workers", "staleness_aware_lr", "optimizer", "tensors", "part_bytes", "num_servers", "server_index", "layout_digest", "workers", "compression", "buffer", "delay_compensation", "local")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +128,9 @@ class JobConfig(_message.Message):
     LAYOUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    DELAY_COMPENSATION_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     mode: Mode
     staleness: int
@@ -135,7 +144,20 @@ class JobConfig(_message.Message):
     layout_digest: str
     workers: _containers.RepeatedScalarFieldContainer[str]
     compression: Compression
-    def __init__(self, job_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., staleness: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., part_bytes: _Optional[int] = ..., num_servers: _Optional[int] = ..., server_index: _Optional[int] = ..., layout_digest: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ...) -> None: ...
+    buffer: int
+    delay_compensation: float
+    local: LocalSgd
+    def __init__(self, job_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., staleness: _Optional[int] = ..., backup_workers: _Optional[int] = ..., staleness_aware_lr: _Optional[bool] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., part_bytes: _Optional[int] = ..., num_servers: _Optional[int] = ..., server_index: _Optional[int] = ..., layout_digest: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., buffer: _Optional[int] = ..., delay_compensation: _Optional[float] = ..., local: _Optional[_Union[LocalSgd, _Mapping]] = ...) -> None: ...
+
+class LocalSgd(_message.Message):
+    __slots__ = ("steps", "outer_lr", "outer_momentum")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUTER_LR_FIELD_NUMBER: _ClassVar[int]
+    OUTER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    outer_lr: float
+    outer_momentum: float
+    def __init__(self, steps: _Optional[int] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ...) -> None: ...
 
 class Compression(_message.Message):
     __slots__ = ("gradient_dtype", "weight_dtype", "topk_ratio")
@@ -358,7 +380,7 @@ class Waiter(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ..., waiting_for: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("initialised", "config", "version", "workers", "waiting", "updates_applied", "pushes_received", "stale_dropped", "duplicates", "staleness_histogram", "parameter_bytes", "contributions", "hostname", "unix_socket", "shm_dir")
+    __slots__ = ("initialised", "config", "version", "workers", "waiting", "updates_applied", "pushes_received", "stale_dropped", "duplicates", "staleness_histogram", "parameter_bytes", "contributions", "hostname", "unix_socket", "shm_dir", "compensated", "uncompensated", "kept_bytes")
     class StalenessHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -381,6 +403,9 @@ class StatusResponse(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     UNIX_SOCKET_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    COMPENSATED_FIELD_NUMBER: _ClassVar[int]
+    UNCOMPENSATED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     initialised: bool
     config: JobConfig
     version: int
@@ -396,4 +421,7 @@ class StatusResponse(_message.Message):
     hostname: str
     unix_socket: str
     shm_dir: str
-    def __init__(self, initialised: _Optional[bool] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., stale_dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., parameter_bytes: _Optional[int] = ..., contributions: _Optional[int] = ..., hostname: _Optional[str] = ..., unix_socket: _Optional[str] = ..., shm_dir: _Optional[str] = ...) -> None: ...
+    compensated: int
+    uncompensated: int
+    kept_bytes: int
+    def __init__(self, initialised: _Optional[bool] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., stale_dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., parameter_bytes: _Optional[int] = ..., contributions: _Optional[int] = ..., hostname: _Optional[str] = ..., unix_socket: _Optional[str] = ..., shm_dir: _Optional[str] = ..., compensated: _Optional[int] = ..., uncompensated: _Optional[int] = ..., kept_bytes: _Optional[int] = ...) -> None: ...

@@ -5,6 +5,8 @@ optimum to the last update; a cosine decay to a small fraction of the peak
 over the job's updates lets it settle. The server counts the steps it
 applied (sync: one per barrier; async and ssp: one per gradient), so every
 worker's update sees the same schedule, and a restored checkpoint resumes it.
+A warm-up raises the lr linearly over the first updates, whatever the kind:
+the first updates of a fresh model are the ones staleness hurts most.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ class ScheduleError(ValueError):
 @dataclass(frozen=True)
 class LrSchedule:
     """``constant``: the job's lr throughout. ``cosine``: from lr down to
-    ``final_ratio * lr`` over ``total_steps`` updates, then held there."""
+    ``final_ratio * lr`` over ``total_steps`` updates, then held there. Either is
+    multiplied by ``(step + 1) / warmup_steps`` over the first ``warmup_steps`` updates."""
 
     kind: str = "constant"
     total_steps: int = 0
     final_ratio: float = 0.0
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -37,6 +41,9 @@ class LrSchedule:
         steps, ratio = self.total_steps, self.final_ratio
         if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 1 << 64:
             raise ScheduleError(f"lr schedule total_steps {steps!r}: not a whole number < 2**64")
+        warmup = self.warmup_steps
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < 1 << 64:
+            raise ScheduleError(f"lr warm-up {warmup!r}: not a whole number of steps < 2**64")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise ScheduleError(f"lr_final_ratio {ratio!r} is not a number in [0, 1]")
         if self.kind == "cosine" and self.total_steps < 1:
@@ -48,20 +55,23 @@ class LrSchedule:
 
     def factor(self, step: int) -> float:
         """The multiple of the job's lr for the update after ``step`` applied ones."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.kind == "constant":
-            return 1.0
+            return warm
         progress = min(step, self.total_steps) / self.total_steps
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.final_ratio + (1.0 - self.final_ratio) * cosine
+        return warm * (self.final_ratio + (1.0 - self.final_ratio) * cosine)
 
     @classmethod
-    def parse(cls, text: str, final_ratio: float = 0.0, default_steps: int = 0) -> LrSchedule:
+    def parse(
+        cls, text: str, final_ratio: float = 0.0, default_steps: int = 0, warmup_steps: int = 0
+    ) -> LrSchedule:
         """``constant``, ``cosine:STEPS``, or ``cosine`` with ``default_steps``."""
         kind, _, steps = text.strip().partition(":")
         if kind == "constant":
             if steps:
                 raise ScheduleError(f"lr schedule {text!r}: constant takes no steps")
-            return cls()
+            return cls(warmup_steps=warmup_steps)
         if steps:
             try:
                 total = int(steps)
@@ -71,20 +81,21 @@ class LrSchedule:
                 ) from None
         else:
             total = default_steps
-        return cls(kind, total, final_ratio)
+        return cls(kind, total, final_ratio, warmup_steps)
 
     def spec(self) -> str:
         """``constant`` or ``cosine:STEPS``: what :meth:`parse` reads back (with final_ratio)."""
         return self.kind if self.kind == "constant" else f"{self.kind}:{self.total_steps}"
 
     def to_proto(self) -> ps_pb2.LrSchedule | None:
-        """None for a constant schedule: it stays unset on the wire."""
-        if self.kind == "constant":
+        """None for a constant schedule without warm-up: it stays unset on the wire."""
+        if self == LrSchedule():
             return None
         return ps_pb2.LrSchedule(
             kind=ps_pb2.LrSchedule.Kind.Value(self.kind.upper()),
             total_steps=self.total_steps,
             final_ratio=self.final_ratio,
+            warmup_steps=self.warmup_steps,
         )
 
     @classmethod
@@ -95,9 +106,11 @@ class LrSchedule:
         s = config.schedule
         if s.kind not in ps_pb2.LrSchedule.Kind.values():
             raise ScheduleError(f"lr schedule kind {s.kind} is not one of {', '.join(KINDS)}")
-        return cls(ps_pb2.LrSchedule.Kind.Name(s.kind).lower(), s.total_steps, s.final_ratio)
+        kind = ps_pb2.LrSchedule.Kind.Name(s.kind).lower()
+        return cls(kind, s.total_steps, s.final_ratio, s.warmup_steps)
 
     def __str__(self) -> str:
-        if self.kind == "constant":
-            return "constant"
-        return f"cosine:{self.total_steps} (to {self.final_ratio:g} x lr)"
+        text = self.kind
+        if self.kind != "constant":
+            text = f"cosine:{self.total_steps} (to {self.final_ratio:g} x lr)"
+        return text + (f", warm-up {self.warmup_steps}" if self.warmup_steps else "")

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from protos import listen, observability, parent, security
-from protos.job import Limits
+from protos.limits import Limits
 from protos.orphans import SOCKET_PREFIX, SOCKET_SUFFIX, owned_name, remove_orphans
 from protos.shm import SEGMENT_PREFIX, default_dir
 from ps_server.checkpoint import Checkpointer, CheckpointError, Every

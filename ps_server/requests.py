@@ -25,7 +25,8 @@ from protos.codec import (
     split_header,
     wire_dtype,
 )
-from protos.job import Job, JobError, Limits
+from protos.job import Job, JobError
+from protos.limits import Limits
 from ps_server.errors import InvalidArgument
 from ps_server.records import PullDecision, StoreView, Waiter
 

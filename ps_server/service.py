@@ -19,7 +19,8 @@ from grpc_health.v1 import health
 
 from protos import ps_pb2
 from protos.codec import DEFAULT_CHUNK_BYTES, Piece, RawChunk, encode_frames
-from protos.job import Job, Limits
+from protos.job import Job
+from protos.limits import Limits
 from protos.rpc import (
     MAX_MESSAGE_BYTES,
     SERVICE,

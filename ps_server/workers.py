@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from protos.job import Limits
+from protos.limits import Limits
 from ps_server.clocks import MAX_CLOCK_LEAD, check_claim
 from ps_server.errors import InvalidArgument, ResourceExhausted
 from ps_server.records import WorkerState

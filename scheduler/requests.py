@@ -17,7 +17,8 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from protos import scheduler_pb2
-from protos.job import JobError, Limits
+from protos.job import JobError
+from protos.limits import Limits
 from scheduler.records import InvalidRequest
 
 M = TypeVar("M", bound=Message)

@@ -27,8 +27,8 @@ from collections.abc import Collection
 
 import numpy as np
 
-from protos.job import Limits
 from protos.jobspec import JobSpec
+from protos.limits import Limits
 from scheduler.evaluations import Evaluations
 from scheduler.records import (
     SCHEMA,

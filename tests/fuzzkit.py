@@ -27,9 +27,10 @@ from hypothesis import strategies as st
 from protos import ps_pb2, rpc, scheduler_pb2_grpc
 from protos.codec import INDEX_DTYPE, CodecError, decode_frame
 from protos.compression import Compression
-from protos.job import Job, Limits, Mode, Settings
+from protos.job import Job, Mode, Settings
 from protos.jobspec import JobSpec
 from protos.layout import plan_layout
+from protos.limits import Limits
 from protos.optimizers import SGD
 from protos.security import ServerSecurity
 from ps_server.service import ServiceConfig, start_server

@@ -17,8 +17,9 @@ import pytest
 from protos import ps_pb2, rpc
 from protos.codec import Piece, encode_frames, wire_dtype
 from protos.compression import Compression
-from protos.job import Job, JobError, Limits, Settings
+from protos.job import Job, JobError, Settings
 from protos.layout import TensorSpec
+from protos.limits import Limits
 from protos.shm import Segment, segment_slots
 from ps_server import workers
 from ps_server.flat import FlatParams

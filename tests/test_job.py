@@ -56,7 +56,7 @@ def test_a_job_survives_the_wire_and_the_document_form(settings):
 def test_the_registry_matches_the_proto_and_every_derived_table():
     oneof = ps_pb2.OptimizerConfig.DESCRIPTOR.oneofs_by_name["kind"]
     assert [f.name for f in oneof.fields] == list(OPTIMIZERS)
-    assert Mode.choices() == ["sync", "async", "ssp"]
+    assert Mode.choices() == ["sync", "async", "ssp", "local", "local-async"]
     parser = argparse.ArgumentParser()
     add_job_arguments(parser)
     choices = {a.dest: a.choices for a in parser._actions}
@@ -85,7 +85,7 @@ def test_a_config_without_an_optimizer_or_with_an_unknown_mode_is_refused():
         ({"optimizer": "lion"}, "unknown optimizer 'lion' \\(choose from sgd, adam, adagrad\\)"),
         ({"optimizer": "adam", "momentum": 0.9}, "momentum: not an option of adam"),
         ({"mode": "bsp"}, "mode 'bsp' is not one of sync, async, ssp"),
-        ({"mode": "ssp", "backup_workers": 1}, "backup_workers applies to sync mode only"),
+        ({"mode": "ssp", "backup_workers": 1}, "backup_workers applies to modes sync, local only"),
         ({"lr": 0}, "learning rate"),
         ({"staleness": -1}, "staleness must be a whole number >= 0"),
         ({"part_bytes": 0}, "part_bytes"),

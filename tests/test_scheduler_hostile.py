@@ -17,8 +17,8 @@ import pytest
 
 from protos import rpc, scheduler_pb2_grpc
 from protos import scheduler_pb2 as pb
-from protos.job import Limits
 from protos.jobspec import JobSpec
+from protos.limits import Limits
 from protos.security import ClientSecurity
 from scheduler.records import InvalidRequest
 from scheduler.requests import check

@@ -24,8 +24,9 @@ import torch
 import yaml
 
 from protos import ps_pb2
-from protos.job import Settings
+from protos.job import Mode, Settings
 from protos.jobspec import ENV_PREFIX, flag_names, variable_of
+from protos.schedule import LrSchedule
 from ps_worker import Client, ClientConfig, DistributedOptimizer
 from ps_worker.data import prepare
 from scheduler.launch import BIN, Daemon, servers
@@ -54,17 +55,19 @@ def _option(name: str) -> Callable[[ps_pb2.JobConfig], Any]:
 
 # How each setting reads off a server's JobConfig, in the form the cases write it.
 READ: dict[str, Callable[[ps_pb2.JobConfig], Any]] = {
-    "mode": lambda c: ps_pb2.Mode.Name(c.mode).lower(),
+    "mode": lambda c: Mode.from_proto(c.mode).value,
     "staleness": lambda c: c.staleness,
     "backup_workers": lambda c: c.backup_workers,
     "staleness_aware_lr": lambda c: c.staleness_aware_lr,
+    "buffer": lambda c: c.buffer,
+    "delay_compensation": lambda c: c.delay_compensation,
+    "local_steps": lambda c: c.local.steps if c.HasField("local") else Settings().local_steps,
+    "outer_lr": lambda c: c.local.outer_lr if c.HasField("local") else Settings().outer_lr,
+    "outer_momentum": lambda c: c.local.outer_momentum if c.HasField("local") else 0.0,
+    "lr_warmup": lambda c: c.optimizer.schedule.warmup_steps,
     "optimizer": lambda c: c.optimizer.WhichOneof("kind"),
     "lr": lambda c: c.optimizer.lr,
-    "lr_schedule": lambda c: (
-        f"cosine:{c.optimizer.schedule.total_steps}"
-        if c.optimizer.HasField("schedule")
-        else "constant"
-    ),
+    "lr_schedule": lambda c: LrSchedule.from_proto(c.optimizer).spec(),
     "lr_final_ratio": lambda c: c.optimizer.schedule.final_ratio,
     "compression": _compression,
     "part_bytes": lambda c: c.part_bytes,
@@ -123,6 +126,21 @@ CASES = {
         "compression": "fp16",
     },
     "sgd-dampened": {"mode": "async", "optimizer": "sgd", "momentum": 0.5, "dampening": 0.2},
+    "buffered-dc": {
+        "mode": "ssp",
+        "optimizer": "sgd",
+        "buffer": 3,
+        "delay_compensation": 0.05,
+        "lr_warmup": 20,
+    },
+    "local-diloco": {
+        "mode": "local-async",
+        "optimizer": "adam",
+        "local_steps": 4,
+        "outer_lr": 0.7,
+        "outer_momentum": 0.9,
+        "staleness_aware_lr": True,
+    },
 }
 WORKERS = 2  # the job's expected workers; one process registers, enough to init
 MODEL = "digits-mlp"

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from protos import ps_pb2, rpc
-from protos.job import Job, Limits
+from protos.job import Job
+from protos.limits import Limits
 from protos.shm import SEGMENT_PREFIX, segment_slots
 from protos.status import SHM_SEGMENT_UNAVAILABLE, reason_of
 from ps_worker import Client

@@ -26,6 +26,7 @@ from protos.limits import JobError, Limits
 from protos.optimizers import (
     OPTIMIZERS,
     OPTION_TYPES,
+    SGD,
     Adam,
     Optimizer,
     OptimizerError,
@@ -176,6 +177,27 @@ class Settings:
                     )
         if problems:
             raise JobError("; ".join(problems))
+
+    @property
+    def server_optimizer(self) -> Optimizer:
+        """The optimizer the servers run: the job's, or in the local modes the outer step
+        (SGD on the workers' changes, with Nesterov momentum when outer_momentum > 0)."""
+        if self.mode.local:
+            momentum = self.outer_momentum
+            return SGD(momentum=momentum, nesterov=momentum > 0)
+        return self.optimizer
+
+    def server_lr(self, steps: int) -> float:
+        """The lr of a server's next update after ``steps`` applied (before the
+        staleness-aware division): the scheduled lr, or in the local modes outer_lr."""
+        if self.mode.local:
+            return self.outer_lr
+        return self.lr * self.lr_schedule.factor(steps)
+
+    def worker_lr(self, version: int) -> float:
+        """Local modes: the lr of a worker's own steps, scheduled by the server version
+        (updates applied) its weights came from."""
+        return self.lr * self.lr_schedule.factor(version)
 
     @classmethod
     def names(cls) -> list[str]:

@@ -107,7 +107,7 @@ class FlatParams:
                 start = slot.start + offset
                 self.groups[slot.group].param[start : start + values.numel()] = values
         for group in self.groups.values():
-            group.state = self.job.settings.optimizer.init_state(group.param)
+            group.state = self.job.settings.server_optimizer.init_state(group.param)
 
     def export(self, accumulating: bool) -> dict[str, GroupState]:
         """A copy of every group's tensors (with the partial sum when ``accumulating``)."""
@@ -120,7 +120,10 @@ class FlatParams:
 
     def restore(self, groups: Mapping[str, GroupState], accumulating: bool) -> None:
         """Take a copy of exported tensors; InvalidArgument, changing nothing, if they don't fit."""
-        fresh = {n: self.job.settings.optimizer.init_state(g.param) for n, g in self.groups.items()}
+        fresh = {
+            n: self.job.settings.server_optimizer.init_state(g.param)
+            for n, g in self.groups.items()
+        }
         for name, group in self.groups.items():
             saved = groups.get(name)
             if saved is None:

@@ -179,7 +179,7 @@ class ParameterStore:
                 f"worker {worker_id!r}: pulled_version {pulled_version} is ahead of this "
                 f"server's version {self._version}"
             )
-        sync = job.settings.mode is Mode.SYNC
+        sync = job.settings.mode.barrier
         # a new client for this worker id whose previous client already gave this step's gradient
         # (its push is dropped); the same client giving it twice is refused
         again = sync and pulled_version == self._version and worker_id in self._contributors
@@ -209,7 +209,7 @@ class ParameterStore:
         if job.settings.staleness_aware_lr:
             lr /= max(1, staleness)
         self._steps += 1
-        params.step(job.settings.optimizer, self._steps, lr)
+        params.step(job.settings.server_optimizer, self._steps, lr)
         self._updated()
         return PushResult(True, False, False, self._version, staleness, lr)
 
@@ -224,7 +224,7 @@ class ParameterStore:
         job, params = self._held_job(), self._held()
         lr = self._scheduled_lr()
         self._steps += 1
-        params.step(job.settings.optimizer, self._steps, lr, mean_of=len(self._contributors))
+        params.step(job.settings.server_optimizer, self._steps, lr, mean_of=len(self._contributors))
         self._contributors = []
         self._contributed_by = {}
         self._updated()
@@ -243,9 +243,8 @@ class ParameterStore:
         self._tally.updates_applied += 1
 
     def _scheduled_lr(self) -> float:
-        """The job's lr for the next optimizer step, by its schedule."""
-        settings = self._held_job().settings
-        return settings.lr * settings.lr_schedule.factor(self._steps)
+        """The lr of the next update (:meth:`protos.job.Settings.server_lr`)."""
+        return self._held_job().settings.server_lr(self._steps)
 
     # ----------------------------------------------------------------- pull
 
@@ -256,7 +255,7 @@ class ParameterStore:
         met); a StoreError if the pull is refused (e.g. another live client's worker id)."""
         job = self.check_job(job_id, session)
         record = self._contact(worker_id, session)
-        if job.settings.mode is Mode.SYNC:
+        if job.settings.mode.barrier:
             if self._version >= min_version or (self._restored and min_version > self._version + 1):
                 # (the second case: a worker that saw steps lost in a restore gets the current
                 # weights at once instead of waiting for a step no one will push for)
@@ -420,7 +419,7 @@ class ParameterStore:
         if record is not None and record.active:
             self._workers[worker_id] = replace(record, active=False, left=True)
         self._sessions.left(worker_id, session)
-        if job.settings.mode is Mode.SYNC:
+        if job.settings.mode.barrier:
             self._maybe_finish_step()
         return self.active_workers()
 
@@ -431,7 +430,7 @@ class ParameterStore:
         if any(not w for w in wanted):
             raise InvalidArgument("worker ids must be non-empty")
         self._workers.set_active(wanted)
-        if job.settings.mode is Mode.SYNC:
+        if job.settings.mode.barrier:
             self._maybe_finish_step()
         return self.active_workers()
 

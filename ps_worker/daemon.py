@@ -2,7 +2,15 @@
 
 Whatever it waits for longer than a few seconds (the scheduler, the servers,
 work) it says on its log, and keeps saying while it waits. Epochs are counted
-from 1 in its log lines, from 0 on the wire.
+from 1 in its log lines, from 0 on the wire. In the local modes it takes its
+own optimizer steps (:class:`ps_worker.local.LocalSteps`) and pushes its change
+every ``local_steps`` batches and at the end of each task.
+
+A straggler (``slowdown`` s > 0) stands for a machine ``1 + s`` times slower:
+each iteration takes ``1 + s`` times as long as its work did (compute, then
+push and pull), the extra waited out on the stop event (no CPU taken from the
+others), in two parts: s times the compute before the push (its gradients are
+as stale as a slow machine's), s times the push and pull after it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from ps_worker.client import Client, ClientConfig
 from ps_worker.data import Manifest, load, read_manifest
 from ps_worker.errors import PSError
 from ps_worker.errors import StateError as LeaseLost  # FAILED_PRECONDITION: not its lease now
+from ps_worker.local import LocalSteps
 from ps_worker.metrics import WorkerMetrics
 from ps_worker.models import build_model
 from ps_worker.retry import RetryPolicy, call_with_retry
@@ -45,7 +54,7 @@ class WorkerOptions:
     scheduler_timeout_s: float = 120.0  # how long to retry an unreachable scheduler
     poll_interval_s: float = 0.2  # between lease requests when there is no work yet
     progress: bool | None = None  # tqdm bars; None: only on a terminal
-    slowdown: float = 0.0  # sleep this many times each step's compute (straggler tests)
+    slowdown: float = 0.0  # straggler: each iteration takes 1 + slowdown times its work
     security: ClientSecurity = field(default_factory=ClientSecurity)  # token and TLS
     metrics: WorkerMetrics | None = None  # Prometheus metrics to keep, if served
 
@@ -118,6 +127,7 @@ class WorkerDaemon:
         # scheduler acknowledged (or refused) its completion: what the heartbeats report.
         self.working: tuple[str, ...] = ()
         self.client: Client | None = None  # made once registered
+        self.local: LocalSteps | None = None  # the local modes: the worker's own steps
 
     def run(self) -> int:
         reply = self.link.call(
@@ -152,6 +162,9 @@ class WorkerDaemon:
             if created:
                 log.info("initialised the model on %d server(s)", len(self.spec.servers))
             log.info("job settings: %s", settings.describe())
+            held = self.client.job().settings  # the servers' job: what this worker follows
+            if held.mode.local:
+                self.local = LocalSteps(self.client, self.model, held)
             self._loop()
             self.link.call("Leave", scheduler_pb2.WorkerLeaveRequest(worker_id=self.worker_id))
             return 0
@@ -210,25 +223,38 @@ class WorkerDaemon:
             disable=self._no_progress(),
         )
         if not self.has_weights:
-            self.client.pull_into(self.model)
+            if self.local is not None:
+                self.local.pull()
+            else:
+                self.client.pull_into(self.model)
             self.has_weights = True
         for index in bar:
             step_started = time.perf_counter()
             self.model.zero_grad(set_to_none=False)
             loss = torch.nn.functional.cross_entropy(self.model(x_t[index]), y_t[index])
             loss.backward()
-            if self.options.slowdown:
-                self.stop.wait(self.options.slowdown * (time.perf_counter() - step_started))
+            self._straggle(step_started)
             pushed = time.perf_counter()
-            # The push returns the weights the next batch needs (one round trip when small).
-            versions.append(list(self.client.push_pull_into(self.model).versions))
+            if self.local is not None:  # a local step; every local_steps-th pushes and pulls
+                summary = self.local.step()
+            else:  # the push returns the weights the next batch needs (one round trip if small)
+                summary = self.client.push_pull_into(self.model)
+            if summary is not None:
+                versions.append(list(summary.versions))
+            finished = time.perf_counter()
+            self._straggle(pushed)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if metrics := self.options.metrics:
                 metrics.compute_seconds.observe(pushed - step_started)
-                metrics.push_pull_seconds.observe(time.perf_counter() - pushed)
+                metrics.push_pull_seconds.observe(finished - pushed)
                 metrics.steps.inc()
                 metrics.samples.inc(len(index))
                 metrics.clock.set(self.client.clock)
+        if self.local is not None:  # the task's last change, so no shard's work is held back
+            flushed = time.perf_counter()
+            if (summary := self.local.flush()) is not None:
+                versions.append(list(summary.versions))
+            self._straggle(flushed)
         elapsed = time.perf_counter() - started
         self.samples_per_s = len(y) / elapsed if elapsed > 0 else 0.0
         if metrics := self.options.metrics:
@@ -305,6 +331,11 @@ class WorkerDaemon:
                     self.fatal = f"the scheduler dropped this worker: {e.details()}"
                     return
                 log.warning("heartbeat failed (%s); retrying", e.code().name)
+
+    def _straggle(self, since: float) -> None:
+        """A straggler waits ``slowdown`` times what its work took since ``since``."""
+        if self.options.slowdown:
+            self.stop.wait(self.options.slowdown * (time.perf_counter() - since))
 
     def _no_progress(self) -> bool | None:
         return None if self.options.progress is None else not self.options.progress

@@ -17,10 +17,18 @@ launchers ``DistributedOptimizer(model, mode=...)`` is enough: the servers,
 rank and world come from ``PS_SERVERS``, ``RANK`` and ``WORLD_SIZE``
 (:mod:`ps_worker.environment`). ``join()`` ends a rank's training, whatever
 the others' step counts, with the final weights in the model.
+
+In the local modes (Local SGD: ``mode="local"`` or ``"local-async"``, with
+``local_steps=H``) the loop stays the same, but ``step()`` takes the job's
+optimizer step on this rank (:class:`ps_worker.local.LocalSteps`) and only
+every H-th call pushes the change of the weights since the last pull and
+pulls the weights that follow (in ``local``, waiting for every rank's change
+as sync does); ``join()`` and ``close()`` push a partial round first.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,7 +37,10 @@ import torch
 from protos.job import JobError, Settings
 from ps_worker import environment
 from ps_worker.client import Client, ClientConfig, PushSummary
-from ps_worker.errors import InvalidRequestError
+from ps_worker.errors import InvalidRequestError, PSError
+from ps_worker.local import LocalSteps
+
+log = logging.getLogger("ps_worker")
 
 
 class DistributedOptimizer:
@@ -65,10 +76,16 @@ class DistributedOptimizer:
         except JobError as e:
             raise InvalidRequestError(str(e)) from None
         self.client = Client(servers, job_id=job_id, worker_id=worker_id, config=config)
+        self.local: LocalSteps | None = None  # the local modes: this rank's own steps
+        self._closed = False
         try:
             self.client.wait_for_servers()
             self.client.init(model, job_settings, workers=workers)
-            self.client.pull_into(model)  # every worker starts from the servers' weights
+            if job_settings.mode.local:
+                self.local = LocalSteps(self.client, model, job_settings)
+                self.local.pull()  # every worker starts from the servers' weights
+            else:
+                self.client.pull_into(model)  # every worker starts from the servers' weights
         except BaseException:
             self.client.close()
             raise
@@ -77,15 +94,26 @@ class DistributedOptimizer:
         """Zero the module's gradients (kept allocated by default: they are pushed as is)."""
         self.model.zero_grad(set_to_none=set_to_none)
 
-    def step(self) -> PushSummary:
-        """Push the gradients, then load the weights that follow into the module."""
+    def step(self) -> PushSummary | None:
+        """Push the gradients, then load the weights that follow into the module. In the
+        local modes: a step of the job's optimizer on this rank, and on every
+        ``local_steps``-th call the push of the change and the pull (None on the others)."""
+        if self.local is not None:
+            return self.local.step()
         return self.client.push_pull_into(self.model)
+
+    def flush(self) -> PushSummary | None:
+        """The local modes: push the change of a partial round now and load the weights
+        that follow (None when there is none, and in the other modes)."""
+        return self.local.flush() if self.local is not None else None
 
     def join(self, timeout_s: float | None = None) -> None:
         """End this rank's training, whatever the others' step counts (Horovod's
         ``hvd.join()``): leave the job so no one waits for this rank, wait until every
         worker has left, then load the final weights into the module. ``step()`` is over
-        after it; :meth:`Client.join` has the details."""
+        after it; :meth:`Client.join` has the details. In the local modes the change of a
+        partial round is pushed first."""
+        self.flush()
         self.client.join(self.model, timeout_s)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
@@ -97,11 +125,23 @@ class DistributedOptimizer:
         return self.client.state_dict(self.model)
 
     def close(self) -> None:
-        """Leave the job and release the connections (also done as the process exits)."""
-        self.client.close()
+        """Push a partial round (the local modes), leave the job and release the
+        connections (also done as the process exits, without that push). Never raises: a
+        push that fails is logged."""
+        self._close(flush=True)
+
+    def _close(self, flush: bool) -> None:
+        try:
+            if flush and not self._closed:
+                self.flush()
+        except PSError as e:
+            log.warning("%s: the last local round was not pushed: %s", self.client.worker_id, e)
+        finally:
+            self._closed = True
+            self.client.close()
 
     def __enter__(self) -> DistributedOptimizer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._close(flush=exc_type is None)  # after an error, leave without pushing

@@ -36,6 +36,7 @@ class Limits:
     max_clock: int = 1 << 62  # a push's clock and pulled_version, a pull's clock, min_version
     chunk_grain_bytes: int = 32  # a stream's chunks: one per part plus one per this many bytes
     digest_chars: int = 64  # a layout digest (this project's are 16)
+    max_kept_bytes: int = 1 << 30  # delay compensation: pulled weights a server keeps
 
     def check_id(self, name: str, value: str, empty: bool = True) -> None:
         """A JobError if an id is longer than :attr:`max_id_chars`, not printable, or empty

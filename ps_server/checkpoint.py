@@ -1,11 +1,12 @@
 """Server checkpoints: safetensors files plus a JSON manifest, written atomically.
 
 A checkpoint holds everything a server needs to carry on: the job, the
-parameters and optimizer state of each dtype group, a sync step's partial
-sum and contributors, the step and version counters, and every worker's
-clock, active and left flags (the clock makes a retried push a duplicate);
-not the clients' sessions (the first seen after a restart claims each
-worker id). No pickle: a checkpoint is data and can never execute code.
+parameters and optimizer state of each dtype group, a barrier step's partial
+sum and contributors (or a pending buffer's sum, count and staleness), the
+step and version counters, and every worker's clock, active and left flags
+(the clock makes a retried push a duplicate); not the clients' sessions (the
+first seen after a restart claims each worker id), nor delay compensation's
+kept weights. No pickle: a checkpoint is data and can never execute code.
 
 Layout of a checkpoint directory::
 
@@ -83,12 +84,15 @@ def snapshot(store: ParameterStore) -> Snapshot | None:
         "version": view.version,
         "workers": [[w.worker_id, w.clock, w.active, w.left] for w in view.workers],
         "contributors": list(view.contributors),
+        "buffer": {"count": view.buffered, "staleness": view.buffered_staleness},
         "counters": {
             "updates_applied": c.updates_applied,
             "pushes_received": c.pushes_received,
             "stale_dropped": c.stale_dropped,
             "duplicates": c.duplicates,
             "staleness": {str(k): v for k, v in c.staleness.items()},
+            "compensated": c.compensated,
+            "uncompensated": c.uncompensated,
         },
         "written_at": time.time(),
     }
@@ -163,7 +167,10 @@ def _state(snap: Snapshot) -> StoreState:
         int(c["stale_dropped"]),
         int(c["duplicates"]),
         MappingProxyType({int(k): int(v) for k, v in c["staleness"].items()}),
+        int(c.get("compensated", 0)),  # (checkpoints before issue 16 have none)
+        int(c.get("uncompensated", 0)),
     )
+    buffer = m.get("buffer", {"count": 0, "staleness": 0})
     view = StoreView(
         job,
         int(m["steps"]),
@@ -171,6 +178,8 @@ def _state(snap: Snapshot) -> StoreState:
         tuple(_worker(*entry) for entry in m["workers"]),
         tuple(m["contributors"]),
         counters,
+        buffered=int(buffer["count"]),
+        buffered_staleness=int(buffer["staleness"]),
     )
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in snap.tensors.items():

@@ -17,11 +17,13 @@ import torch
 
 from protos.codec import (
     CodecError,
+    Piece,
     RawChunk,
     WireDType,
     check_chunk,
     check_sparse_chunk,
     first_repeat,
+    to_raw,
     to_torch,
     wire_dtype,
 )
@@ -149,6 +151,19 @@ class FlatParams:
         """The current values of one held part (a view, not a copy)."""
         slot = self.slots[key]
         return self.groups[slot.group].param[slot.start : slot.stop]
+
+    def pieces(self, weight_dtype: str | None = None) -> list[Piece]:
+        """Raw views of every held part, as a pull sends them (cast to ``weight_dtype``, a
+        compressed copy, when given: the weights stay full precision). The views share
+        memory with the parameters: encode them before the next update."""
+        cast = wire_dtype(weight_dtype).torch if weight_dtype else None
+        out = []
+        for tensor, index in self.slots:
+            values = self.values((tensor, index))
+            if cast is not None and values.dtype != cast:
+                values = values.to(cast)
+            out.append(Piece(tensor, index, 0, to_raw(values), wire_dtype(values.dtype)))
+        return out
 
     def nbytes(self) -> int:
         return sum(g.param.numel() * g.param.element_size() for g in self.groups.values())

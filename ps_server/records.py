@@ -33,6 +33,8 @@ class Counters:
     stale_dropped: int = 0
     duplicates: int = 0
     staleness: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
+    compensated: int = 0  # delay compensation: gradients corrected by the weights pulled
+    uncompensated: int = 0  # delay compensation: applied as they came (no copy of those kept)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,24 @@ class StoreView:
     contributors: tuple[str, ...] = ()  # sync: workers whose gradient is in this step's sum
     counters: Counters = field(default_factory=Counters)
     parameter_bytes: int = 0
+    buffered: int = 0  # buffer > 1: gradients in the pending update (ps_server.rules)
+    buffered_staleness: int = 0  # their staleness summed
+    kept_bytes: int = 0  # delay compensation: bytes of pulled weights kept now
+
+    @property
+    def contributions(self) -> int:
+        """Gradients in the pending update: a barrier step's or a buffer's."""
+        return len(self.contributors) + self.buffered
+
+    def counts(self) -> dict[str, int]:
+        """Status's counts of issue 16 (what the reply's ``contributions`` means now)."""
+        c = self.counters
+        return {
+            "contributions": self.contributions,
+            "compensated": c.compensated,
+            "uncompensated": c.uncompensated,
+            "kept_bytes": self.kept_bytes,
+        }
 
     @property
     def active_workers(self) -> tuple[str, ...]:
@@ -96,6 +116,8 @@ class Tally:
     stale_dropped: int = 0
     duplicates: int = 0
     staleness: Counter[int] = field(default_factory=Counter)
+    compensated: int = 0
+    uncompensated: int = 0
 
     def frozen(self) -> Counters:
         return Counters(
@@ -104,9 +126,18 @@ class Tally:
             self.stale_dropped,
             self.duplicates,
             MappingProxyType(dict(self.staleness)),
+            self.compensated,
+            self.uncompensated,
         )
 
     @classmethod
     def of(cls, c: Counters) -> Tally:
-        staleness = Counter(c.staleness)
-        return cls(c.updates_applied, c.pushes_received, c.stale_dropped, c.duplicates, staleness)
+        return cls(
+            c.updates_applied,
+            c.pushes_received,
+            c.stale_dropped,
+            c.duplicates,
+            Counter(c.staleness),
+            c.compensated,
+            c.uncompensated,
+        )

@@ -336,7 +336,9 @@ class ParameterService:
         if request.job_id and request.job_id != view.job.job_id:
             await self._call(context, lambda: self.store.check_job(request.job_id))
         limit = self.config.max_message_bytes - 1024  # 1 KiB: gRPC's framing
-        return status_reply(view, self.store.waiting(), where, limit)
+        reply = status_reply(view, self.store.waiting(), where, limit - 64)  # 64: the counts
+        reply.MergeFrom(ps_pb2.StatusResponse(**view.counts()))
+        return reply
 
     # ------------------------------------------------- the one push, the one pull
 

@@ -18,15 +18,11 @@ the slowest active worker's clock, or at its own claim when that is further (a
 restarted server lost pushes, not progress: :mod:`ps_server.clocks`); a push
 that joins lands one past that, and its client adopts the server's clock.
 
-- sync: gradients for step ``t`` (pushes whose ``pulled_version`` is ``t``)
-  are summed until ``R = max(1, active - backup_workers)`` active workers have
-  contributed; the mean of all gradients in (a departed worker's included) is
-  applied once and the step becomes ``t + 1``.
-  Older-step gradients are dropped and counted. A pull with
-  ``min_version = t + 1`` waits until that step exists.
-- async: every push is applied at once.
-- ssp: pushes are applied at once; a pull at clock ``c`` waits until every
-  active worker's clock is at least ``c - staleness``.
+How gradients become updates: :mod:`ps_server.rules` (the barrier of sync and local,
+the buffer of the others) and :mod:`ps_server.compensation` (DC-ASGD). In the barrier
+modes an older step's gradient is dropped and counted, and a pull with ``min_version =
+t + 1`` waits until that step exists; in ssp a pull at clock ``c`` waits until every
+active worker's clock is at least ``c - staleness``.
 
 A worker is active (counted by the barrier and the bound), left (it called
 Leave: a later push or pull from another client joins it again), or removed
@@ -43,9 +39,11 @@ from dataclasses import replace
 
 import torch
 
-from protos.codec import Piece, RawChunk, to_raw, wire_dtype
+from protos.codec import Piece, RawChunk
 from protos.job import Job, Mode
+from protos.limits import Limits
 from ps_server.clocks import joining_clock
+from ps_server.compensation import KeptCopies
 from ps_server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -64,6 +62,7 @@ from ps_server.records import (
     Waiter,
     WorkerState,
 )
+from ps_server.rules import Barrier, Buffer
 from ps_server.sessions import LIVENESS_S, EndedSessions, Sessions
 from ps_server.workers import NAMED, Workers, named
 
@@ -78,14 +77,17 @@ class ParameterStore:
         reject_nonfinite: bool = True,
         now: Callable[[], float] = time.monotonic,
         liveness_s: float = LIVENESS_S,
+        kept_bytes: int = Limits().max_kept_bytes,
     ) -> None:
-        """``liveness_s``: how long a quiet client keeps its worker id (shorter in tests)."""
+        """``liveness_s``: how long a quiet client keeps its worker id (shorter in tests);
+        ``kept_bytes``: the bound of delay compensation's copies (:mod:`.compensation`)."""
         self._reject_nonfinite = reject_nonfinite
         self._sessions = Sessions(now, liveness_s)
         self._waiters: dict[int, Waiter] = {}  # in-flight calls: they outlive an ended job
         self._tokens = itertools.count()
         self._ended: str | None = None  # the job ended last, for the error its workers get
         self._ended_sessions = EndedSessions()  # refused in a new job with the same id
+        self._kept = KeptCopies(kept_bytes)
         self._reset()
 
     def _reset(self) -> None:
@@ -95,9 +97,10 @@ class ParameterStore:
         self._steps = 0
         self._version = 0
         self._workers = Workers()
-        self._contributors: list[str] = []
-        self._contributed_by: dict[str, str] = {}  # sync: worker -> session of its gradient
+        self._barrier = Barrier()  # sync, local: this step's gradients
         self._tally = Tally()
+        self._buffer = Buffer()  # the modes without a barrier: gradients not yet applied
+        self._kept.clear()
         self._restored = False  # holds a checkpoint's state: workers may have seen newer weights
         self._sessions.clear()
 
@@ -182,8 +185,9 @@ class ParameterStore:
         sync = job.settings.mode.barrier
         # a new client for this worker id whose previous client already gave this step's gradient
         # (its push is dropped); the same client giving it twice is refused
-        again = sync and pulled_version == self._version and worker_id in self._contributors
-        if again and self._contributed_by.get(worker_id) == session:
+        barrier = self._barrier
+        again = sync and pulled_version == self._version and worker_id in barrier.contributors
+        if again and barrier.sessions.get(worker_id) == session:
             raise FailedPrecondition(
                 f"worker {worker_id!r} already pushed a gradient for sync step {self._version}"
             )
@@ -199,35 +203,31 @@ class ParameterStore:
             if staleness > 0 or again:
                 self._tally.stale_dropped += 1
                 return PushResult(False, False, True, self._version, staleness, 0.0)
-            lr = self._scheduled_lr()  # that of the step this gradient joins
-            params.accumulate(first=not self._contributors)
-            self._contributors.append(worker_id)
-            self._contributed_by[worker_id] = session
+            lr = job.settings.server_lr(self._steps)  # that of the step this gradient joins
+            barrier.add(params, worker_id, session)
             self._maybe_finish_step()
             return PushResult(True, False, False, self._version, 0, lr)
-        lr = self._scheduled_lr()
-        if job.settings.staleness_aware_lr:
-            lr /= max(1, staleness)
-        self._steps += 1
-        params.step(job.settings.server_optimizer, self._steps, lr)
-        self._updated()
+        if lam := job.settings.delay_compensation:
+            done = self._kept.compensate(worker_id, pulled_version, params, lam)
+            self._tally.compensated += done
+            self._tally.uncompensated += not done
+        lr = self._buffer.add(params, job.settings, staleness, self._steps)
+        if self._buffer.full(job.settings):
+            self._apply(self._buffer)
         return PushResult(True, False, False, self._version, staleness, lr)
 
-    def _maybe_finish_step(self) -> None:
-        """Sync: apply the mean once the active workers have contributed what the barrier
-        requires (a departed worker's gradient already in stays in the mean, but does not
-        count towards the barrier; with no worker active, what is in is applied)."""
-        if not self._contributors:
-            return
-        if self.active_workers() and self._active_contributors() < self.required_workers():
-            return
-        job, params = self._held_job(), self._held()
-        lr = self._scheduled_lr()
+    def _apply(self, rule: Barrier | Buffer) -> None:
+        """Apply what ``rule`` holds as one update (:mod:`ps_server.rules`)."""
         self._steps += 1
-        params.step(job.settings.server_optimizer, self._steps, lr, mean_of=len(self._contributors))
-        self._contributors = []
-        self._contributed_by = {}
-        self._updated()
+        rule.apply(self._held(), self._held_job().settings, self._steps)
+        self._version += 1
+        self._tally.updates_applied += 1
+
+    def _maybe_finish_step(self) -> None:
+        """Barrier modes: apply the step once complete (:class:`ps_server.rules.Barrier`; a
+        departed worker's gradient in stays in the mean but does not count)."""
+        if self._barrier.complete(self.active_workers(), self.required_workers()):
+            self._apply(self._barrier)
 
     def _land(self, worker_id: str, record: WorkerState | None, clock: int, session: str) -> None:
         """Record a push at ``clock`` by this client; a joining one lands at the join clock
@@ -237,14 +237,6 @@ class ParameterStore:
             clock = joining_clock(clock, record.clock)
         self._workers[worker_id] = replace(record, clock=clock)
         self._sessions.seen(worker_id, session)
-
-    def _updated(self) -> None:
-        self._version += 1
-        self._tally.updates_applied += 1
-
-    def _scheduled_lr(self) -> float:
-        """The lr of the next update (:meth:`protos.job.Settings.server_lr`)."""
-        return self._held_job().settings.server_lr(self._steps)
 
     # ----------------------------------------------------------------- pull
 
@@ -261,10 +253,11 @@ class ParameterStore:
                 # weights at once instead of waiting for a step no one will push for)
                 return PullDecision(True)
             required = self.required_workers()
-            missing = tuple(w for w in self.active_workers() if w not in self._contributors)
+            active = self.active_workers()
+            missing = tuple(w for w in active if w not in self._barrier.contributors)
             return PullDecision(
                 False,
-                f"sync step {self._version}: have {self._active_contributors()} of {required} "
+                f"sync step {self._version}: have {self._barrier.given_by(active)} of {required} "
                 f"required gradients; waiting for {named(missing[:NAMED], len(missing))}",
                 missing[:NAMED],
             )
@@ -305,14 +298,9 @@ class ParameterStore:
             if clock > record.clock:  # pushes this server lost (ps_server.clocks)
                 record = self._workers[worker_id] = replace(record, clock=clock)
             self._sessions.seen(worker_id, session)
-        weight_dtype = job.settings.compression.weight_dtype
-        cast = wire_dtype(weight_dtype).torch if weight_dtype else None
-        pieces = []
-        for tensor, index in params.slots:
-            values = params.values((tensor, index))
-            if cast is not None and values.dtype != cast:
-                values = values.to(cast)  # a compressed copy: the weights stay full precision
-            pieces.append(Piece(tensor, index, 0, to_raw(values), wire_dtype(values.dtype)))
+            if job.settings.delay_compensation:
+                self._kept.keep(worker_id, self._version, params)
+        pieces = params.pieces(job.settings.compression.weight_dtype)
         return self._version, record.clock if record else 0, pieces
 
     def add_waiter(self, waiter: Waiter) -> int:
@@ -348,11 +336,6 @@ class ParameterStore:
 
     def active_workers(self) -> list[str]:
         return self._workers.active()
-
-    def _active_contributors(self) -> int:
-        """Sync: the active workers whose gradient is in this step's sum."""
-        active = set(self.active_workers())
-        return sum(1 for w in self._contributors if w in active)
 
     def required_workers(self) -> int:
         """Sync: gradients needed to finish a step."""
@@ -419,8 +402,7 @@ class ParameterStore:
         if record is not None and record.active:
             self._workers[worker_id] = replace(record, active=False, left=True)
         self._sessions.left(worker_id, session)
-        if job.settings.mode.barrier:
-            self._maybe_finish_step()
+        self._departed(job)
         return self.active_workers()
 
     def set_membership(self, job_id: str, active: Iterable[str]) -> list[str]:
@@ -430,9 +412,19 @@ class ParameterStore:
         if any(not w for w in wanted):
             raise InvalidArgument("worker ids must be non-empty")
         self._workers.set_active(wanted)
+        self._departed(job)
+        return self.active_workers()
+
+    def _departed(self, job: Job) -> None:
+        """Workers stopped counting: a barrier step their absence completes is applied; a
+        buffer with no worker left active to fill it too; their kept weights are dropped."""
         if job.settings.mode.barrier:
             self._maybe_finish_step()
-        return self.active_workers()
+            return
+        active = self.active_workers()
+        self._kept.retain(set(active))
+        if not active and self._buffer.count:
+            self._apply(self._buffer)
 
     def end(self, job_id: str) -> bool:
         """Drop the job held here (weights, optimizer state, counters, workers), so that any
@@ -480,16 +472,20 @@ class ParameterStore:
             self._steps,
             self._version,
             tuple(self._workers.values()),
-            tuple(self._contributors),
+            tuple(self._barrier.contributors),
             self._tally.frozen(),
             self.parameter_bytes(),
+            self._buffer.count,
+            self._buffer.staleness,
+            self._kept.nbytes(),
         )
 
     def snapshot_state(self) -> StoreState | None:
         """A copy of the whole state, tensors included (None before the model is initialised)."""
         if self._params is None:
             return None
-        return StoreState(self.view(), self._params.export(bool(self._contributors)))
+        view = self.view()
+        return StoreState(view, self._params.export(bool(view.contributions)))
 
     def restore_state(self, state: StoreState) -> None:
         """Make an empty store hold a copied state; a StoreError, changing nothing, if it
@@ -499,14 +495,16 @@ class ParameterStore:
             raise AlreadyExists(f"this store already holds job {self._job.job_id!r}")
         if view.job is None:
             raise InvalidArgument("the state holds no job")
+        if not 0 <= view.buffered < view.job.settings.buffer or view.buffered_staleness < 0:
+            raise InvalidArgument(f"the state holds {view.buffered} buffered gradients")
         params = FlatParams(view.job)
-        params.restore(state.groups, accumulating=bool(view.contributors))
+        params.restore(state.groups, accumulating=bool(view.contributions))
         self._job, self._params = view.job, params
         self._steps, self._version = view.steps, view.version
         self._workers = Workers((w.worker_id, w) for w in view.workers)
-        self._contributors = list(view.contributors)
-        self._contributed_by = {}  # sessions are not checkpointed
+        self._barrier = Barrier(list(view.contributors))  # sessions are not checkpointed
         self._tally = Tally.of(view.counters)
+        self._buffer = Buffer(view.buffered, view.buffered_staleness)
         self._restored = True
         self._sessions.clear()
 

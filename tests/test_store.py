@@ -361,8 +361,10 @@ def test_a_state_that_does_not_fit_changes_nothing():
 
 def test_the_store_knows_nothing_of_grpc():
     inside = {"ps_server.errors", "ps_server.flat", "ps_server.records", "ps_server.sessions"}
-    inside |= {"ps_server.clocks", "ps_server.workers"}
-    for module in ("store.py", "flat.py", "records.py", "sessions.py", "clocks.py", "workers.py"):
+    inside |= {"ps_server.clocks", "ps_server.workers", "ps_server.rules"}
+    inside |= {"ps_server.compensation"}
+    modules = ("store.py", "flat.py", "records.py", "sessions.py", "clocks.py", "workers.py")
+    for module in (*modules, "rules.py", "compensation.py"):
         tree = ast.parse((Path(ps_server.__file__).parent / module).read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

@@ -28,13 +28,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --durations=15
 
-# MNIST-1D on a local cluster: 2 servers, 4 workers, bounded staleness; prints the accuracy
-# and writes the trained model to $(DEMO_DIR)/model.safetensors.
+# MNIST-1D on a local cluster: 2 servers, 4 workers, bounded staleness with the model's recipe
+# for it (protos/recipes.py); prints the accuracy and writes the model to $(DEMO_DIR)/model.safetensors.
 demo: $(STAMP)
 	$(BIN)/ps-data prepare --dataset mnist1d --out $(DEMO_DIR)/mnist1d --shards 16 --if-missing
 	$(BIN)/ps-cluster up --data-dir $(DEMO_DIR)/mnist1d --model mnist1d-cnn \
-		--mode ssp --staleness 1 --servers 2 --workers 4 --epochs 24 \
-		--optimizer adam --lr 0.003 --beta1 0 --lr-schedule cosine \
+		--mode ssp --servers 2 --workers 4 \
 		--work-dir $(DEMO_DIR)/run --summary-json $(DEMO_DIR)/summary.json \
 		--save $(DEMO_DIR)/model.safetensors
 

@@ -21,12 +21,14 @@ from typing import Any
 
 import yaml
 
+from protos import recipes
 from protos.job import JobError, Mode, Settings
 from protos.optimizers import OPTIMIZERS, OPTION_TYPES, OptimizerError, make_optimizer
 from protos.schedule import LrSchedule, ScheduleError
 
 _DEFAULT = Settings()
 ENV_PREFIX = "PS_"  # ps-scheduler reads PS_<FIELD> for every field a flag can set
+_NOT_DOCUMENT = ("optimizer_options", "recipe_applied")  # fields no document key sets
 
 
 class SpecError(ValueError):
@@ -105,6 +107,12 @@ class JobSpec:
     lease_timeout_s: float = field(
         default=10.0, metadata=_help("a worker silent this long loses its lease")
     )
+    recipe: bool = field(
+        default=True,
+        metadata=_help("take the settings not given from the model's recipe for the mode"),
+    )
+    # What the document took from its model's recipe (protos/recipes.py): for logs only.
+    recipe_applied: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         """Every check of a job's numbers and names, before anything runs it."""
@@ -157,7 +165,7 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a flat document, with every option of its optimizer spelled out."""
-        doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "optimizer_options"}
+        doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_DOCUMENT}
         doc["servers"] = list(self.servers)
         doc.update(make_optimizer(self.optimizer, **self.optimizer_options).options())
         return doc
@@ -168,7 +176,7 @@ class JobSpec:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> JobSpec:
         """A spec from a flat document (values may be strings, as flags and variables give)."""
-        known = {f.name: f for f in fields(cls) if f.name != "optimizer_options"}
+        known = {f.name: f for f in fields(cls) if f.name not in _NOT_DOCUMENT}
         unknown = sorted(set(doc) - set(known) - set(OPTION_TYPES))
         if unknown:
             raise SpecError(
@@ -193,12 +201,18 @@ class JobSpec:
                     options[name] = _convert(value, OPTION_TYPES[name](), name)
             except (TypeError, ValueError) as e:
                 raise SpecError(f"{name}: {e}") from None
+        applied = {}
+        if values.get("recipe", cls.recipe):
+            model, mode = values.get("model", cls.model), values.get("mode", cls.mode)
+            applied = recipes.fill({**values, **options}, model, mode)
+            for name, value in applied.items():
+                (options if name in OPTION_TYPES else values)[name] = value
         optimizer = values.get("optimizer", cls.optimizer)
         try:
             make_optimizer(optimizer, **options)
         except OptimizerError as e:
             raise SpecError(str(e)) from None
-        return cls(**values, optimizer_options=options)
+        return cls(**values, optimizer_options=options, recipe_applied=applied)
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
@@ -254,7 +268,7 @@ def _convert(value: Any, default: Any, name: str) -> Any:
 
 def flag_names(skip: tuple[str, ...] = ()) -> list[str]:
     """Every document key a flag sets: the spec's fields, then every optimizer option."""
-    names = [f.name for f in fields(JobSpec) if f.name != "optimizer_options"]
+    names = [f.name for f in fields(JobSpec) if f.name not in _NOT_DOCUMENT]
     return [n for n in [*names, *OPTION_TYPES] if n not in skip]
 
 

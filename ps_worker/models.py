@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from protos.recipes import RECIPES
+
 
 class MNIST1DCNN(nn.Module):
     """The MNIST-1D paper's 5,210-parameter CNN (input length 40, 10 classes)."""
@@ -45,6 +47,9 @@ BUILTIN: dict[str, Callable[[], nn.Module]] = {
     "mnist1d-mlp": lambda: mlp(40, 100, 10),
     "digits-mlp": lambda: mlp(64, 128, 10, layers=1),
 }
+
+
+assert set(BUILTIN) == set(RECIPES), "every built-in model has a recipe (protos/recipes.py)"
 
 
 class ModelError(ValueError):

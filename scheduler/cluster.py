@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from protos import outfile
+from protos import outfile, recipes
 from protos.jobspec import JobSpec, SpecError, add_job_arguments, spec_from_args
 from protos.security import ClientSecurity, SecurityError, read_token
 from ps_worker import PSError
@@ -170,6 +170,8 @@ def _up(args: argparse.Namespace, work: WorkDir) -> int:
                 f"(--device {args.device}); {work.describe()}",
                 flush=True,
             )
+            if spec.recipe_applied:
+                print(recipes.describe(spec.model, spec.mode, spec.recipe_applied), flush=True)
             progress = cluster.wait(args.timeout_s, show)
             statuses = cluster.server_status()
             if args.save:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protos import listen, observability, parent, security
+from protos import listen, observability, parent, recipes, security
 from protos.jobspec import JobSpec, SpecError, add_job_arguments, spec_from_args
 from ps_worker.data import DataError, read_manifest
 from ps_worker.errors import PSError
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, DataError, PreflightError) as e:
         print(f"ps-scheduler: {e}", file=sys.stderr)
         return 2
+    if spec.recipe_applied:
+        log.info("%s", recipes.describe(spec.model, spec.mode, spec.recipe_applied))
     return asyncio.run(serve(args, spec, shards))
 
 

@@ -232,7 +232,7 @@ def via_cluster(tmp_path: Path, digits: Path, extra: list[str]) -> tuple[dict, d
     summary = cluster_up(
         tmp_path,
         *("--data-dir", str(digits), "--model", MODEL, "--epochs", "1", "--batch-size", "50"),
-        *("--workers", "1", "--timeout-s", "120", *extra),
+        *("--workers", "1", "--timeout-s", "120", "--no-recipe", *extra),
     )
     return summary, json.loads((tmp_path / "work" / JOB_FILE).read_text())
 
@@ -262,7 +262,7 @@ def test_ps_cluster_up_flags(tmp_path, digits, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_ps_cluster_up_config_file(tmp_path, digits, case):
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(CASES[case]))
+    job.write_text(yaml.safe_dump({**CASES[case], "recipe": False}))  # test_recipes.py: on
     summary, _ = via_cluster(tmp_path, digits, ["--config", str(job)])
     check_reported(summary["settings_by_server"], CASES[case])
 
@@ -284,6 +284,7 @@ def scheduler_argv(tmp_path: Path, digits: Path) -> list[str]:
         MODEL,
         "--expected-workers",
         "1",
+        "--no-recipe",  # the cases over the plain defaults (tests/test_recipes.py: recipes on)
     ]
 
 
@@ -303,7 +304,7 @@ def test_compose_variables(tmp_path, digits, case):
     assert needed <= forwarded, f"the compose scheduler drops {needed - forwarded}"
     # Every setting explicitly: the compose file's own defaults (ssp, staleness 1, ...) yield.
     variables = {variable_of(k): _env_value(v) for k, v in expected(CASES[case]).items()}
-    variables |= {"PS_MODEL": MODEL, "PS_EXPECTED_WORKERS": "1"}
+    variables |= {"PS_MODEL": MODEL, "PS_EXPECTED_WORKERS": "1", "PS_RECIPE": "false"}
     host = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env = {**host, **variables}
     argv = localise(service["command"], env, digits, {"server0": "{SERVERS}", "server1": ""})

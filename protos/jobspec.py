@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ class JobSpec:
                 f"lease_timeout_s must be a positive number, got {self.lease_timeout_s}"
             )
         try:
-            settings = self.job_settings(batches_per_epoch=1)
+            settings = self.job_settings(1)
         except (JobError, ScheduleError) as e:
             problems.append(str(e))
         else:  # one spelling per value, so that specs of the same job compare equal
@@ -137,28 +137,31 @@ class JobSpec:
         if problems:
             raise SpecError("; ".join(problems))
 
-    def expected_updates(self, batches_per_epoch: int) -> int:
-        """Updates each server applies over the job: one per pushed gradient in async and
-        ssp, one per barrier (to which every worker brings one) in sync and local; a push
-        of a local mode stands for local_steps batches, and a buffer averages that many."""
-        total = max(1, self.epochs * batches_per_epoch)  # a bad epochs is reported on its own
+    def expected_updates(self, batches: int | Sequence[int]) -> int:
+        """Updates each server applies over the job, from the batches of an epoch (or of each
+        shard, which the local modes need: a worker pushes at the end of every shard): one per
+        pushed gradient in async and ssp, one per barrier (to which every worker brings one)
+        in sync and local; a push of a local mode stands for up to local_steps batches, and a
+        buffer averages that many pushes."""
         mode = Mode.parse(self.mode) if self.mode in Mode.choices() else Mode.ASYNC
-        if mode.local:
-            total //= max(1, self.local_steps)
+        shards = [batches] if isinstance(batches, int) else list(batches)
+        steps = max(1, self.local_steps) if mode.local else 1
+        total = max(1, self.epochs) * sum(-(-b // steps) for b in shards)  # bad epochs: reported
         if mode.barrier:
             total //= max(1, self.expected_workers)
         else:
             total //= max(1, self.buffer)
         return max(1, total)
 
-    def job_settings(self, batches_per_epoch: int) -> Settings:
+    def job_settings(self, batches: int | Sequence[int]) -> Settings:
         """The settings the servers run: the one translation of a spec into a job.
-        A bare ``cosine`` schedule spans the job's expected updates."""
+        A bare ``cosine`` schedule spans the job's expected updates (``batches``: as
+        :meth:`expected_updates` takes them)."""
         values = {f.name: getattr(self, f.name) for f in fields(Settings)}
         values["lr_schedule"] = LrSchedule.parse(
             self.lr_schedule,
             self.lr_final_ratio,
-            self.expected_updates(batches_per_epoch),
+            self.expected_updates(batches),
             self.lr_warmup,
         )
         return Settings.build(**values, **self.optimizer_options)

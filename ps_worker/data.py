@@ -48,7 +48,11 @@ class Manifest:
 
     def batches_per_epoch(self, batch_size: int) -> int:
         """Batches in one pass over every shard (each shard's last one may be short)."""
-        return sum(-(-s.samples // batch_size) for s in self.shards)
+        return sum(self.shard_batches(batch_size))
+
+    def shard_batches(self, batch_size: int) -> list[int]:
+        """The batches of each shard (its last one may be short)."""
+        return [-(-s.samples // batch_size) for s in self.shards]
 
 
 def generate(dataset: str, samples: int | None, seed: int) -> tuple[np.ndarray, ...]:

@@ -28,7 +28,7 @@ def test_every_builtin_model_has_a_valid_recipe_for_every_mode():
         for mode in Mode.choices():
             s = spec(model=model, mode=mode)
             assert s.recipe_applied == recipe_values(model, mode)
-            settings = s.job_settings(batches_per_epoch=50)  # builds: the values fit together
+            settings = s.job_settings(50)  # builds: the values fit together
             assert settings.mode.value == mode
 
 

@@ -46,7 +46,7 @@ def _ddp_rank(rank: int, world: int, port: int, spec_json: str, started_at: floa
     data = Path(spec.data_dir)
     manifest = read_manifest(data)
     model = DistributedDataParallel(build_model(spec.model, spec.seed))
-    settings = spec.job_settings(manifest.batches_per_epoch(spec.batch_size))
+    settings = spec.job_settings(manifest.shard_batches(spec.batch_size))
     adam = settings.optimizer
     assert adam.name == "adam", "the DDP reference runs the job's Adam"
     optimizer = torch.optim.Adam(

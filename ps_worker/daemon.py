@@ -157,7 +157,7 @@ class WorkerDaemon:
                 config=ClientConfig(security=self.options.security),
             )
             self.client.wait_for_servers(self.options.scheduler_timeout_s)
-            settings = self.spec.job_settings(self.manifest.batches_per_epoch(self.spec.batch_size))
+            settings = self.spec.job_settings(self.manifest.shard_batches(self.spec.batch_size))
             created = self.client.init(self.model, settings)
             if created:
                 log.info("initialised the model on %d server(s)", len(self.spec.servers))

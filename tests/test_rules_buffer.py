@@ -84,7 +84,7 @@ class Driver:
     def pull(self, worker: str) -> None:
         clock = self.clock.get(worker, 0)
         assert self.store.pull_decision("job", worker, clock, 0).ready
-        self.pulled[worker] = self.store.pull("job", worker, clock=clock)[0]
+        self.pulled[worker], self.clock[worker], _ = self.store.pull("job", worker, clock=clock)
 
     def push(self, worker: str):
         self.clock[worker] = self.clock.get(worker, 0) + 1

@@ -221,3 +221,20 @@ def test_status_counts_a_pending_buffer_as_contributions(tmp_path):
         assert reply.contributions == 2 and reply.version == 0
         assert serverkit.push(calls, job, "a", 3, "sa").version == 1
         assert serverkit.status(calls).contributions == 0
+
+
+def test_a_checkpoint_from_before_the_buffer_restores_with_an_empty_one(tmp_path):
+    store, job = new_store("async", optimizer=Adam(), lr=LR)
+    play(store, job, Reference(1, False, torch.optim.Adam), "pa Pa")
+    snap = checkpoint.snapshot(store)
+    assert snap.manifest.pop("buffer") == {"count": 0, "staleness": 0}
+    del snap.manifest["counters"]["compensated"], snap.manifest["counters"]["uncompensated"]
+    checkpoint.write(snap, tmp_path)
+    restored = ParameterStore()
+    checkpoint.restore(restored, checkpoint.read(tmp_path))
+    assert restored.view().buffered == 0 and restored.version == 1
+    with_buffer = checkpoint.snapshot(store)
+    with_buffer.manifest["buffer"]["count"] = 1  # a buffer K = 1 never holds one
+    checkpoint.write(with_buffer, tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="1 buffered gradients"):
+        checkpoint.restore(ParameterStore(), checkpoint.read(tmp_path))

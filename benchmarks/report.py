@@ -3,8 +3,11 @@
     python -m benchmarks.report              # rewrite README.md between the markers, redraw
     python -m benchmarks.report --check      # fail if README.md is not what the JSON says
 
-Reads benchmarks/results/{transport,modes,slr,vs-ddp,load,transport-compression,chaos}/
+Reads benchmarks/results/{transport,study-*,modes,slr,vs-ddp,load,transport-compression,chaos}/
 (written by the benchmarks with ``--out``); a section whose file is missing is left out.
+Each study-* directory (benchmarks.sync_vs_async's results.json) gets its table and
+figures, and the studies together a "Which mode and rule, when" table computed from them
+(benchmarks.study.which_rule_when).
 Each figure is drawn by its benchmark's own ``plot`` from the same JSON the benchmark
 wrote, so a change to a plot shows in the README without running the benchmark again.
 """
@@ -20,13 +23,14 @@ import benchmarks.chaos
 import benchmarks.load
 import benchmarks.transport
 import benchmarks.vs_ddp
-from benchmarks import sync_vs_async
+from benchmarks import study, sync_vs_async
 from benchmarks.machine import describe
 from benchmarks.transport import compression_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+STUDIES = "study-*"  # benchmarks.sync_vs_async's studies, one directory per setting
 KIB, MIB = 1 << 10, 1 << 20
 
 
@@ -165,15 +169,44 @@ PLOTS = {
 }
 
 
+def studies(results: Path = RESULTS) -> list[tuple[Path, dict]]:
+    """Each study's directory and results.json, by workers then name."""
+    found = [(d, _load(d / "results.json")) for d in results.glob(STUDIES) if d.is_dir()]
+    found = [(d, r) for d, r in found if r is not None]
+    return sorted(found, key=lambda dr: (dr[1]["workers"], dr[0].name))
+
+
 def redraw(results: Path = RESULTS) -> list[Path]:
     """Draw every figure again from its JSON file (those whose file exists)."""
     drawn = []
+    for directory, result in studies(results):
+        sync_vs_async.plot(result, directory)
+        drawn.append(directory)
     for (name, file), plot in PLOTS.items():
         data = _load(results / name / file)
         if data is not None:
             plot(data, results / name)
             drawn.append(results / name)
     return drawn
+
+
+STUDY_IMAGES = [
+    ("accuracy against time", "accuracy_time.png"),
+    ("accuracy against samples", "accuracy_samples.png"),
+    ("staleness", "staleness.png"),
+]
+
+
+def study_sections(results: Path = RESULTS) -> list[str]:
+    """A section per study, then the "which mode and rule, when" table of them all."""
+    found = studies(results)
+    lines: list[str] = []
+    for directory, result in found:
+        title = f"Modes and rules: {study.setting(result)}"
+        lines += table_section(result, directory, title, study.markdown, STUDY_IMAGES)
+    if found:
+        lines += ["### Which mode and rule, when", "", study.which_rule_when([r for _, r in found])]
+    return lines
 
 
 def table_section(
@@ -195,6 +228,7 @@ def section(results: Path = RESULTS) -> str:
     data = _load(results / "transport" / "transport.json")
     if data is not None:
         parts += transport(data, results / "transport")
+    parts += study_sections(results)
     for name, file, title, table, images in TABLES:
         data = _load(results / name / file)
         if data is not None:

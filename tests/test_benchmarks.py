@@ -4,6 +4,7 @@ Each runs as the README's Benchmarks block writes it, with ``--out`` pointed
 at a temporary directory.
 """
 
+import argparse
 import itertools
 import json
 import re
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 import benchmarks.chaos
-from benchmarks import report
+from benchmarks import report, study
+from benchmarks.sync_vs_async import Variant
+from protos.jobspec import SpecError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -102,20 +105,128 @@ def test_transport_compression_only_shows_the_bytes_halved(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_sync_vs_async_quick_writes_results_and_plots(tmp_path):
-    result = readme_run("benchmarks.sync_vs_async", tmp_path, "--straggler", "0:2.0")
+def test_sync_vs_async_quick_writes_every_run_and_the_report_reads_it(tmp_path):
+    """The README's --quick command, one epoch, over 2 seeds: every run kept, Local SGD
+    pushing less, the tables and figures."""
+    out = tmp_path / "study-4"
+    extra = ("--straggler", "0:2.0", "--seeds", "2", "--modes", "sync", "local:4", "--epochs", "1")
+    result = readme_run("benchmarks.sync_vs_async", out, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert [m["label"] for m in data["modes"]] == ["sync", "async", "ssp:1"]
-    for mode in data["modes"]:
-        assert 0.0 <= mode["final_accuracy"] <= 1.0
-        assert mode["samples_per_s"] > 0 and mode["updates_per_s"] > 0
-        assert sum(mode["staleness_histogram"].values()) > 0
-        assert all(e["wall_s"] > 0 for e in mode["curves"][0])
+    data = json.loads((out / "results.json").read_text())
+    assert data["format"] == 2 and data["seeds"] == [0, 1]
+    assert [v["label"] for v in data["variants"]] == ["sync", "local:4"]
+    assert data["variants"][1]["overrides"] == {"mode": "local", "local_steps": 4}
+    for variant in data["variants"]:
+        assert [r["seed"] for r in variant["runs"]] == [0, 1]
+        for run in variant["runs"]:
+            assert 0.0 <= run["final_accuracy"] <= 1.0
+            assert run["samples_per_s"] > 0 and run["updates_per_s"] > 0
+            assert sum(run["pushes_received"]) > 0 and sum(run["staleness_histogram"].values())
+            assert [e["epoch"] for e in run["curve"]] == list(range(1, data["epochs"] + 1))
+            for e in run["curve"]:  # an epoch is evaluated once all of its shards are done
+                assert e["wall_s"] > 0 and e["samples"] >= e["epoch"] * data["train_samples"]
+    sync, local = data["variants"]
+    assert all(set(r["staleness_histogram"]) == {"0"} for r in sync["runs"])
+    assert all("4 local steps" in r["settings"] for r in local["runs"])
+    # a push per 4 batches, or per task (shard) when that ends first: 3 batches of 32 here
+    for a, b in zip(sync["runs"], local["runs"], strict=True):
+        assert sum(b["pushes_received"]) * 2.5 < sum(a["pushes_received"])
     assert data["straggler"] == "worker 0 x2.0"
-    assert (tmp_path / "results.md").read_text().count("\n| ") == 4
-    for png in ("accuracy.png", "staleness.png"):
-        assert (tmp_path / png).read_bytes()[:8] == PNG
+    assert (out / "results.md").read_text().count("\n| ") == 1 + 2  # the header, 2 variants
+    for png in ("accuracy_time.png", "accuracy_samples.png", "staleness.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+    section = report.section(tmp_path)
+    assert "### Modes and rules: 4 workers, 2 servers, straggler worker 0 x2.0" in section
+    assert "### Which mode and rule, when" in section
+    assert report.redraw(tmp_path) == [out]
+
+
+def test_variants_spell_every_mode_and_rule():
+    """Each mode and modifier, composed, becomes the job fields it names; old spellings stay."""
+    cases = {
+        "sync": {"mode": "sync"},
+        "backup:2": {"mode": "sync", "backup_workers": 2},
+        "backup": {"mode": "sync", "backup_workers": 1},
+        "async": {"mode": "async"},
+        "ssp:3": {"mode": "ssp", "staleness": 3},
+        "local:8": {"mode": "local", "local_steps": 8},
+        "local-async:4": {"mode": "local-async", "local_steps": 4},
+        "async+buf4": {"mode": "async", "buffer": 4},
+        "ssp:3+slr": {"mode": "ssp", "staleness": 3, "staleness_aware_lr": True},
+        "ssp:3-slr": {"mode": "ssp", "staleness": 3, "staleness_aware_lr": True},
+        "async-slr": {"mode": "async", "staleness_aware_lr": True},
+        "async+noslr": {"mode": "async", "staleness_aware_lr": False},
+        "async+dc0.04": {"mode": "async", "delay_compensation": 0.04},
+        "async+warm100": {"mode": "async", "lr_warmup": 100},
+        "local:8+nest0.9+olr0.7": {
+            "mode": "local", "local_steps": 8, "outer_momentum": 0.9, "outer_lr": 0.7,
+        },
+        "async+lr0.003+b1_0": {"mode": "async", "lr": 0.003, "beta1": 0.0},
+        "async+buf2+lr_schedule=constant": {
+            "mode": "async", "buffer": 2, "lr_schedule": "constant",
+        },
+    }  # fmt: skip
+    base = {"data_dir": "data", "model": "mnist1d-cnn"}
+    for text, overrides in cases.items():
+        variant = Variant.parse(text)
+        assert (variant.label, variant.overrides) == (text, overrides)
+        spec = variant.spec(base, workers=4, seed=2)
+        assert (spec.mode, spec.seed, spec.expected_workers) == (overrides["mode"], 2, 4)
+    spec = Variant.parse("local:8+nest0.9+olr0.7").spec(base, 4)
+    assert (spec.local_steps, spec.outer_momentum, spec.outer_lr) == (8, 0.9, 0.7)
+    # the earlier benchmark's async lr (benchmarks.vs_ddp): lr, beta1 0, slr only if asked
+    assert Variant.parse("async", 0.003).overrides == {
+        "mode": "async", "lr": 0.003, "beta1": 0.0, "staleness_aware_lr": False,
+    }  # fmt: skip
+    assert Variant.parse("ssp:1-slr+lr0.01", 0.003).overrides["lr"] == 0.01
+    for bad in ("foo", "async+zzz", "ssp:x", "async:3", "local:8+nest"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            Variant.parse(bad)
+    for refused in ("sync+buf4", "local:0", "async+dc-1", "local:8+nest1.5"):
+        with pytest.raises((SpecError, argparse.ArgumentTypeError)):
+            Variant.parse(refused).spec(base, 4)
+
+
+def _run(seed: int, curve: list[tuple[float, float]], staleness: dict, pushes: int) -> dict:
+    """A run as results.json keeps it: curve is (seconds, accuracy) after each epoch."""
+    return {
+        "seed": seed, "mode": "async", "settings": "s", "wall_s": curve[-1][0],
+        "final_accuracy": curve[-1][1], "samples_per_s": 100.0, "updates_per_s": 10.0,
+        "pushes_received": [pushes, pushes], "stale_dropped": [0, 0], "compensated": 0,
+        "staleness_histogram": {str(k): n for k, n in staleness.items()},
+        "curve": [
+            {"epoch": i + 1, "wall_s": t, "accuracy": a, "samples": 1000 * (i + 1)}
+            for i, (t, a) in enumerate(curve)
+        ],
+    }  # fmt: skip
+
+
+def test_the_study_tables_are_computed_from_the_runs():
+    """Mean +- std over seeds, targets missed by some seeds, the median staleness, and the
+    rule chosen: the fastest to the target of those within 1 point of the best accuracy."""
+    slow = [_run(s, [(10, 0.90), (20, 0.95 + s / 100)], {0: 3, 1: 1}, 80) for s in (0, 1)]
+    fast = [_run(s, [(5 + s, 0.94), (10, 0.948)], {2: 1, 5: 3}, 10) for s in (0, 1)]
+    flaky = [_run(0, [(4, 0.97), (8, 0.97)], {}, 80), _run(1, [(4, 0.5), (8, 0.5)], {}, 80)]
+    result = {
+        "target_accuracy": 0.93, "workers": 4, "servers": 2, "straggler": "", "seeds": [0, 1],
+        "model": "m", "dataset": "d", "epochs": 2, "batch_size": 10,
+        "variants": [
+            {"label": "sync", "runs": slow}, {"label": "local:8", "runs": fast},
+            {"label": "async", "runs": flaky},
+        ],
+    }  # fmt: skip
+    sync, local, flaky_row = study.summaries(result)
+    assert sync["final_accuracy"]["mean"] == pytest.approx(0.955)
+    assert sync["final_accuracy"]["std"] == pytest.approx(0.00707, abs=1e-4)
+    assert sync["time_to_target_s"] == {"mean": 20.0, "std": 0.0, "n": 2}
+    assert local["samples_to_target"]["mean"] == 1000 and local["pushes"]["mean"] == 20
+    assert (sync["median_staleness"], local["median_staleness"]) == (0, 5)
+    assert flaky_row["time_to_target_s"]["n"] == 1  # one seed of two reached it
+    chosen, close = study.best(result)
+    assert chosen["label"] == "local:8" and [r["label"] for r in close] == ["sync", "local:8"]
+    table = study.which_rule_when([result])
+    assert "| local:8 | 0.948 ± 0.000 | 5.5 ± 0.7 | 0.28 | sync |" in table
+    assert "| async | 0.735 ± 0.332 | 4.0 (1/2) | 0.20 |" in study.markdown(result)
 
 
 @pytest.mark.integration

@@ -99,9 +99,17 @@ def summarise_variant(variant: dict, target: float) -> dict:
         "pushes": _stats(sum(r["pushes_received"]) for r in runs),
         "stale_dropped": _stats(max(r["stale_dropped"]) for r in runs),
         "compensated": _stats(r.get("compensated") for r in runs),
+        "compensated_share": _share(runs),
         "median_staleness": median_of(hist),
         "staleness_histogram": {str(k): hist[k] for k in sorted(hist)},
     }
+
+
+def _share(runs: list[dict]) -> float | None:
+    """Delay compensation: the fraction of the pushes it corrected (None when it was off)."""
+    done = sum(r.get("compensated", 0) for r in runs)
+    total = done + sum(r.get("uncompensated", 0) for r in runs)
+    return done / total if total else None
 
 
 def summaries(result: dict) -> list[dict]:
@@ -158,7 +166,10 @@ def markdown(result: dict) -> str:
             f"{_cell(r['stale_dropped'], '.0f')} |"
         )
     lines += ["", "What the servers ran:", ""]
-    lines += [f"- {r['label']}: {r['settings']}" for r in rows]
+    for r in rows:
+        share = r["compensated_share"]
+        extra = "" if share is None else f"; {share:.0%} of the pushes compensated"
+        lines.append(f"- {r['label']}: {r['settings']}{extra}")
     return "\n".join(lines) + "\n"
 
 

@@ -226,7 +226,11 @@ def test_the_study_tables_are_computed_from_the_runs():
     assert chosen["label"] == "local:8" and [r["label"] for r in close] == ["sync", "local:8"]
     table = study.which_rule_when([result])
     assert "| local:8 | 0.948 ± 0.000 | 5.5 ± 0.7 | 0.28 | sync |" in table
-    assert "| async | 0.735 ± 0.332 | 4.0 (1/2) | 0.20 |" in study.markdown(result)
+    flaky[1].update(compensated=3, uncompensated=1)
+    assert study.summaries(result)[2]["compensated_share"] == 0.75
+    table = study.markdown(result)
+    assert "| async | 0.735 ± 0.332 | 4.0 (1/2) | 0.20 |" in table
+    assert "- async: s; 75% of the pushes compensated" in table and "- sync: s\n" in table
 
 
 @pytest.mark.integration

@@ -61,6 +61,15 @@ class ServerMetrics:
         Gauge("ps_updates_applied", "Optimizer updates applied", registry=registry).set_function(
             lambda: self._view.counters.updates_applied
         )
+        for name, what in (
+            ("contributions", "Gradients in the pending update (a barrier step's or a buffer's)"),
+            ("compensated", "Gradients corrected by delay compensation so far"),
+            ("uncompensated", "Gradients delay compensation applied as they came so far"),
+            ("kept_bytes", "Bytes of pulled weights kept for delay compensation"),
+        ):
+            Gauge(f"ps_{name}", what, registry=registry).set_function(
+                lambda name=name: self._view.counts()[name]
+            )
         if checkpoint_age is not None:
             Gauge(
                 "ps_checkpoint_age_seconds",

@@ -17,6 +17,7 @@ import torch
 from protos import ps_pb2, rpc
 from protos.optimizers import SGD, Adam
 from ps_server import checkpoint
+from ps_server.metrics import ServerMetrics
 from ps_server.store import ParameterStore
 from scheduler.launch import servers
 from tests import serverkit
@@ -196,3 +197,17 @@ def test_status_reports_the_compensation_counters(tmp_path):
         reply = serverkit.status(calls)
         assert (reply.compensated, reply.uncompensated) == (1, 1)
         assert reply.kept_bytes == reply.parameter_bytes > 0
+
+
+def test_metrics_show_the_compensation_counters_and_a_pending_buffer():
+    metrics = ServerMetrics()
+    value = metrics.registry.get_sample_value
+    store, job = new_store("async", optimizer=SGD(), lr=LR, buffer=3, delay_compensation=LAMBDA)
+    play(store, job, DcReference(3, torch.optim.SGD), "pa Pa pb Pb")
+    metrics.publish(store.view())
+    assert value("ps_contributions") == 2 and value("ps_compensated") == 2
+    assert value("ps_kept_bytes") == 2 * store.parameter_bytes()
+    store.push("job", "c", 1, 0, chunks_for(job, random_grad(3)))  # c never pulled
+    metrics.publish(store.view())
+    assert (value("ps_compensated"), value("ps_uncompensated")) == (2, 1)
+    assert value("ps_contributions") == 0 and store.version == 1

@@ -116,3 +116,19 @@ def test_warm_up_ramps_the_async_lr_but_not_the_outer_lr():
         for c in range(1, 4)
     ]
     assert lrs == [0.5, 0.5, 0.5]  # warm-up schedules the workers' own lr (worker_lr)
+
+
+def test_a_local_pull_waits_at_the_barrier_as_a_sync_pull_does():
+    store, job = new_store("local", workers=("a", "b"), optimizer=Adam(), lr=0.01)
+    w = weights(store)
+    push_delta(store, job, "a", 1, w, local_weights(1, w), 0)
+    decision = store.pull_decision("job", "a", 1, 1)
+    assert not decision.ready and decision.waiting_for == ("b",)
+    assert "have 1 of 2" in decision.reason
+    stale = push_delta(store, job, "b", 1, w, local_weights(2, w), 0)
+    assert stale.applied and store.pull_decision("job", "a", 1, 1).ready
+    late = push_delta(store, job, "b", 2, w, local_weights(3, w), 0)  # on step 0's weights
+    assert late.dropped and store.view().counters.stale_dropped == 1
+    store, job = new_store("local-async", workers=("a", "b"), optimizer=Adam(), lr=0.01)
+    assert push_delta(store, job, "a", 1, w, local_weights(1, w), 0).version == 1
+    assert store.pull_decision("job", "a", 1, 2).ready  # no barrier: never waits

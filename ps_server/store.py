@@ -189,7 +189,8 @@ class ParameterStore:
         again = sync and pulled_version == self._version and worker_id in barrier.contributors
         if again and barrier.sessions.get(worker_id) == session:
             raise FailedPrecondition(
-                f"worker {worker_id!r} already pushed a gradient for sync step {self._version}"
+                f"worker {worker_id!r} already pushed a gradient for {job.settings.mode.value} "
+                f"step {self._version}"
             )
         decoded = params.decode(chunks, what="gradient", gradient=True)
         params.gather(decoded, self._reject_nonfinite)
@@ -257,7 +258,8 @@ class ParameterStore:
             missing = tuple(w for w in active if w not in self._barrier.contributors)
             return PullDecision(
                 False,
-                f"sync step {self._version}: have {self._barrier.given_by(active)} of {required} "
+                f"{job.settings.mode.value} step {self._version}: have "
+                f"{self._barrier.given_by(active)} of {required} "
                 f"required gradients; waiting for {named(missing[:NAMED], len(missing))}",
                 missing[:NAMED],
             )

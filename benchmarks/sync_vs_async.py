@@ -50,7 +50,7 @@ from scheduler.lifecycle import STATE_FILE
 
 __all__ = ["Variant", "base_spec", "markdown", "plot", "plot_accuracy", "run_variant"]
 
-QUICK_MODES = ["sync", "async+slr", "local:4"]
+QUICK_MODES = ["sync", "async+buf2", "local:4"]
 
 # A mode's name, the mode it runs, and the field its ":N" sets (with the value a bare name
 # gives it: None leaves the job's default).

@@ -106,15 +106,16 @@ def test_transport_compression_only_shows_the_bytes_halved(tmp_path):
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_sync_vs_async_quick_writes_every_run_and_the_report_reads_it(tmp_path):
-    """The README's --quick command, one epoch, over 2 seeds: every run kept, Local SGD
-    pushing less, the tables and figures."""
+    """The README's --quick command, one epoch, over 2 seeds: every run kept, a buffer of 2
+    averaging two pushes per update, Local SGD pushing less, the tables and figures."""
     out = tmp_path / "study-4"
-    extra = ("--straggler", "0:2.0", "--seeds", "2", "--modes", "sync", "local:4", "--epochs", "1")
+    modes = ("--modes", "async+buf2", "local:4")
+    extra = ("--straggler", "0:2.0", "--seeds", "2", *modes, "--epochs", "1")
     result = readme_run("benchmarks.sync_vs_async", out, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert data["format"] == 2 and data["seeds"] == [0, 1]
-    assert [v["label"] for v in data["variants"]] == ["sync", "local:4"]
+    assert [v["label"] for v in data["variants"]] == ["async+buf2", "local:4"]
     assert data["variants"][1]["overrides"] == {"mode": "local", "local_steps": 4}
     for variant in data["variants"]:
         assert [r["seed"] for r in variant["runs"]] == [0, 1]
@@ -125,11 +126,14 @@ def test_sync_vs_async_quick_writes_every_run_and_the_report_reads_it(tmp_path):
             assert [e["epoch"] for e in run["curve"]] == list(range(1, data["epochs"] + 1))
             for e in run["curve"]:  # an epoch is evaluated once all of its shards are done
                 assert e["wall_s"] > 0 and e["samples"] >= e["epoch"] * data["train_samples"]
-    sync, local = data["variants"]
-    assert all(set(r["staleness_histogram"]) == {"0"} for r in sync["runs"])
+    buffered, local = data["variants"]
+    for run in buffered["runs"]:  # two pushes an update (an odd last one may be pending)
+        pushes, updates = run["pushes_received"][0], run["updates_applied"][0]
+        assert "(buffer 2)" in run["settings"] and abs(2 * updates - pushes) <= 1
+    assert all(set(r["staleness_histogram"]) == {"0"} for r in local["runs"])
     assert all("4 local steps" in r["settings"] for r in local["runs"])
     # a push per 4 batches, or per task (shard) when that ends first: 3 batches of 32 here
-    for a, b in zip(sync["runs"], local["runs"], strict=True):
+    for a, b in zip(buffered["runs"], local["runs"], strict=True):
         assert sum(b["pushes_received"]) * 2.5 < sum(a["pushes_received"])
     assert data["straggler"] == "worker 0 x2.0"
     assert (out / "results.md").read_text().count("\n| ") == 1 + 2  # the header, 2 variants

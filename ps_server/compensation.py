@@ -91,6 +91,6 @@ class KeptCopies:
         if copy is None or copy.version != pulled_version:
             return False
         for name, group in params.groups.items():
-            g = group.grad
-            g.add_(g * g * (group.param - copy.values[name]), alpha=lam)
+            g = group.grad  # one temporary: (w_now - w_kept) * g * g
+            g.add_(torch.sub(group.param, copy.values[name]).mul_(g).mul_(g), alpha=lam)
         return True

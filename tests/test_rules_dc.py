@@ -103,6 +103,8 @@ def test_a_push_on_other_weights_than_the_kept_ones_is_applied_as_it_came():
 
 def test_a_worker_that_never_pulled_is_uncompensated():
     store, job = new_store("async", optimizer=SGD(), lr=LR, delay_compensation=LAMBDA)
+    store.pull("job", "a", observe=True)  # an observing pull does not take part: no copy
+    assert store.view().kept_bytes == 0
     result = store.push("job", "a", 1, 0, chunks_for(job, random_grad(1)))
     assert result.applied
     counters = store.view().counters

@@ -251,6 +251,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--straggler", type=parse_straggler, action="append", default=[])
     parser.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds 0..N-1")
     parser.add_argument("--repeats", type=int, help="another name for --seeds")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print each variant's job, check it, run nothing"
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None:
         args.seeds = args.repeats
@@ -280,9 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         base = base_doc(args, Path(tmp))
         for variant in args.variants:  # every variant's job is checked before any runs
             try:
-                variant.spec(base, args.workers)
+                spec = variant.spec(base, args.workers)
             except SpecError as e:
                 raise SystemExit(f"variant {variant.label}: {e}") from None
+            if args.dry_run:
+                given = {**variant.overrides, **dict(getattr(spec, "recipe_applied", {}) or {})}
+                print(f"{variant.label}: " + ", ".join(f"{k}={v}" for k, v in given.items()))
+        if args.dry_run:
+            return 0
         variants = []
         for variant in args.variants:
             runs = []

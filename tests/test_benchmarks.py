@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import benchmarks.chaos
-from benchmarks import report, study
+from benchmarks import report, study, sync_vs_async
 from benchmarks.sync_vs_async import Variant
 from protos.jobspec import SpecError
 
@@ -309,3 +309,16 @@ def test_chaos_runs_the_readmes_command_and_the_report_reads_its_json(tmp_path):
     assert only["mode"] == "async" and only["survived"] and only["killed_at_done"] >= 2
     table = benchmarks.chaos.markdown(data)
     assert "| all |" in table and "1/1" in table
+
+
+@pytest.mark.timeout(60)
+def test_sync_vs_async_checks_every_variant_before_running_any(tmp_path, capsys):
+    """A variant the job refuses stops the study at once with JobSpec's error; --dry-run
+    prints each variant's job (its overrides and what the model's recipe filled)."""
+    argv = ["--quick", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data")]
+    assert sync_vs_async.main([*argv, "--dry-run", "--modes", "sync", "local:4+olr0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "local:4+olr0.5: mode=local, local_steps=4, outer_lr=0.5" in printed
+    with pytest.raises(SystemExit, match=r"variant local:4\+buf2: buffer applies to modes"):
+        sync_vs_async.main([*argv, "--modes", "sync", "local:4+buf2"])
+    assert not (tmp_path / "results.json").exists()

@@ -12,10 +12,11 @@ changes (``--modes``, see :meth:`Variant.parse`): ``sync``, ``backup:B``, ``asyn
 ``+key=value``. What a variant does not set is the job's default for its model and
 mode (the model's recipe), or what ``--set KEY=VALUE`` / ``--lr`` give every variant.
 
-Per variant it reports the mean +- std over seeds of the final accuracy, the time and
-the training samples to ``--target`` accuracy, samples/s and updates/s, the pushes the
-servers received (summed over servers: Local SGD pushes local_steps times less) and the
-median staleness (versions applied between a worker's pull and its push). results.json
+Per variant it reports the mean +- std over seeds of the final accuracy, the time (from
+before the cluster starts) and the training samples to ``--target`` accuracy, samples/s
+and updates/s, the pushes the servers received (summed over servers: Local SGD pushes
+every local_steps batches and at each shard's end) and the median staleness (versions
+applied between a worker's pull and its push). ``--dry-run`` prints each variant's job. results.json
 keeps every run (per seed: the accuracy after each epoch with the elapsed time and the
 samples processed, the staleness histogram, the settings the servers ran), so
 ``python -m benchmarks.report`` redraws the tables and figures from it alone:

@@ -145,8 +145,13 @@ def markdown(result: dict) -> str:
     sync_t = sync["time_to_target_s"]["mean"] if sync else None
     lines = [
         f"{result['model']} on {result['dataset']}, {setting(result)}, {result['epochs']} "
-        f"epochs, batch {result['batch_size']}; mean ± std over seeds "
-        f"{', '.join(map(str, result['seeds']))}. Pushes: received, summed over servers; "
+        f"epochs, batch {result['batch_size']}; "
+        + (
+            f"mean ± std over seeds {', '.join(map(str, result['seeds']))}"
+            if len(result["seeds"]) > 1
+            else f"one run (seed {result['seeds'][0]})"
+        )
+        + ". Pushes: received, summed over servers; "
         "staleness: versions between a worker's pull and its push.",
         "",
         f"| variant | final accuracy | time to {target:.0%} (s) | vs sync | samples to "

@@ -51,6 +51,7 @@ from scheduler.lifecycle import STATE_FILE
 
 __all__ = ["Variant", "base_spec", "markdown", "plot", "plot_accuracy", "run_variant"]
 
+TARGET = 0.93  # the study's target test accuracy
 QUICK_MODES = ["sync", "async+buf2", "local:4"]
 
 # A mode's name, the mode it runs, and the field its ":N" sets (with the value a bare name
@@ -248,7 +249,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a job field for all"
     )
     parser.add_argument("--async-lr", type=float, help="earlier form: async and ssp lr, beta1 0")
-    parser.add_argument("--target", type=float, default=0.93, help="test accuracy to reach")
+    parser.add_argument(
+        "--target", type=float, help=f"test accuracy to reach (default {TARGET}, --quick 0.6)"
+    )
     parser.add_argument("--straggler", type=parse_straggler, action="append", default=[])
     parser.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds 0..N-1")
     parser.add_argument("--repeats", type=int, help="another name for --seeds")
@@ -264,7 +267,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch_size = args.batch_size or 32
         if args.modes == parser.get_default("modes"):
             args.modes = QUICK_MODES
-        args.target = 0.8
+        args.target = 0.6 if args.target is None else args.target
+    if args.target is None:
+        args.target = TARGET
     if min(args.seeds, args.workers, args.servers) < 1:
         parser.error("--seeds, --workers and --servers must be at least 1")
     try:

@@ -46,18 +46,28 @@ class Recipe:
 # (Mitliagkas et al. 2016), and Adam's first moment makes it the most staleness-sensitive.
 _STALE_ADAM = {"optimizer": "adam", "beta1": 0.0, "lr_schedule": "cosine", "lr_final_ratio": 0.0}
 
+# Local SGD as DiLoCo runs it (Douillard et al. 2023): Adam on the workers, the mean change
+# applied by SGD with Nesterov momentum on the servers.
+_DILOCO = {
+    "optimizer": "adam",
+    "local_steps": 8,
+    "outer_lr": 0.7,
+    "outer_momentum": 0.9,
+    "lr_schedule": "cosine",
+}
+
 RECIPES: dict[str, Recipe] = {
     "mnist1d-cnn": Recipe(
         job={"epochs": 16, "batch_size": 100},
         modes={
-            "sync": {"optimizer": "adam", "lr": 0.01, "lr_schedule": "cosine"},
+            "sync": {"optimizer": "adam", "lr": 0.01},
             "async": {**_STALE_ADAM, "lr": 0.01, "staleness_aware_lr": True, "lr_warmup": 50},
             "ssp": {**_STALE_ADAM, "lr": 0.01, "staleness": 2, "staleness_aware_lr": True},
-            "local": {"optimizer": "adam", "lr": 0.003, "local_steps": 8, "lr_schedule": "cosine"},
+            "local": {**_DILOCO, "lr": 0.01},
             "local-async": {
                 "optimizer": "adam",
-                "lr": 0.003,
-                "local_steps": 8,
+                "lr": 0.01,
+                "local_steps": 4,
                 "staleness_aware_lr": True,
                 "lr_schedule": "cosine",
             },

@@ -128,6 +128,7 @@ class WorkerDaemon:
         self.working: tuple[str, ...] = ()
         self.client: Client | None = None  # made once registered
         self.local: LocalSteps | None = None  # the local modes: the worker's own steps
+        self.owed_s = 0.0  # a straggler's wait still owed (negative: overslept)
 
     def run(self) -> int:
         reply = self.link.call(
@@ -215,6 +216,7 @@ class WorkerDaemon:
         clock_start = self.client.clock
         versions = []
         started = time.perf_counter()
+        straggled = 0.0  # seconds waited as a straggler
         bar = tqdm(
             batches,
             desc=f"{self.worker_id} epoch {task.epoch + 1} shard {task.shard}",
@@ -233,7 +235,7 @@ class WorkerDaemon:
             self.model.zero_grad(set_to_none=False)
             loss = torch.nn.functional.cross_entropy(self.model(x_t[index]), y_t[index])
             loss.backward()
-            self._straggle(step_started)
+            straggled += self._straggle(step_started)
             pushed = time.perf_counter()
             if self.local is not None:  # a local step; every local_steps-th pushes and pulls
                 summary = self.local.step()
@@ -242,7 +244,7 @@ class WorkerDaemon:
             if summary is not None:
                 versions.append(list(summary.versions))
             finished = time.perf_counter()
-            self._straggle(pushed)
+            straggled += self._straggle(pushed)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if metrics := self.options.metrics:
                 metrics.compute_seconds.observe(pushed - step_started)
@@ -254,7 +256,7 @@ class WorkerDaemon:
             flushed = time.perf_counter()
             if (summary := self.local.flush()) is not None:
                 versions.append(list(summary.versions))
-            self._straggle(flushed)
+            straggled += self._straggle(flushed)
         elapsed = time.perf_counter() - started
         self.samples_per_s = len(y) / elapsed if elapsed > 0 else 0.0
         if metrics := self.options.metrics:
@@ -282,17 +284,19 @@ class WorkerDaemon:
         finally:
             self.working = ()
         log.info(
-            "epoch %d shard %d: %d samples in %.2fs (%.0f samples/s)%s",
+            "epoch %d shard %d: %d samples in %.2fs (%.0f samples/s)%s%s",
             task.epoch + 1,
             task.shard,
             len(y),
             elapsed,
             self.samples_per_s,
+            f", {straggled / elapsed:.1%} of it waited as a straggler" if straggled else "",
             "" if reply.recorded else "; recorded before (a retried report)",
             extra={
                 "epoch": task.epoch + 1,
                 "shard": task.shard,
                 "samples_per_s": self.samples_per_s,
+                "straggled_s": straggled,
             },
         )
 
@@ -332,10 +336,18 @@ class WorkerDaemon:
                     return
                 log.warning("heartbeat failed (%s); retrying", e.code().name)
 
-    def _straggle(self, since: float) -> None:
-        """A straggler waits ``slowdown`` times what its work took since ``since``."""
-        if self.options.slowdown:
-            self.stop.wait(self.options.slowdown * (time.perf_counter() - since))
+    def _straggle(self, since: float) -> float:
+        """A straggler waits ``slowdown`` times what its work took since ``since`` (less
+        what earlier waits overslept); the seconds it waited."""
+        if not self.options.slowdown:
+            return 0.0
+        start = time.perf_counter()
+        self.owed_s += self.options.slowdown * (start - since)
+        if self.owed_s > 0:
+            self.stop.wait(self.owed_s)
+        waited = time.perf_counter() - start
+        self.owed_s -= waited
+        return waited
 
     def _no_progress(self) -> bool | None:
         return None if self.options.progress is None else not self.options.progress

@@ -61,10 +61,11 @@ class DistributedOptimizer:
     ) -> None:
         """``servers``: else ``$PS_SERVERS``. ``rank`` and ``world`` (this worker's index and
         the number of workers; else ``$RANK`` and ``$WORLD_SIZE``) name the workers
-        ``worker0`` ... and make them the job's initial members, as sync mode needs;
+        ``worker0`` ... and make them the job's initial members, as sync and local need;
         without them the worker gets a unique id and joins on contact. ``settings`` are the
         job's, as :meth:`Client.init` takes them (``mode``, ``optimizer``, ``lr``, the
-        optimizer's options such as ``momentum`` or ``beta1``, ``lr_schedule``, ...)."""
+        optimizer's options such as ``momentum`` or ``beta1``, ``lr_schedule``, and in the
+        local modes ``local_steps``, ``outer_lr``, ``outer_momentum``, ...)."""
         self.model = model
         rank, world = environment.rank_and_world(rank, world)
         servers = environment.servers(servers)

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         "--slowdown",
         type=float,
         default=0.0,
-        help="sleep this many times each step's compute (to simulate stragglers)",
+        help="straggler: each iteration (compute and push/pull) takes 1 + SLOWDOWN times "
+        "as long, the extra spent waiting",
     )
     progress = parser.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_const", const=True)

@@ -53,7 +53,7 @@ class LocalCluster:
     spec: JobSpec
     work_dir: Path
     workers: int
-    slowdown: dict[int, float] = field(default_factory=dict)  # worker index -> factor
+    slowdown: dict[int, float] = field(default_factory=dict)  # worker index -> factor - 1
     num_servers: int = 2
     device: str = DEVICES[0]  # the workers' --device
     server_daemons: list[Daemon] = field(default_factory=list)

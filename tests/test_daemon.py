@@ -27,12 +27,12 @@ from scheduler.launch import BIN, Daemon, servers
 HELP = {
     "ps-server": ["--host", "--port"],
     "ps-worker": ["--scheduler", "--device {auto,cpu,cuda}"],
-    "ps-scheduler": ["--host", "--port", "--model", "--mode {sync,async,ssp}", "--fresh"],
+    "ps-scheduler": ["--host", "--port", "--model", "--mode {sync,async,ssp,local,local-async}", "--fresh"],
     "ps-scheduler status": ["--scheduler"],
     "ps-cluster": [],
     "ps-cluster up": [
         "--device {auto,cpu,cuda}",
-        "--mode {sync,async,ssp}",
+        "--mode {sync,async,ssp,local,local-async}",
         "--optimizer {sgd,adam,adagrad}",
         "--model",
         "--save",

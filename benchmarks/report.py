@@ -205,7 +205,9 @@ def study_sections(results: Path = RESULTS) -> list[str]:
         title = f"Modes and rules: {study.setting(result)}"
         lines += table_section(result, directory, title, study.markdown, STUDY_IMAGES)
     if found:
-        lines += ["### Which mode and rule, when", "", study.which_rule_when([r for _, r in found])]
+        measured = [r for _, r in found]
+        lines += ["### Which mode and rule, when", "", study.which_rule_when(measured)]
+        lines += ["Targets, from the same runs:", "", study.targets(measured)]
     return lines
 
 

@@ -241,3 +241,72 @@ def legacy_markdown(result: dict) -> str:
             f"{median} | {r['stale_dropped']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# The issue's targets for the study, as (name, goal) in words; :func:`targets` measures them.
+ASYNC_MODES = ("async", "ssp", "local-async")  # asynchronous: no barrier (buffered included)
+TIME_RATIO_GOAL = 0.6  # a straggler: the best asynchronous variant's time to target vs sync's
+PUSH_RATIO_GOAL = 4.0  # Local SGD (barrier): sync's pushes over local's, at sync's accuracy
+
+
+def _row(rows: list[dict], label: str) -> dict | None:
+    return next((r for r in rows if r["label"] == label), None)
+
+
+def _mean(stats: dict) -> float | None:
+    return stats["mean"] if stats["n"] else None
+
+
+def targets(results: list[dict]) -> str:
+    """The targets measured from the studies (a row per study and target): with a
+    straggler, the best asynchronous variant's time to the target against sync's and its
+    accuracy; without, its accuracy against sync's; in both, Local SGD's pushes."""
+    lines = ["| setting | target | goal | measured | |", "|---|---|---:|---:|---|"]
+    for result in results:
+        rows = summaries(result)
+        sync = _row(rows, "sync")
+        if sync is None:
+            continue
+        where = setting(result)
+        sync_acc = sync["final_accuracy"]["mean"]
+        asynchronous = [r for r in rows if r["mode"] in ASYNC_MODES]
+        if asynchronous and result["straggler"]:
+            sync_t = _mean(sync["time_to_target_s"])
+            timed = [
+                r
+                for r in asynchronous
+                if r["time_to_target_s"]["n"] == r["seeds"]
+                and r["final_accuracy"]["mean"] >= sync_acc - ACCURACY_SLACK
+            ]
+            fastest = min(timed, key=lambda r: r["time_to_target_s"]["mean"], default=None)
+            if fastest is None or sync_t is None:
+                measured, met = "no asynchronous variant reached it on every seed", False
+            else:
+                ratio = fastest["time_to_target_s"]["mean"] / sync_t
+                measured, met = f"{ratio:.2f} ({fastest['label']})", ratio <= TIME_RATIO_GOAL
+            lines.append(
+                f"| {where} | best asynchronous time to {result['target_accuracy']:.0%} / sync's, "
+                f"within {ACCURACY_SLACK * 100:g} point of sync | <= {TIME_RATIO_GOAL} | "
+                f"{measured} | {'met' if met else '**missed**'} |"
+            )
+        elif asynchronous:
+            top = max(asynchronous, key=lambda r: r["final_accuracy"]["mean"])
+            gap = top["final_accuracy"]["mean"] - sync_acc
+            lines.append(
+                f"| {where} | best asynchronous final accuracy - sync's ({sync_acc:.3f}) | "
+                f">= -{ACCURACY_SLACK:.2f} | {gap:+.3f} ({top['label']}) | "
+                f"{'met' if gap >= -ACCURACY_SLACK else '**missed**'} |"
+            )
+        local = [r for r in rows if r["mode"] == "local"]
+        if local:
+            top = max(local, key=lambda r: r["final_accuracy"]["mean"])
+            pushes = _mean(top["pushes"])
+            ratio = _mean(sync["pushes"]) / pushes if pushes else 0.0
+            gap = top["final_accuracy"]["mean"] - sync_acc
+            met = ratio >= PUSH_RATIO_GOAL and gap >= 0
+            lines.append(
+                f"| {where} | Local SGD (barrier): sync's pushes / its pushes, at sync's final "
+                f"accuracy | >= {PUSH_RATIO_GOAL:g}, >= +0.000 | {ratio:.1f}, {gap:+.3f} "
+                f"({top['label']}) | {'met' if met else '**missed**'} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -237,6 +237,37 @@ def test_the_study_tables_are_computed_from_the_runs():
     assert "- async: s; 75% of the pushes compensated" in table and "- sync: s\n" in table
 
 
+def _variant(label: str, mode: str, runs: list[dict]) -> dict:
+    return {"label": label, "runs": [{**r, "mode": mode} for r in runs]}
+
+
+def test_the_targets_are_measured_from_the_runs():
+    """With a straggler: the fastest asynchronous variant within 1 point of sync, its time
+    over sync's; without: the best asynchronous accuracy against sync's; Local SGD's pushes."""
+    sync = [_run(s, [(10, 0.90), (20, 0.95)], {0: 4}, 800) for s in (0, 1)]
+    fast = [_run(s, [(4, 0.94), (8, 0.945)], {3: 4}, 900) for s in (0, 1)]
+    faster_but_worse = [_run(s, [(2, 0.93), (4, 0.931)], {3: 4}, 900) for s in (0, 1)]
+    local = [_run(s, [(12, 0.93), (20, 0.951)], {0: 4}, 100) for s in (0, 1)]
+    result = {
+        "target_accuracy": 0.93, "workers": 4, "servers": 2, "straggler": "worker 0 x3.0",
+        "seeds": [0, 1], "model": "m", "dataset": "d", "epochs": 2, "batch_size": 10,
+        "variants": [
+            _variant("sync", "sync", sync), _variant("async", "async", fast),
+            _variant("ssp", "ssp", faster_but_worse), _variant("local:8", "local", local),
+        ],
+    }  # fmt: skip
+    table = study.targets([result])
+    assert "| <= 0.6 | 0.20 (async) | met |" in table  # ssp is faster but 2 points worse
+    assert "| >= 4, >= +0.000 | 8.0, +0.001 (local:8) | met |" in table
+    result["straggler"] = ""
+    table = study.targets([result])
+    assert "best asynchronous final accuracy - sync's (0.950)" in table
+    assert "| -0.005 (async) | met |" in table
+    for run in result["variants"][3]["runs"]:
+        run["final_accuracy"] = 0.94
+    assert "8.0, -0.010 (local:8) | **missed** |" in study.targets([result])
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_vs_ddp_quick_writes_ratios_and_the_report_reads_them(tmp_path):

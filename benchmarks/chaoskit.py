@@ -86,6 +86,7 @@ def chaos_spec(data: Path, mode: str, **overrides: object) -> JobSpec:
         {
             "data_dir": str(data),
             "model": MODEL,
+            "recipe": False,  # the chaos job's own settings, comparable from run to run
             "epochs": EPOCHS,
             "batch_size": 16,
             "lr": 0.003,

@@ -155,7 +155,7 @@ class Settings:
                 problems.append(f"{name} must be a number >= 0, got {value!r}")
             else:
                 object.__setattr__(self, name, float(value))
-        if not self.outer_momentum < 1:
+        if isinstance(self.outer_momentum, float) and not self.outer_momentum < 1:
             problems.append(f"outer_momentum must be below 1, got {self.outer_momentum!r}")
         if _positive_float(self.lr) is None:
             problems.append(f"the learning rate lr must be a positive number, got {self.lr!r}")

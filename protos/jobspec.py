@@ -177,8 +177,10 @@ class JobSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> JobSpec:
-        """A spec from a flat document (values may be strings, as flags and variables give)."""
+    def from_dict(cls, doc: Mapping[str, Any], recipe: bool = True) -> JobSpec:
+        """A spec from a flat document (values may be strings, as flags and variables give);
+        unless ``recipe`` is False, what it does not give comes from the model's recipe
+        when the document's own ``recipe`` allows."""
         known = {f.name: f for f in fields(cls) if f.name not in _NOT_DOCUMENT}
         unknown = sorted(set(doc) - set(known) - set(OPTION_TYPES))
         if unknown:
@@ -205,7 +207,7 @@ class JobSpec:
             except (TypeError, ValueError) as e:
                 raise SpecError(f"{name}: {e}") from None
         applied = {}
-        if values.get("recipe", cls.recipe):
+        if recipe and values.get("recipe", cls.recipe):
             model, mode = values.get("model", cls.model), values.get("mode", cls.mode)
             applied = recipes.fill({**values, **options}, model, mode)
             for name, value in applied.items():
@@ -219,7 +221,10 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
-        return cls.from_dict(json.loads(text))
+        """A spec :meth:`to_json` wrote (the scheduler's stored job, a worker's copy): whole
+        already, so it takes nothing from a recipe, even one written before a setting
+        existed (which then keeps its plain default, as the servers' job does)."""
+        return cls.from_dict(json.loads(text), recipe=False)
 
     @classmethod
     def from_yaml(cls, path: Path, overrides: Mapping[str, Any] | None = None) -> JobSpec:

@@ -3,8 +3,10 @@
 A constant learning rate leaves asynchronous training bouncing around its
 optimum to the last update; a cosine decay to a small fraction of the peak
 over the job's updates lets it settle. The server counts the steps it
-applied (sync: one per barrier; async and ssp: one per gradient), so every
-worker's update sees the same schedule, and a restored checkpoint resumes it.
+applied (one per barrier in sync and local, one per gradient, or per buffer of
+them, in the others), so every worker's update sees the same schedule, and a restored
+checkpoint resumes it. In the local modes the workers apply it to their own steps, by
+the server version their weights came from; the servers' outer lr is constant.
 A warm-up raises the lr linearly over the first updates, whatever the kind:
 the first updates of a fresh model are the ones staleness hurts most.
 """

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ps_server.errors import InvalidArgument
 from ps_server.flat import FlatParams
 
 
@@ -33,8 +34,10 @@ class Kept:
 class KeptCopies:
     """Per worker, the weights its last taking-part pull returned, within ``limit`` bytes."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, reject_nonfinite: bool = True) -> None:
+        """``reject_nonfinite``: refuse a push whose corrected gradient has a NaN or Inf."""
         self.limit = limit
+        self.reject_nonfinite = reject_nonfinite
         self._copies: OrderedDict[str, Kept] = OrderedDict()  # least recently pulled first
         self._bytes = 0
 
@@ -44,6 +47,16 @@ class KeptCopies:
     def nbytes(self) -> int:
         """Bytes the copies hold now."""
         return self._bytes
+
+    def check_fits(self, params: FlatParams) -> None:
+        """InvalidArgument if one copy of ``params`` is over the limit: a job asking for
+        delay compensation would get none."""
+        if params.nbytes() > self.limit:
+            raise InvalidArgument(
+                f"delay compensation keeps a copy of this server's share of the model "
+                f"({params.nbytes()} bytes) per worker, and one copy may take at most "
+                f"{self.limit} bytes: use more servers, or no delay compensation"
+            )
 
     def keep(self, worker_id: str, version: int, params: FlatParams) -> None:
         """Copy the weights a pull by ``worker_id`` returns (at ``version``), dropping the
@@ -83,14 +96,22 @@ class KeptCopies:
         self._bytes = 0
 
     def compensate(
-        self, worker_id: str, pulled_version: int, params: FlatParams, lam: float
+        self,
+        worker_id: str,
+        pulled_version: int,
+        params: FlatParams,
+        lam: float,
     ) -> bool:
         """Correct the gathered gradient of a push computed on the weights of
-        ``pulled_version``; False, changing nothing, when no copy of those is kept."""
+        ``pulled_version``; False, changing nothing, when no copy of those is kept.
+        Only the scratch gradient changes: InvalidArgument if the corrected one is not
+        finite (unless allowed), a refusal that still changes nothing."""
         copy = self._copies.get(worker_id)
         if copy is None or copy.version != pulled_version:
             return False
         for name, group in params.groups.items():
             g = group.grad  # one temporary: (w_now - w_kept) * g * g
             g.add_(torch.sub(group.param, copy.values[name]).mul_(g).mul_(g), alpha=lam)
+        if self.reject_nonfinite:
+            params.check_finite("delay-compensated gradient (is delay_compensation too big?)")
         return True

@@ -240,8 +240,11 @@ class FlatParams:
                 if n == 0:  # top-k: the elements no chunk names are zero
                     part.zero_()
                 part[indices] = values.to(grad.dtype)
-        if not reject_nonfinite:
-            return
+        if reject_nonfinite:
+            self.check_finite("gradient")
+
+    def check_finite(self, what: str) -> None:
+        """InvalidArgument naming the first part whose gathered gradient has a NaN or Inf."""
         for group in self.groups.values():
             if not all_finite(group.grad):
                 bad = next(
@@ -251,7 +254,7 @@ class FlatParams:
                     and not all_finite(group.grad[slot.start : slot.stop])
                 )
                 raise InvalidArgument(
-                    f"gradient for tensor {bad[0]!r} part {bad[1]} contains NaN or Inf"
+                    f"{what} for tensor {bad[0]!r} part {bad[1]} contains NaN or Inf"
                 )
 
     def accumulate(self, first: bool) -> None:

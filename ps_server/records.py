@@ -42,8 +42,8 @@ class StoreView:
     """What a store holds, as immutable plain data: for Status, metrics and checkpoints."""
 
     job: Job | None = None
-    steps: int = 0  # optimizer steps applied (sync: the step; async: every push)
-    version: int = 0  # updates applied (sync: the step)
+    steps: int = 0  # optimizer steps applied (barrier: one per step; else one per buffer)
+    version: int = 0  # updates applied (the same count)
     workers: tuple[WorkerState, ...] = ()
     contributors: tuple[str, ...] = ()  # sync: workers whose gradient is in this step's sum
     counters: Counters = field(default_factory=Counters)

@@ -22,9 +22,11 @@ when no worker is active any more, what is in is applied (as the barrier does).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from protos.job import Settings
+from ps_server.errors import InvalidArgument
 from ps_server.flat import FlatParams
 
 
@@ -92,3 +94,19 @@ class Buffer:
         params.step(settings.server_optimizer, steps, lr, mean_of=mean_of)
         self.count = self.staleness = 0
         return lr
+
+
+def check_pending(
+    settings: Settings, buffered: int, staleness: int, contributors: Sequence[str]
+) -> None:
+    """InvalidArgument unless a checkpoint's pending update fits its job: a buffer below
+    K (its staleness summed over what is in), a step's contributors only in a barrier mode."""
+    if not 0 <= buffered < settings.buffer or staleness < 0 or (staleness and not buffered):
+        raise InvalidArgument(
+            f"the state holds {buffered} buffered gradients (staleness {staleness}) for a "
+            f"buffer of {settings.buffer}"
+        )
+    if contributors and not settings.mode.barrier:
+        raise InvalidArgument(
+            f"the state holds a step's gradients for mode {settings.mode.value}, which has none"
+        )

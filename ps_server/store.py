@@ -5,11 +5,9 @@ changes the state as a whole or raises a :class:`StoreError` and changes
 nothing. Waiting is the caller's business: :meth:`ParameterStore.pull_decision`
 says whether a pull may proceed now and, if not, for whom it waits.
 
-The store owns its state: nothing outside writes its fields. Waiting pulls
-are registered with :meth:`~ParameterStore.add_waiter`; Status and metrics
-read an immutable :meth:`~ParameterStore.view`; checkpoints copy the whole
-state out with :meth:`~ParameterStore.snapshot_state` and back in with
-:meth:`~ParameterStore.restore_state`.
+The store owns its state: waiting pulls are registered with ``add_waiter``, Status and
+metrics read an immutable ``view``, checkpoints copy it out and in (``snapshot_state``,
+``restore_state``).
 
 Semantics (docs/design.md): every push carries ``(worker_id, clock)``; a clock is
 the number of iterations the worker has pushed, so a push carries the
@@ -62,7 +60,7 @@ from ps_server.records import (
     Waiter,
     WorkerState,
 )
-from ps_server.rules import Barrier, Buffer
+from ps_server.rules import Barrier, Buffer, check_pending
 from ps_server.sessions import LIVENESS_S, EndedSessions, Sessions
 from ps_server.workers import NAMED, Workers, named
 
@@ -87,7 +85,7 @@ class ParameterStore:
         self._tokens = itertools.count()
         self._ended: str | None = None  # the job ended last, for the error its workers get
         self._ended_sessions = EndedSessions()  # refused in a new job with the same id
-        self._kept = KeptCopies(kept_bytes)
+        self._kept = KeptCopies(kept_bytes, reject_nonfinite)
         self._reset()
 
     def _reset(self) -> None:
@@ -141,6 +139,8 @@ class ParameterStore:
             )
         workers = Workers.initial(job.workers)
         params = params or FlatParams.initial(job, chunks)
+        if job.settings.delay_compensation:
+            self._kept.check_fits(params)
         self._job, self._params = job, params
         self._steps = self._version = 0
         self._workers = workers
@@ -195,6 +195,8 @@ class ParameterStore:
         decoded = params.decode(chunks, what="gradient", gradient=True)
         params.gather(decoded, self._reject_nonfinite)
 
+        lam = 0.0 if sync else job.settings.delay_compensation
+        done = bool(lam) and self._kept.compensate(worker_id, pulled_version, params, lam)
         # Validated: from here on nothing raises.
         self._land(worker_id, record, clock, session)
         self._tally.pushes_received += 1
@@ -208,8 +210,7 @@ class ParameterStore:
             barrier.add(params, worker_id, session)
             self._maybe_finish_step()
             return PushResult(True, False, False, self._version, 0, lr)
-        if lam := job.settings.delay_compensation:
-            done = self._kept.compensate(worker_id, pulled_version, params, lam)
+        if lam:
             self._tally.compensated += done
             self._tally.uncompensated += not done
         lr = self._buffer.add(params, job.settings, staleness, self._steps)
@@ -497,8 +498,7 @@ class ParameterStore:
             raise AlreadyExists(f"this store already holds job {self._job.job_id!r}")
         if view.job is None:
             raise InvalidArgument("the state holds no job")
-        if not 0 <= view.buffered < view.job.settings.buffer or view.buffered_staleness < 0:
-            raise InvalidArgument(f"the state holds {view.buffered} buffered gradients")
+        check_pending(view.job.settings, view.buffered, view.buffered_staleness, view.contributors)
         params = FlatParams(view.job)
         params.restore(state.groups, accumulating=bool(view.contributions))
         self._job, self._params = view.job, params

@@ -27,7 +27,9 @@ from scheduler.launch import BIN, Daemon, servers
 HELP = {
     "ps-server": ["--host", "--port"],
     "ps-worker": ["--scheduler", "--device {auto,cpu,cuda}"],
-    "ps-scheduler": ["--host", "--port", "--model", "--mode {sync,async,ssp,local,local-async}", "--fresh"],
+    "ps-scheduler": [
+        *("--host", "--port", "--model", "--mode {sync,async,ssp,local,local-async}", "--fresh"),
+    ],
     "ps-scheduler status": ["--scheduler"],
     "ps-cluster": [],
     "ps-cluster up": [

@@ -75,6 +75,17 @@ def test_a_document_read_back_takes_nothing_more():
     assert "digits-mlp's recipe for ssp" in describe("digits-mlp", "ssp", first.recipe_applied)
 
 
+def test_a_stored_spec_from_before_a_setting_existed_takes_nothing_from_a_recipe():
+    """The scheduler's stored job and a worker's copy are whole: a key they lack (written
+    before it existed) keeps its plain default, as the servers' checkpointed job does."""
+    doc = spec(model="mnist1d-cnn", mode="async").to_dict()
+    for newer in ("lr_warmup", "buffer", "recipe"):
+        del doc[newer]
+    old = JobSpec.from_json(json.dumps(doc))
+    assert old.lr_warmup == 0 and old.buffer == 1 and old.recipe_applied == {}
+    assert JobSpec.from_dict(doc).lr_warmup == RECIPES["mnist1d-cnn"].for_mode("async")["lr_warmup"]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_ps_cluster_with_no_tuning_flags_runs_the_recipe_on_every_server(tmp_path):

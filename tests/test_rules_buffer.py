@@ -8,6 +8,8 @@ checkpoint, and is applied when no worker is left active.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 import pytest
 import torch
@@ -15,6 +17,7 @@ import torch
 from protos import rpc
 from protos.optimizers import SGD, Adam
 from ps_server import checkpoint
+from ps_server.errors import InvalidArgument
 from ps_server.store import ParameterStore
 from scheduler.launch import servers
 from tests import serverkit
@@ -238,3 +241,28 @@ def test_a_checkpoint_from_before_the_buffer_restores_with_an_empty_one(tmp_path
     checkpoint.write(with_buffer, tmp_path)
     with pytest.raises(checkpoint.CheckpointError, match="1 buffered gradients"):
         checkpoint.restore(ParameterStore(), checkpoint.read(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("mode", "buffered", "staleness", "contributors", "why"),
+    [
+        ("async", 0, 5, (), "0 buffered gradients \\(staleness 5\\)"),  # a sum without gradients
+        ("async", 3, 0, (), "3 buffered gradients"),  # K = 3: a full buffer is never pending
+        ("async", 1, -1, (), "staleness -1"),
+        ("async", 0, 0, ("a",), "a step's gradients for mode async"),
+        ("sync", 1, 0, (), "1 buffered gradients"),  # sync's buffer is 1: nothing pends
+    ],
+)
+def test_a_state_whose_pending_update_does_not_fit_its_job_is_refused(
+    mode, buffered, staleness, contributors, why
+):
+    store, _ = new_store(mode, **({"buffer": 3} if mode == "async" else {}))
+    state = store.snapshot_state()
+    assert state is not None
+    view = replace(
+        state.view, buffered=buffered, buffered_staleness=staleness, contributors=contributors
+    )
+    fresh = ParameterStore()
+    with pytest.raises(InvalidArgument, match=why):
+        fresh.restore_state(replace(state, view=view))
+    assert fresh.job is None

@@ -17,6 +17,7 @@ import torch
 from protos import ps_pb2, rpc
 from protos.optimizers import SGD, Adam
 from ps_server import checkpoint
+from ps_server.errors import InvalidArgument
 from ps_server.metrics import ServerMetrics
 from ps_server.store import ParameterStore
 from scheduler.launch import servers
@@ -143,14 +144,26 @@ def play_more(store, job, ref: DcReference, driver: Driver, events: str) -> None
     assert (counters.compensated, counters.uncompensated) == (ref.compensated, ref.uncompensated)
 
 
-def test_a_copy_over_the_bound_alone_is_not_kept():
+def test_a_job_whose_share_is_over_the_bound_is_refused_at_init():
+    """Accepted, it would never be compensated: refused, changing nothing."""
     job = make_job("async", optimizer=SGD(), lr=LR, delay_compensation=LAMBDA)
     store = ParameterStore(kept_bytes=10)
-    assert store.initialise(job, chunks_for(job, initial_values()))
+    with pytest.raises(InvalidArgument, match="one copy may take at most 10 bytes"):
+        store.initialise(job, chunks_for(job, initial_values()))
+    assert store.job is None
+    plain = make_job("async", optimizer=SGD(), lr=LR)
+    assert store.initialise(plain, chunks_for(plain, initial_values()))
+
+
+def test_a_compensated_gradient_that_overflows_is_refused_and_changes_nothing():
+    store, job = new_store("async", optimizer=SGD(), lr=LR, delay_compensation=1e300)
     store.pull("job", "a")
-    assert store.view().kept_bytes == 0
-    store.push("job", "a", 1, 0, chunks_for(job, random_grad(1)))
-    assert store.view().counters.uncompensated == 1
+    store.push("job", "b", 1, 0, chunks_for(job, random_grad(1)))  # moves the weights
+    before, held = store.view(), weights(store)
+    with pytest.raises(InvalidArgument, match=r"delay-compensated gradient .* NaN or Inf"):
+        store.push("job", "a", 1, 0, chunks_for(job, random_grad(2)))
+    assert store.view() == before
+    assert all(torch.equal(v, held[n]) for n, v in weights(store).items())
 
 
 def test_a_worker_that_leaves_or_is_removed_loses_its_copy():

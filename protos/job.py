@@ -103,6 +103,7 @@ assert {m.name for m in Mode} | {"MODE_UNSPECIFIED"} == set(ps_pb2.Mode.keys()),
 # The modes each setting applies to: another mode's job is refused a value but the default.
 _MODES_OF = {
     "backup_workers": (Mode.SYNC, Mode.LOCAL),
+    "staleness_aware_lr": (Mode.ASYNC, Mode.SSP, Mode.LOCAL_ASYNC),
     "buffer": (Mode.ASYNC, Mode.SSP, Mode.LOCAL_ASYNC),
     "delay_compensation": (Mode.ASYNC, Mode.SSP),
     "local_steps": (Mode.LOCAL, Mode.LOCAL_ASYNC),

@@ -111,7 +111,9 @@ class KeptCopies:
             return False
         for name, group in params.groups.items():
             g = group.grad  # one temporary: (w_now - w_kept) * g * g
-            g.add_(torch.sub(group.param, copy.values[name]).mul_(g).mul_(g), alpha=lam)
+            # lambda as a multiply, not add_'s alpha: one too big for the dtype gives inf
+            # (refused below) where alpha would raise
+            g.add_(torch.sub(group.param, copy.values[name]).mul_(g).mul_(g).mul_(lam))
         if self.reject_nonfinite:
             params.check_finite("delay-compensated gradient (is delay_compensation too big?)")
         return True

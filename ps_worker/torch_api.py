@@ -37,7 +37,7 @@ import torch
 from protos.job import JobError, Settings
 from ps_worker import environment
 from ps_worker.client import Client, ClientConfig, PushSummary
-from ps_worker.errors import InvalidRequestError, PSError
+from ps_worker.errors import InvalidRequestError, PSError, StateError
 from ps_worker.local import LocalSteps
 
 log = logging.getLogger("ps_worker")
@@ -79,6 +79,7 @@ class DistributedOptimizer:
         self.client = Client(servers, job_id=job_id, worker_id=worker_id, config=config)
         self.local: LocalSteps | None = None  # the local modes: this rank's own steps
         self._closed = False
+        self._over = False  # join() or close() ended this rank's training
         try:
             self.client.wait_for_servers()
             self.client.init(model, job_settings, workers=workers)
@@ -99,6 +100,11 @@ class DistributedOptimizer:
         """Push the gradients, then load the weights that follow into the module. In the
         local modes: a step of the job's optimizer on this rank, and on every
         ``local_steps``-th call the push of the change and the pull (None on the others)."""
+        if self._over:
+            raise StateError(
+                f"{self.client.worker_id}: step() after join() or close(): this rank's "
+                "training is over"
+            )
         if self.local is not None:
             return self.local.step()
         return self.client.push_pull_into(self.model)
@@ -115,6 +121,7 @@ class DistributedOptimizer:
         after it; :meth:`Client.join` has the details. In the local modes the change of a
         partial round is pushed first."""
         self.flush()
+        self._over = True
         self.client.join(self.model, timeout_s)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
@@ -132,6 +139,7 @@ class DistributedOptimizer:
         self._close(flush=True)
 
     def _close(self, flush: bool) -> None:
+        self._over = True
         try:
             if flush and not self._closed:
                 self.flush()

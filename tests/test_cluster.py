@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (protos/recipes.py) must reach the target on MNIST-1D with 4 workers.
 MNIST1D_MODES = {  # sync runs with bf16 on the wire: one run for both (CI time)
     "async": [],
+    "local": [],  # Local SGD as DiLoCo: 8 local steps, outer Nesterov
     # Gradients and weights as bfloat16 on the wire: half the bytes, the same target.
     "sync-bf16": ["--compression", "bf16"],
 }  # ssp: `make demo`, below
@@ -99,7 +100,7 @@ def test_mnist1d_cnn_reaches_93_percent_with_its_recipe(tmp_path, mnist1d, mode)
     assert summary["final_accuracy"] >= TARGET, summary["accuracy_curve"]
     assert summary["shards_completed_per_epoch"] == [16] * summary["epochs"]
     assert len(summary["accuracy_curve"]) == summary["epochs"]
-    if mode.startswith("sync"):  # one update per step of 4 workers, on every server
+    if mode.startswith(("sync", "local")):  # one update per round of 4 workers, everywhere
         assert summary["updates_applied"][0] == summary["updates_applied"][1]
 
 

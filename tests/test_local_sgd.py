@@ -10,6 +10,7 @@ import torch
 
 from protos.job import Settings
 from ps_worker import Client
+from ps_worker.errors import StateError
 from ps_worker.local import LocalSteps
 from ps_worker.torch_api import DistributedOptimizer
 from scheduler.launch import servers
@@ -206,6 +207,10 @@ def test_close_pushes_a_partial_round_and_an_error_leaves_without_it(addresses):
     torch.nn.functional.cross_entropy(model(x), y).backward()
     assert optimizer.step() is None
     optimizer.close()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(StateError, match="step\\(\\) after join\\(\\) or close\\(\\)"):
+        optimizer.step()  # a local step would change the final weights and push nothing
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     with Client(addresses, job_id="close", worker_id="observer") as observer:
         assert [s.version for s in observer.status()] == [1, 1]
         observer.pull_into(model, observe=True)

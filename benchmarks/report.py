@@ -3,7 +3,7 @@
     python -m benchmarks.report              # rewrite README.md between the markers, redraw
     python -m benchmarks.report --check      # fail if README.md is not what the JSON says
 
-Reads benchmarks/results/{transport,study-*,modes,slr,vs-ddp,load,transport-compression,chaos}/
+Reads benchmarks/results/{transport,study-*,vs-ddp,load,transport-compression,chaos}/
 (written by the benchmarks with ``--out``); a section whose file is missing is left out.
 Each study-* directory (benchmarks.sync_vs_async's results.json) gets its table and
 figures, and the studies together a "Which mode and rule, when" table computed from them
@@ -137,20 +137,6 @@ def _target_row(name: str, target: dict, lower_is_better: bool = False) -> str:
 
 # Sections that are a benchmark's own table: (directory, JSON file, title, table, images).
 TABLES = [
-    (
-        "modes",
-        "results.json",
-        "Sync, async and ssp with a straggler",
-        sync_vs_async.markdown,
-        [("accuracy", "accuracy.png"), ("staleness", "staleness.png")],
-    ),
-    (
-        "slr",
-        "results.json",
-        "Staleness-aware learning rate, 16 workers",
-        sync_vs_async.markdown,
-        [("accuracy", "accuracy.png"), ("staleness", "staleness.png")],
-    ),
     ("vs-ddp", "vs_ddp.json", "Against DistributedDataParallel", benchmarks.vs_ddp.markdown,
      [("vs DDP", "vs_ddp.png")]),
     ("load", "load.json", "Many clients at once", benchmarks.load.markdown, [("load", "load.png")]),
@@ -162,8 +148,6 @@ TABLES = [
 # Who draws each figure from a result: (directory, JSON file) -> plot(result, directory).
 PLOTS = {
     ("transport", "transport.json"): lambda r, d: benchmarks.transport.plot(r, d / "transport.png"),
-    ("modes", "results.json"): sync_vs_async.plot,
-    ("slr", "results.json"): sync_vs_async.plot,
     ("vs-ddp", "vs_ddp.json"): benchmarks.vs_ddp.plot,
     ("load", "load.json"): benchmarks.load.plot,
 }

@@ -111,6 +111,8 @@ async def _serve(args: argparse.Namespace, spec: JobSpec, shards: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"ps-scheduler listening on {args.host}:{port}", flush=True)
+    if spec.recipe_applied:  # once it runs: a refusal before is its one line
+        log.info("%s", recipes.describe(spec.model, spec.mode, spec.recipe_applied))
     if metrics is not None:
         print(f"ps-scheduler metrics on {args.host}:{metrics_port}", flush=True)
     watcher = asyncio.create_task(service.watch(stop))
@@ -239,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, DataError, PreflightError) as e:
         print(f"ps-scheduler: {e}", file=sys.stderr)
         return 2
-    if spec.recipe_applied:
-        log.info("%s", recipes.describe(spec.model, spec.mode, spec.recipe_applied))
     return asyncio.run(serve(args, spec, shards))
 
 

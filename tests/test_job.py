@@ -13,6 +13,7 @@ from protos.job import Job, JobError, Mode, Settings
 from protos.jobspec import JobSpec, SpecError, add_job_arguments, flag_names, spec_from_args
 from protos.layout import TensorSpec
 from protos.optimizers import OPTIMIZERS, SGD, Adagrad, Adam, OptimizerError, make_optimizer
+from protos.recipes import recipe_values
 from protos.schedule import LrSchedule
 from ps_worker import Client, ClientConfig, DistributedOptimizer
 from ps_worker.errors import InvalidRequestError
@@ -154,7 +155,10 @@ def test_flags_override_the_file_and_variables_give_defaults(tmp_path, monkeypat
     args = parser.parse_args(["--config", str(config), "--momentum", "0.9", "--nesterov"])
     settings = spec_from_args(args).job_settings(10)
     assert settings.optimizer == SGD(momentum=0.9, nesterov=True, weight_decay=0.001)
-    assert settings.lr == 0.1 and settings.staleness == Settings().staleness
+    # unset: the model's recipe for the mode (protos/recipes.py), else the plain default
+    assert settings.lr == 0.1 and settings.staleness == recipe_values("mnist1d-cnn", "ssp").get(
+        "staleness", Settings().staleness
+    )
 
 
 @pytest.mark.parametrize(

@@ -273,7 +273,7 @@ def test_a_job_file_that_is_not_a_mapping_is_refused(tmp_path):
         ({"optimizer": "sgd"}, {"optimizer": "sgd", "momentum": 0, "nesterov": "false"}),
         ({"recipe": False}, {"recipe": "no", "beta1": 0.9, "beta2": "0.999", "eps": 1e-8}),
         ({"recipe": False}, {"recipe": False, "mode": "ssp", "lr": "1e-2", "lr_final_ratio": 0}),
-        ({}, {"model": "mnist1d-cnn", "mode": "ssp", "epochs": 16, "beta1": 0}),
+        ({}, {"model": "mnist1d-cnn", "mode": "ssp", "beta1": 0}),  # the recipe's own beta1
         ({"compression": "bf16"}, {"compression": "bfloat16"}),
         ({"compression": "bf16,topk:0.01"}, {"compression": "topk:0.01, BF16"}),
         ({"lr_schedule": "cosine:100"}, {"lr_schedule": " cosine:100 "}),

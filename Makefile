@@ -6,9 +6,9 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Test processes (pytest-xdist): most tests wait on daemons they start, so three share two
-# cores well and keep CI under its 15 minutes; 0 runs them in this process.
-TEST_PROCESSES ?= 3
+# Test processes (pytest-xdist): most tests wait on daemons they start, so two share two
+# cores well and keep CI well under its 15 minutes; 0 runs them in this process.
+TEST_PROCESSES ?= 2
 # Where `make demo` keeps its data, logs and summary.
 DEMO_DIR ?= demo
 

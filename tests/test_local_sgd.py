@@ -4,6 +4,7 @@ against single-process torch references, with real servers."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -38,6 +39,24 @@ def backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 def assert_same(model: torch.nn.Module, reference: torch.nn.Module) -> None:
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def on_two_ranks(work: Callable[[int], None], timeout_s: float) -> None:
+    """Run ``work(0)`` and ``work(1)`` in threads (two ranks) and fail with their errors."""
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            work(r)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    assert not errors, errors
 
 
 @pytest.fixture
@@ -108,27 +127,18 @@ def test_two_workers_average_their_local_weights_and_an_outer_lr_scales_the_mean
                 for p in params:
                     p.copy_(start[i])
     models = [small_model(), small_model()]
-    errors: list[BaseException] = []
 
     def work(r: int) -> None:
-        try:
-            with Client(addresses, job_id="two", worker_id=f"w{r}") as client:
-                client.init(models[r], settings, workers=["w0", "w1"])
-                local = LocalSteps(client, models[r], settings)
-                local.pull()
-                for x, y in data[r]:
-                    backward(models[r], x, y)
-                    local.step()
-                assert client.versions == [2, 2]
-        except BaseException as e:
-            errors.append(e)
+        with Client(addresses, job_id="two", worker_id=f"w{r}") as client:
+            client.init(models[r], settings, workers=["w0", "w1"])
+            local = LocalSteps(client, models[r], settings)
+            local.pull()
+            for x, y in data[r]:
+                backward(models[r], x, y)
+                local.step()
+            assert client.versions == [2, 2]
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    on_two_ranks(work, 60)
     for r in range(2):
         assert_same(models[r], refs[r])
 
@@ -152,37 +162,28 @@ def test_distributed_optimizer_in_local_mode_with_uneven_ranks(addresses):
                 for p in params:
                     p.copy_(mean)
     models = [small_model(), small_model()]
-    errors: list[BaseException] = []
     pushed: list[list[bool]] = [[], []]
 
     def work(r: int) -> None:
-        try:
-            with DistributedOptimizer(
-                models[r],
-                addresses,
-                job_id="dist",
-                rank=r,
-                world=2,
-                mode="local",
-                local_steps=2,
-                optimizer="sgd",
-                momentum=0.9,
-                lr=0.1,
-            ) as optimizer:
-                for x, y in data[r]:
-                    optimizer.zero_grad()
-                    torch.nn.functional.cross_entropy(models[r](x), y).backward()
-                    pushed[r].append(optimizer.step() is not None)
-                optimizer.join(timeout_s=30)
-        except BaseException as e:
-            errors.append(e)
+        with DistributedOptimizer(
+            models[r],
+            addresses,
+            job_id="dist",
+            rank=r,
+            world=2,
+            mode="local",
+            local_steps=2,
+            optimizer="sgd",
+            momentum=0.9,
+            lr=0.1,
+        ) as optimizer:
+            for x, y in data[r]:
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(models[r](x), y).backward()
+                pushed[r].append(optimizer.step() is not None)
+            optimizer.join(timeout_s=30)
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    assert not errors, errors
+    on_two_ranks(work, 90)
     assert pushed == [[False, True] * 2 + [False], [False, True] * 2]
     for r in range(2):
         assert_same(models[r], refs[0])

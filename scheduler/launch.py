@@ -24,6 +24,9 @@ from protos.parent import LAUNCHER_ENV
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 30.0
+# One OpenMP thread per process: a local cluster's processes share the machine's cores, and
+# several processes' busy-waiting OpenMP threads on the same cores made training 5x slower.
+SHARED_CORES_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def launcher_env() -> dict[str, str]:

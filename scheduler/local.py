@@ -23,7 +23,7 @@ from protos.security import TOKEN_ENV, ClientSecurity
 from ps_worker import Client, ClientConfig
 from ps_worker.daemon import DEVICES
 from scheduler.finish import end_job
-from scheduler.launch import BIN, Daemon, stop_together
+from scheduler.launch import BIN, SHARED_CORES_ENV, Daemon, stop_together
 from scheduler.lifecycle import (
     ADDRESSES,
     CHECKPOINTS,
@@ -41,9 +41,6 @@ WORKER_REPLACEMENTS = 3  # a slot's killed workers replaced in a row with no sha
 RESTART_ATTEMPTS = 3  # restarts in a row of a server or the scheduler that did not start
 
 POLL_S = 0.25
-# One OpenMP thread per process: a local cluster's processes share the machine's cores, and
-# several processes' busy-waiting OpenMP threads on the same cores made training 5x slower.
-SHARED_CORES_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass

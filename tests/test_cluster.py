@@ -209,9 +209,10 @@ def assert_every_shard_once(work_dir: Path, spec: JobSpec, shards: int) -> list:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
 def test_killed_worker_mid_epoch_loses_no_shard(tmp_path, digits, mode):
-    spec = small_job(digits, mode, expected_workers=3)
-    # Worker 0 is slow, so that it is mid-shard when it is killed.
-    cluster = LocalCluster(spec, tmp_path, workers=3, slowdown={0: 9.0}, metrics=True)
+    spec = small_job(digits, mode, epochs=2, expected_workers=3)
+    # Worker 0 is slow, so that it is mid-shard when it is killed (its replacement is slow
+    # too, and in sync and ssp the others wait for it: a factor of 10 took twice as long).
+    cluster = LocalCluster(spec, tmp_path, workers=3, slowdown={0: 4.0}, metrics=True)
     with cluster.start():
         victim = cluster.worker_daemons[0]
         # Kill it while it holds a lease in the first epoch.
@@ -293,7 +294,10 @@ def test_metrics_of_servers_scheduler_and_workers_move_during_a_job(tmp_path, di
             assert server[counter] > 0, counter
         assert server["ps_apply_seconds_count"] == server["ps_pushes_total"]
     assert moved[2]["ps_scheduler_completions_total"] >= 4
-    assert moved[2]["ps_scheduler_leases_total"] >= 4
+    # The shards the 2 workers held at the first scrape were leased before it: those
+    # completions count between the scrapes, their leases do not.
+    done = moved[2]["ps_scheduler_completions_total"]
+    assert moved[2]["ps_scheduler_leases_total"] >= done - 2 >= 2
     assert moved[2]["ps_scheduler_queue_depth"] < 0  # the queue drains
     assert (
         during[2]['ps_scheduler_workers{state="active"}']

@@ -130,9 +130,10 @@ def _cell(stats: dict, fmt: str, of: int | None = None) -> str:
 
 def setting(result: dict) -> str:
     """The setting of a study in words: its workers, servers and straggler."""
+    workers, servers = result["workers"], result["servers"]
     return (
-        f"{result['workers']} workers, {result['servers']} servers, straggler "
-        f"{result['straggler'] or 'none'}"
+        f"{workers} worker{'s' * (workers != 1)}, {servers} server{'s' * (servers != 1)}, "
+        f"straggler {result['straggler'] or 'none'}"
     )
 
 

@@ -112,17 +112,17 @@ COMPRESSIONS = ("none", "fp16", "bf16", "topk:0.01", "bf16,topk:0.01")
 
 
 def measure_compression(nbytes: int, repeats: int) -> list[dict]:
-    """Bytes on the wire and time of a push+pull over TCP, per compression (one server each,
-    its byte counters read from its /metrics)."""
+    """Bytes on the wire and time of a push+pull over TCP, per compression (a job each on
+    one server, its byte counters read from its /metrics)."""
     model = model_of(nbytes)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     rows = []
-    for compression in COMPRESSIONS:
-        with ExitStack() as stack:
-            logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            (daemon,) = stack.enter_context(servers(1, logs, "--metrics-port", "0"))
-            url = f"http://{daemon.metrics_address}/metrics"
+    with ExitStack() as stack:
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        (daemon,) = stack.enter_context(servers(1, logs, "--metrics-port", "0"))
+        url = f"http://{daemon.metrics_address}/metrics"
+        for compression in COMPRESSIONS:
             with Client([daemon.address], job_id="compression", config=path_config("tcp")) as c:
                 c.init(model, mode="async", optimizer="sgd", lr=1e-6, compression=compression)
                 c.push_from(model)  # warm up
@@ -134,16 +134,17 @@ def measure_compression(nbytes: int, repeats: int) -> list[dict]:
                     c.pull_into(model)
                     times.append(time.perf_counter() - start)
                 after = wire_bytes(url)
-        pushed, pulled = ((a - b) / repeats for a, b in zip(after, before, strict=True))
-        rows.append(
-            {
-                "compression": compression,
-                "bytes": nbytes,
-                "push_wire_bytes": pushed,
-                "pull_wire_bytes": pulled,
-                "push_pull_s": statistics.median(times),
-            }
-        )
+                c.end_job()  # the server takes the next compression's job
+            pushed, pulled = ((a - b) / repeats for a, b in zip(after, before, strict=True))
+            rows.append(
+                {
+                    "compression": compression,
+                    "bytes": nbytes,
+                    "push_wire_bytes": pushed,
+                    "pull_wire_bytes": pulled,
+                    "push_pull_s": statistics.median(times),
+                }
+            )
     none = rows[0]
     for r in rows:
         r["wire_vs_none"] = (r["push_wire_bytes"] + r["pull_wire_bytes"]) / (

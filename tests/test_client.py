@@ -27,9 +27,8 @@ def small_model() -> torch.nn.Module:
 
 
 @pytest.fixture
-def addresses(tmp_path):
-    with servers(2, tmp_path) as daemons:
-        yield [d.address for d in daemons]
+def addresses(shared_servers):
+    return shared_servers  # tests/conftest.py: ended after each test
 
 
 @pytest.mark.parametrize(

@@ -45,9 +45,8 @@ def train(model: torch.nn.Module, step) -> None:
 
 
 @pytest.fixture
-def addresses(tmp_path):
-    with servers(2, tmp_path) as daemons:
-        yield [d.address for d in daemons]
+def addresses(shared_servers):
+    return shared_servers  # tests/conftest.py: ended after each test
 
 
 class Seen(logging.Handler):

@@ -10,7 +10,6 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps_worker import Client, ClientConfig, WaitTimeoutError
-from scheduler.launch import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -27,10 +26,8 @@ def model_tensors() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def two_servers(tmp_path):
-    """Two fresh servers per test: a server holds one job."""
-    with servers(2, tmp_path) as daemons:
-        yield [d.address for d in daemons]
+def two_servers(shared_servers):
+    return shared_servers  # tests/conftest.py: ended after each test
 
 
 def client(addresses, job, worker, **kw) -> Client:

@@ -14,7 +14,6 @@ from ps_worker import Client
 from ps_worker.errors import StateError
 from ps_worker.local import LocalSteps
 from ps_worker.torch_api import DistributedOptimizer
-from scheduler.launch import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -60,9 +59,8 @@ def on_two_ranks(work: Callable[[int], None], timeout_s: float) -> None:
 
 
 @pytest.fixture
-def addresses(tmp_path):
-    with servers(2, tmp_path) as daemons:
-        yield [d.address for d in daemons]
+def addresses(shared_servers):
+    return shared_servers  # tests/conftest.py: ended after each test
 
 
 @pytest.mark.parametrize("mode", ["local", "local-async"])

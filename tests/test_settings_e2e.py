@@ -29,7 +29,7 @@ from protos.jobspec import ENV_PREFIX, flag_names, variable_of
 from protos.schedule import LrSchedule
 from ps_worker import Client, ClientConfig, DistributedOptimizer
 from ps_worker.data import prepare
-from scheduler.launch import BIN, Daemon, servers
+from scheduler.launch import BIN, Daemon
 from scheduler.lifecycle import JOB_FILE
 from tests.test_cluster import cluster_up
 from tests.test_compose import compose, localise, service_env
@@ -203,25 +203,25 @@ def wait_initialised(addresses: list[str], daemons: list[Daemon], timeout_s: flo
     raise AssertionError(f"no worker initialised the servers within {timeout_s}s")
 
 
-def run_daemons(tmp_path: Path, scheduler_argv: list[str], env: dict[str, str], case) -> None:
-    """Servers, a scheduler started with ``scheduler_argv`` and ``env``, and one worker;
-    check the servers once the worker has initialised them."""
-    with servers(2, tmp_path) as daemons:
-        addresses = [d.address for d in daemons]
-        argv = [a.replace("{SERVERS}", ",".join(addresses)) for a in scheduler_argv]
-        scheduler = Daemon(argv, tmp_path / "scheduler.log", env=env)
-        worker = None
-        try:
-            worker = Daemon(
-                [str(BIN / "ps-worker"), "--scheduler", scheduler.address, "--no-progress"],
-                tmp_path / "worker.log",
-            )
-            wait_initialised(addresses, [scheduler, worker])
-            check_servers(addresses, case)
-        finally:
-            for d in (worker, scheduler):
-                if d is not None:
-                    d.stop()
+def run_daemons(
+    tmp_path: Path, addresses: list[str], scheduler_argv: list[str], env: dict[str, str], case
+) -> None:
+    """A scheduler started with ``scheduler_argv`` and ``env`` over the shared servers, and
+    one worker; check the servers once the worker has initialised them."""
+    argv = [a.replace("{SERVERS}", ",".join(addresses)) for a in scheduler_argv]
+    scheduler = Daemon(argv, tmp_path / "scheduler.log", env=env)
+    worker = None
+    try:
+        worker = Daemon(
+            [str(BIN / "ps-worker"), "--scheduler", scheduler.address, "--no-progress"],
+            tmp_path / "worker.log",
+        )
+        wait_initialised(addresses, [scheduler, worker])
+        check_servers(addresses, case)
+    finally:
+        for d in (worker, scheduler):
+            if d is not None:
+                d.stop()
 
 
 def via_cluster(tmp_path: Path, digits: Path, extra: list[str]) -> tuple[dict, dict]:
@@ -287,14 +287,14 @@ def scheduler_argv(tmp_path: Path, digits: Path) -> list[str]:
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("case", list(CASES))
-def test_ps_scheduler_flags(tmp_path, digits, case):
+def test_ps_scheduler_flags(tmp_path, digits, two_servers, case):
     argv = scheduler_argv(tmp_path, digits) + as_flags(CASES[case])
-    run_daemons(tmp_path, argv, {}, CASES[case])
+    run_daemons(tmp_path, two_servers, argv, {}, CASES[case])
 
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("case", list(CASES))
-def test_compose_variables(tmp_path, digits, case):
+def test_compose_variables(tmp_path, digits, two_servers, case):
     service = compose()["services"]["scheduler"]
     forwarded = set(service["environment"])
     needed = {variable_of(n) for n in flag_names(skip=("data_dir", "servers"))}
@@ -307,7 +307,7 @@ def test_compose_variables(tmp_path, digits, case):
     argv = localise(service["command"], env, digits, {"server0": "{SERVERS}", "server1": ""})
     argv = [a.replace("{SERVERS},:7002", "{SERVERS}").replace("/scheduler.db", "") for a in argv]
     argv[argv.index("--state") + 1] = str(tmp_path / "job.db")
-    run_daemons(tmp_path, argv, service_env(service, env), CASES[case])
+    run_daemons(tmp_path, two_servers, argv, service_env(service, env), CASES[case])
 
 
 def _env_value(value: Any) -> str:
@@ -315,9 +315,8 @@ def _env_value(value: Any) -> str:
 
 
 @pytest.fixture
-def two_servers(tmp_path):
-    with servers(2, tmp_path) as daemons:
-        yield [d.address for d in daemons]
+def two_servers(shared_servers):
+    return shared_servers  # tests/conftest.py: ended after each test
 
 
 def _model() -> torch.nn.Module:

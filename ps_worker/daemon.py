@@ -163,6 +163,7 @@ class WorkerDaemon:
             if created:
                 log.info("initialised the model on %d server(s)", len(self.spec.servers))
             log.info("job settings: %s", settings.describe())
+            log.info("servers reached over: %s", ", ".join(self.client.transports))
             held = self.client.job().settings  # the servers' job: what this worker follows
             if held.mode.local:
                 self.local = LocalSteps(self.client, self.model, held)

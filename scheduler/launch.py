@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -47,12 +47,15 @@ class Daemon:
         log_path: Path,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
+        """``wrap``: how argv runs elsewhere (on another host: benchmarks.hosts), keeping
+        its process id, so that ``proc`` is the daemon itself."""
         self.name = Path(argv[0]).name
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, **(env or {}), **launcher_env()}
         self.proc = subprocess.Popen(
-            argv,
+            wrap(argv) if wrap else argv,
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,

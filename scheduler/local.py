@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from protos.jobspec import JobSpec, job_variables
 from protos.orphans import sweep_leftovers
@@ -43,6 +44,18 @@ RESTART_ATTEMPTS = 3  # restarts in a row of a server or the scheduler that did 
 POLL_S = 0.25
 
 
+class Host(Protocol):
+    """Where a process runs: the address it listens on, and how a command runs there."""
+
+    address: str
+
+    def wrap(self, argv: list[str]) -> list[str]: ...
+
+
+# (role, index) -> the host that runs it; roles: "server", "scheduler", "worker"
+Placement = Callable[[str, int], Host]
+
+
 @dataclass
 class LocalCluster:
     """Real processes on loopback; ``close()`` (or the with-block) stops them all."""
@@ -65,6 +78,7 @@ class LocalCluster:
     cleared: list[str] = field(default_factory=list)  # what an earlier run had left here
     started: list[Daemon] = field(default_factory=list)  # every process started, restarts too
     swept: list[str] = field(default_factory=list)  # files dead processes had left, removed
+    placement: Placement | None = None  # which host runs each process; None: this one
     work_claim: Claim | None = None  # ps-cluster up's, taken before its checks; else start's
     _claimed_here: bool = False
     _scheduler_port: str = "0"
@@ -125,10 +139,17 @@ class LocalCluster:
             *self.observability_args,
         ]
         log = first_unused(self.work_dir, lambda n: f"server{i}{f'-{n}' if n else ''}.log")
-        return self._daemon(argv, log, self.env)
+        return self._daemon(argv, log, self.env, ("server", i))
 
-    def _daemon(self, argv: list[str], log: Path, env: dict[str, str]) -> Daemon:
-        daemon = Daemon(argv, log, env=env)
+    def _daemon(
+        self, argv: list[str], log: Path, env: dict[str, str], role: tuple[str, int]
+    ) -> Daemon:
+        """Start argv on the host its role is placed on (a server or the scheduler listening
+        on that host's address)."""
+        host = self.placement(*role) if self.placement else None
+        if host is not None and role[0] != "worker":
+            argv = [*argv, "--host", host.address]
+        daemon = Daemon(argv, log, env=env, wrap=host.wrap if host else None)
         self.started.append(daemon)
         return daemon
 
@@ -216,7 +237,7 @@ class LocalCluster:
         # (ps-scheduler reads them as flags); empty is unset.
         env = {**self.env, **dict.fromkeys(job_variables(), "")}
         log = first_unused(self.work_dir, lambda n: f"scheduler{n}.log")
-        self.scheduler = self._daemon(argv, log, env)
+        self.scheduler = self._daemon(argv, log, env, ("scheduler", 0))
         self._scheduler_address = self.scheduler.address  # kept across its restarts
         self._scheduler_port = self._scheduler_address.rsplit(":", 1)[1]
         return self.scheduler
@@ -241,7 +262,7 @@ class LocalCluster:
         if self.slowdown.get(i):
             argv += ["--slowdown", str(self.slowdown[i])]
         log = first_unused(self.work_dir, lambda n: f"worker{i}{f'-{n}' if n else ''}.log")
-        return self._daemon(argv, log, self.env)
+        return self._daemon(argv, log, self.env, ("worker", i))
 
     def progress(self) -> dict | None:
         """The scheduler's progress, or None while it cannot be reached."""

@@ -133,6 +133,8 @@ def test_digits_mlp_reaches_95_percent_with_its_recipe(tmp_path, digits):
     args = ("--dataset", "digits", "--data-dir", str(digits), "--model", "digits-mlp")
     summary = cluster_up(tmp_path, *args, "--mode", "async")  # no tuning flags
     assert summary["final_accuracy"] >= 0.95, summary["accuracy_curve"]
+    for log in (tmp_path / "work").glob("worker*.log"):  # on one host: the same-host path
+        assert "servers reached over: shm, shm" in log.read_text(), log
 
 
 # ------------------------------------------------------------------ faults

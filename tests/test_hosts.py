@@ -51,6 +51,8 @@ def run_across(hosts: Hosts, spec, work: Path, on_progress=None) -> dict:
         progress = cluster.wait(150, on_progress)
         assert progress["finished"]
         statuses = cluster.server_status()
+        for worker in cluster.worker_daemons:  # each ends by itself once the job has
+            worker.proc.wait(timeout=30)
     assert [s.hostname for s in statuses] == [hosts[1].name, hosts[2].name]
     return progress
 
@@ -107,40 +109,49 @@ def test_a_job_runs_across_six_hosts(tmp_path, digits, six_hosts, mode):  # noqa
 
 class Faults:
     """Faults of hosts, each at its count of completed shards, in order: every process of a
-    host killed, or its link cut for ``CUT_S`` seconds and then restored."""
+    host killed, or its link cut and restored after some seconds, or once the scheduler has
+    declared the host's worker dead."""
 
-    CUT_S = 2.0  # under the job's lease timeout: the cut worker keeps its lease
-
-    def __init__(self, hosts: Hosts, plan: list[tuple[int, str, int]]) -> None:
-        self.hosts, self.plan, self.cut_at = hosts, list(plan), None
+    def __init__(self, hosts: Hosts, work: Path, plan: list[tuple[int, str, int, float | str]]):
+        self.hosts, self.work, self.plan, self.cut = hosts, work, list(plan), None
         self.done: list[str] = []
 
     def __call__(self, progress: dict) -> None:
-        if self.cut_at is not None:
-            host, since = self.cut_at
-            if time.monotonic() - since >= self.CUT_S:  # (a fault's length, not a wait)
+        if self.cut is not None:
+            host, since, until = self.cut
+            if until == "dead":
+                over = any(
+                    w["host"] == host.name and w["state"] == "dead" for w in progress["workers"]
+                )
+            else:  # (the length of a fault, not a wait for something to happen)
+                over = time.monotonic() - since >= until
+            if over:
                 host.restore()
-                self.cut_at = None
+                self.cut = None
                 self.done.append(f"restored {host.name}")
             return
         if self.plan and progress["done"] >= self.plan[0][0]:
-            _, what, index = self.plan.pop(0)
+            _, what, index, until = self.plan.pop(0)
             host = self.hosts[index]
             if what == "kill":
                 assert host.kill(), f"nothing ran on {host.name}"
             else:
                 host.cut()
-                self.cut_at = (host, time.monotonic())
+                self.cut = (host, time.monotonic(), until)
             self.done.append(f"{what} {host.name}")
 
 
 @pytest.mark.timeout(240)
 def test_a_job_survives_its_hosts_killed_and_cut_off(tmp_path, digits, six_hosts):  # noqa: F811
     """A worker's host killed (ps-cluster starts a new worker there), a server's host killed
-    (restarted there on its checkpoint), a server's and a worker's links cut for 2 s (their
-    calls are retried): the job finishes, every shard once."""
-    spec = small_job(digits, "async", epochs=3, expected_workers=WORKERS, lease_timeout_s=5.0)
-    faults = Faults(six_hosts, [(2, "kill", 3), (6, "kill", 1), (10, "cut", 2), (14, "cut", 4)])
+    (restarted there on its checkpoint), a server's and a worker's links cut for 2 s, under
+    the lease timeout (their calls wait and go on), and a worker's host cut off until the
+    scheduler declares its worker dead (sync: the others wait for it until then; its shard
+    goes to another; back, the worker is refused and exits): the job finishes on the rest,
+    every shard once."""
+    spec = small_job(digits, "sync", epochs=4, expected_workers=WORKERS, lease_timeout_s=5.0)
+    plan = [(2, "kill", 3, 0), (6, "kill", 1, 0), (10, "cut", 2, 2.0), (14, "cut", 4, 2.0)]
+    faults = Faults(six_hosts, tmp_path, [*plan, (18, "cut", 5, "dead")])
     progress = run_across(six_hosts, spec, tmp_path, faults)
     assert faults.done == [
         "kill host3",
@@ -149,6 +160,12 @@ def test_a_job_survives_its_hosts_killed_and_cut_off(tmp_path, digits, six_hosts
         "restored host2",
         "cut host4",
         "restored host4",
+        "cut host5",
+        "restored host5",
     ], faults.done
+    states = {w["host"]: w["state"] for w in progress["workers"] if w["host"] != "host3"}
+    assert states["host5"] == "dead" and states["host4"] in ("idle", "left"), states
+    said = (tmp_path / "worker2.log").read_text()  # refused by the first it reaches again
+    assert "has left the job" in said or "the scheduler dropped this worker" in said, said
     assert_every_shard_once(tmp_path, spec, 8)
     assert progress["evaluations"][-1]["accuracy"] >= 0.8

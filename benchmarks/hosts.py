@@ -35,6 +35,8 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from protos.orphans import alive
+
 PREFIX = "gs"  # gs<pid>-sw, gs<pid>-h<i>, and the launcher's link gs<pid>l
 NETWORK = "10.213.{net}.0/24"
 HOST_NAME = "host{index}"  # each host's UTS name
@@ -250,16 +252,6 @@ def _kill(pids: list[int]) -> list[int]:
     return pids
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep() -> list[str]:
     """Remove what runs killed before they tore down left: names whose pid is dead."""
     tags = set()
@@ -267,7 +259,7 @@ def sweep() -> list[str]:
     names = _namespaces() + [m.group(1) for m in re.finditer(r"^\d+: ([^:@]+)", links, re.M)]
     for name in names:
         match = _NAME.match(name)
-        if match and not _alive(int(match.group(1))):
+        if match and not alive(int(match.group(1))):
             tags.add(f"{PREFIX}{match.group(1)}")
     for tag in sorted(tags):
         remove(tag)

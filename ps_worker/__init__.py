@@ -12,6 +12,7 @@ and :class:`Mode`; :class:`LrSchedule`; typed errors.
 from protos.job import Mode, Settings
 from protos.optimizers import OPTIMIZERS, SGD, Adagrad, Adam
 from protos.schedule import LrSchedule
+from protos.security import ClientSecurity
 from ps_worker.client import Client, ClientConfig, PushSummary
 from ps_worker.errors import (
     ConflictError,
@@ -33,6 +34,7 @@ __all__ = [
     "Adam",
     "Client",
     "ClientConfig",
+    "ClientSecurity",
     "ConflictError",
     "DistributedOptimizer",
     "InvalidRequestError",

@@ -32,6 +32,9 @@ log = logging.getLogger("scheduler")
 T = TypeVar("T")
 SERVICE = "Scheduler"  # ps.Scheduler, in protos/scheduler.proto
 BACKOFF_S = (0.5, 5.0)  # after a failed membership update: the first delay, the longest
+# A confirmed membership is sent again this long after: a server restarted on a checkpoint
+# taken before the last change comes back with the membership of then.
+REFRESH_S = 2.0
 
 
 class ServerMembership:
@@ -63,13 +66,15 @@ class ServerMembership:
             for c in self.channels
         ]
         self.confirmed: frozenset[str] | None = None
+        self.confirmed_at = 0.0  # (clock's time)
         self.lock = asyncio.Lock()
 
     async def sync(self, desired: frozenset[str]) -> bool:
-        """Make every server's membership ``desired``; False if some server refused or is
-        down (or was, less than a back-off period ago)."""
+        """Make every server's membership ``desired`` (sent again every REFRESH_S while it
+        stays the same); False if some server refused or is down (or was, less than a
+        back-off period ago)."""
         async with self.lock:
-            if desired == self.confirmed:
+            if desired == self.confirmed and self.clock() < self.confirmed_at + REFRESH_S:
                 return True
             if self.clock() < self.retry_at:
                 return False
@@ -84,8 +89,10 @@ class ServerMembership:
                 if isinstance(r, BaseException)
             }
             if not failed:
+                if desired != self.confirmed:
+                    log.info("servers' membership: %s", ", ".join(sorted(desired)) or "(none)")
                 self.confirmed, self.backoff_s, self.retry_at = desired, 0.0, 0.0
-                log.info("servers' membership: %s", ", ".join(sorted(desired)) or "(none)")
+                self.confirmed_at = self.clock()
                 return True
             down = {s: e for s, e in failed.items() if not _uninitialised(e)}
             if not down:  # the job's first worker has not initialised the servers yet
@@ -145,6 +152,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             raise AssertionError("unreachable") from e
 
     async def sync_membership(self) -> bool:
+        if self.finished.is_set():  # the job is over (and may be ended on the servers)
+            return True
         return await self.membership.sync(frozenset(self.state.active_workers()))
 
     async def Register(self, request, context):

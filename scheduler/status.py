@@ -27,6 +27,10 @@ class Unreachable(Exception):
     """The scheduler did not answer."""
 
 
+class Refused(Unreachable):
+    """The scheduler answered and refused the call: it needs the job's token."""
+
+
 def fetch_progress(address: str, credentials: ClientSecurity, timeout_s: float = 10.0) -> dict:
     """The scheduler's Progress, as a dict; raises Unreachable with the gRPC status."""
     try:
@@ -35,6 +39,11 @@ def fetch_progress(address: str, credentials: ClientSecurity, timeout_s: float =
                 scheduler_pb2.ProgressRequest(), timeout=timeout_s
             )
     except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise Refused(
+                f"the scheduler at {address} refused the call: UNAUTHENTICATED (the job has a "
+                "token: pass its --token-file, or set $PS_TOKEN)"
+            ) from e
         raise Unreachable(f"cannot reach the scheduler at {address}: {e.code().name}") from e
     return json.loads(reply.progress_json)
 
@@ -88,6 +97,9 @@ def show(
     while True:
         try:
             progress = fetch_progress(address, credentials)
+        except Refused as e:  # it runs: only this call was refused
+            print(f"{unreachable.split(':', 1)[0]}: {e}", file=sys.stderr)
+            return 1
         except Unreachable as e:
             print(unreachable.format(error=e), file=sys.stderr)
             return 1

@@ -4,6 +4,7 @@ scheduler, a late joiner."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from protos.jobspec import JobSpec
+from protos.security import TOKEN_ENV
 from ps_worker import Client, PSError
 from ps_worker.daemon import score
 from ps_worker.data import load, prepare, read_manifest
@@ -383,5 +385,17 @@ def test_a_cluster_with_a_token_trains_and_refuses_calls_without_it(tmp_path, di
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Register(scheduler_pb2.RegisterRequest(host="intruder"), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        status = subprocess.run(  # without the token: told so, not that the run has ended
+            [BIN / "ps-cluster", "status", "--work-dir", tmp_path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != TOKEN_ENV},
+        )
+        assert status.returncode == 1 and "pass its --token-file" in status.stderr, status.stderr
+        assert (
+            status.stderr.startswith("ps-cluster: the scheduler at")
+            and "ended" not in status.stderr
+        )
         progress = cluster.wait(180)
     assert progress["finished"] and len(progress["workers"]) == 2  # the intruder never got in

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -24,7 +25,7 @@ from protos.security import TOKEN_ENV
 from ps_worker import environment
 from scheduler.launch import BIN, SHARED_CORES_ENV, Daemon
 from tests import kuberun
-from tests.kube import KustomizeError, containers, find, pod_spec, render
+from tests.kube import KUSTOMIZATION, KustomizeError, containers, find, load_all, pod_spec, render
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -41,6 +42,7 @@ SCRIPT_VARIABLES = {environment.SERVERS_ENV, environment.RANK_ENV, environment.W
 # What the manifests give the scheduler, which the job file must therefore not say (a
 # variable or flag would silently win over it).
 FROM_MANIFESTS = ("data_dir", "servers", "expected_workers")
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 CLUSTER_ADDRESS = re.compile(r"(^|,)[a-z][a-z0-9.-]*:\d+")  # a name, not 127.0.0.1
 
 
@@ -149,6 +151,25 @@ def program_reads(program: str, monkeypatch) -> set[str]:
     return recording.read | {TOKEN_ENV}  # read once the flags are parsed (read_token)
 
 
+def values(c: dict) -> dict[str, str]:
+    """A container's literal variables."""
+    return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+
+
+def probe_port(c: dict, probe: dict) -> str:
+    """The port a probe checks: the kubelet's plain gRPC probe, or, for a daemon serving
+    TLS (which that probe cannot speak), ps-health over TLS in the container, with the CA
+    its clients verify it by."""
+    if "PS_TLS_CERT" not in values(c):
+        return str(probe["grpc"]["port"])
+    program, address, option, ca = probe["exec"]["command"]
+    assert (program, option) == ("ps-health", "--tls-ca") and "grpc" not in probe
+    assert ca == str(Path(values(c)["PS_TLS_CERT"]).with_name("ca.crt"))
+    host, port = address.split(":")
+    assert host == "127.0.0.1"
+    return port
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=str)
 def test_names_ports_and_variables_agree(kustomization, monkeypatch):
@@ -199,6 +220,14 @@ def test_names_ports_and_variables_agree(kustomization, monkeypatch):
     expected = {e["name"]: e for e in sched["env"]}[variable_of("expected_workers")]
     assert expected["valueFrom"]["configMapKeyRef"]["key"] == "WORLD_SIZE"
 
+    # TLS: served by the servers and the scheduler, or by neither; verified by their clients.
+    tls = "PS_TLS_CERT" in values(server)
+    assert tls == ("PS_TLS_CERT" in values(sched)) == ("PS_TLS_KEY" in values(server))
+    cas = {values(c).get("PS_TLS_CA") for c in (sched, worker)}
+    assert cas == (
+        {str(Path(values(server)["PS_TLS_CERT"]).with_name("ca.crt"))} if tls else {None}
+    )
+
     # The job file: a valid job once the manifests add what they give.
     job_file = yaml.safe_load(config["job.yaml"])
     assert not set(job_file) & set(FROM_MANIFESTS)
@@ -243,12 +272,15 @@ def test_names_ports_and_variables_agree(kustomization, monkeypatch):
                     if program == "ps-worker":
                         allowed |= SCRIPT_VARIABLES
                     assert e["name"] in allowed, f"{name}: {program} does not read {e['name']}"
+            for probe in PROBES:  # the API allows one handler per probe
+                handlers = {"exec", "grpc", "httpGet", "tcpSocket"} & set(c.get(probe, {}))
+                assert len(handlers) == (probe in c), f"{name} {probe}: {handlers}"
             port = kuberun.flag(c, "--port")
             ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
             if port is not None:  # a gRPC daemon: its port, and probes on it
                 assert str(ports["grpc"]) == port, name
-                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                    assert str(c[probe]["grpc"]["port"]) == port, f"{name} {probe}"
+                for probe in PROBES:
+                    assert probe_port(c, c[probe]) == port, f"{name} {probe}"
             if (metrics := kuberun.flag(c, "--metrics-port")) is not None:
                 assert str(ports["metrics"]) == metrics == meta["annotations"]["prometheus.io/port"]
                 assert meta["annotations"]["prometheus.io/scrape"] == "true"
@@ -278,6 +310,38 @@ def test_the_docs_name_every_overlay_and_the_secret():
     assert f"kubectl create secret generic {SECRET} --from-literal=token=" in text
 
 
+def small_with_tls(directory: Path) -> Path:
+    """A kustomization of the small overlay with the tls overlay's patches on top."""
+    tls = DEPLOY / "overlays" / "tls"
+    patches = [{"path": str(tls / p["path"])} for p in load_all(tls / KUSTOMIZATION)[0]["patches"]]
+    directory.mkdir()
+    resources = [str(DEPLOY / "overlays" / "small")]
+    (directory / KUSTOMIZATION).write_text(
+        yaml.safe_dump(
+            {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
+            | {"resources": resources, "patches": patches}
+        )
+    )
+    return directory
+
+
+def make_secret(directory: Path) -> dict[str, str]:
+    """The Secret docs/kubernetes.md has you create for TLS: its openssl commands, run here,
+    and the keys its kubectl command gives the files they make (and the token)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make certificates")
+    text = DOCS.read_text()
+    block = text[text.index("## TLS") :].split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = block.splitlines()
+    directory.mkdir()
+    for line in (x for x in lines if not x.startswith("kubectl ")):
+        subprocess.run(["bash", "-c", line], cwd=directory, check=True, timeout=60)
+    (create,) = [x for x in lines if x.startswith("kubectl create secret")]
+    files = re.findall(r"--from-file=(\S+)", create)
+    assert f"kubectl create secret generic {SECRET} --from-literal=token=" in create
+    return {"token": secrets.token_hex(16)} | {f: (directory / f).read_text() for f in files}
+
+
 def digest(directory: Path) -> dict[str, str]:
     """Every prepared data file's SHA-256 (the scheduler's state files left out)."""
     return {
@@ -290,10 +354,9 @@ def digest(directory: Path) -> dict[str, str]:
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_the_small_overlay_runs_a_job_as_local_processes(tmp_path):
-    docs = rendered(Path("overlays/small"))
+    docs = render(small_with_tls(tmp_path / "kustomization"))
     configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
-    token = secrets.token_hex(16)
-    secret_data = {SECRET: {"token": token}}  # kubectl create secret generic gradstore ...
+    secret_data = {SECRET: make_secret(tmp_path / "pki")}
     pods = kuberun.pods(docs)
     listening: dict[str, str] = {}
     daemons: list[tuple[kuberun.Pod, Daemon]] = []
@@ -325,12 +388,9 @@ def test_the_small_overlay_runs_a_job_as_local_processes(tmp_path):
                 if pod.kind == "Job":
                     continue
                 listening[f"{pod.name}:{kuberun.flag(c, '--port')}"] = d.address
-                probe = [
-                    str(BIN / "ps-health"),
-                    d.address,
-                    "--service",
-                    c["readinessProbe"]["grpc"].get("service", ""),
-                ]
+                # ps-health over TLS, on the pod's own port (127.0.0.1:PORT in the command)
+                own = {f"127.0.0.1:{kuberun.flag(c, '--port')}": d.address}
+                probe = kuberun.argv(c["readinessProbe"]["exec"], env, paths, own)
                 assert subprocess.run(probe, capture_output=True, timeout=60).returncode == 0
                 if pod.kind == "Deployment":
                     scheduler_env, scheduler = local, d.address

@@ -37,15 +37,20 @@ from ps_worker import Client, ClientConfig
 from scheduler.launch import servers
 
 KIB, MIB = 1 << 10, 1 << 20
-PATHS = ("tcp", "unix", "shm")
+PATHS = ("tcp", "bulk", "unix", "shm")
 SIZES = (4 * KIB, 64 * KIB, 1 * MIB, 16 * MIB, 64 * MIB, 256 * MIB)
 QUICK_SIZES = (64 * KIB, 16 * MIB)
 LARGE = 16 * MIB  # the targets are about tensors of this size and more
 
 
 def path_config(path: str) -> ClientConfig:
-    """A client that reaches same-host servers over TCP, their Unix socket, or shared memory."""
-    return ClientConfig(same_host_unix_socket=path != "tcp", same_host_shared_memory=path == "shm")
+    """A client that reaches servers over gRPC streams on TCP ("tcp"), the bulk data plane
+    ("bulk"), or, on the same host, their Unix socket ("unix") or shared memory ("shm")."""
+    return ClientConfig(
+        same_host_unix_socket=path in ("unix", "shm"),
+        same_host_shared_memory=path == "shm",
+        bulk_data_plane=path == "bulk",
+    )
 
 
 def repeats_for(nbytes: int, base: int) -> int:

@@ -309,6 +309,46 @@ class ShmStepRequest(_message.Message):
     pull: PullRequest
     def __init__(self, segment: _Optional[str] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
 
+class BulkHello(_message.Message):
+    __slots__ = ("nonce", "token")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    token: bool
+    def __init__(self, nonce: _Optional[bytes] = ..., token: _Optional[bool] = ...) -> None: ...
+
+class BulkAuth(_message.Message):
+    __slots__ = ("mac",)
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    mac: bytes
+    def __init__(self, mac: _Optional[bytes] = ...) -> None: ...
+
+class BulkRequest(_message.Message):
+    __slots__ = ("push", "pull", "data_bytes", "timeout_s")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    push: PushHeader
+    pull: PullRequest
+    data_bytes: int
+    timeout_s: float
+    def __init__(self, push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., data_bytes: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class BulkReply(_message.Message):
+    __slots__ = ("code", "message", "reason", "header", "data_bytes")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    reason: str
+    header: PullHeader
+    data_bytes: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ..., header: _Optional[_Union[PullHeader, _Mapping]] = ..., data_bytes: _Optional[int] = ...) -> None: ...
+
 class MembershipRequest(_message.Message):
     __slots__ = ("job_id", "active_workers")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -380,7 +420,7 @@ class Waiter(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ..., waiting_for: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("initialised", "config", "version", "workers", "waiting", "updates_applied", "pushes_received", "stale_dropped", "duplicates", "staleness_histogram", "parameter_bytes", "contributions", "hostname", "unix_socket", "shm_dir", "compensated", "uncompensated", "kept_bytes")
+    __slots__ = ("initialised", "config", "version", "workers", "waiting", "updates_applied", "pushes_received", "stale_dropped", "duplicates", "staleness_histogram", "parameter_bytes", "contributions", "hostname", "unix_socket", "shm_dir", "compensated", "uncompensated", "kept_bytes", "bulk_port")
     class StalenessHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -406,6 +446,7 @@ class StatusResponse(_message.Message):
     COMPENSATED_FIELD_NUMBER: _ClassVar[int]
     UNCOMPENSATED_FIELD_NUMBER: _ClassVar[int]
     KEPT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     initialised: bool
     config: JobConfig
     version: int
@@ -424,4 +465,5 @@ class StatusResponse(_message.Message):
     compensated: int
     uncompensated: int
     kept_bytes: int
-    def __init__(self, initialised: _Optional[bool] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., stale_dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., parameter_bytes: _Optional[int] = ..., contributions: _Optional[int] = ..., hostname: _Optional[str] = ..., unix_socket: _Optional[str] = ..., shm_dir: _Optional[str] = ..., compensated: _Optional[int] = ..., uncompensated: _Optional[int] = ..., kept_bytes: _Optional[int] = ...) -> None: ...
+    bulk_port: int
+    def __init__(self, initialised: _Optional[bool] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., stale_dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., parameter_bytes: _Optional[int] = ..., contributions: _Optional[int] = ..., hostname: _Optional[str] = ..., unix_socket: _Optional[str] = ..., shm_dir: _Optional[str] = ..., compensated: _Optional[int] = ..., uncompensated: _Optional[int] = ..., kept_bytes: _Optional[int] = ..., bulk_port: _Optional[int] = ...) -> None: ...

@@ -30,11 +30,20 @@ def method(name: str) -> str:
     return f"/{SERVICE}/{name}"
 
 
+RECONNECT_BACKOFF_MS = (100, 1000)  # a lost server is tried again this often: first, at most
+
+
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Options shared by servers and clients: explicit message limits."""
+    """Options shared by servers and clients: explicit message limits; and, for clients, a
+    reconnect backoff of at most a second (gRPC's own grows to two minutes, so a server
+    back from a restart could go untried for longer than a client's retries last)."""
+    first, most = RECONNECT_BACKOFF_MS
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", first),
+        ("grpc.min_reconnect_backoff_ms", first),
+        ("grpc.max_reconnect_backoff_ms", most),
     ]
 
 

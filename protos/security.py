@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import hmac
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,14 @@ def _read(path: Path | str | None, what: str) -> bytes | None:
         raise SecurityError(f"cannot read the {what} {path}: {e.strerror}") from None
 
 
+def _load(load, what: str, *paths: Path | None) -> None:
+    """``load(*paths)`` (an SSLContext loader), its errors as SecurityError."""
+    try:
+        load(*(str(p) for p in paths))
+    except (OSError, ssl.SSLError) as e:
+        raise SecurityError(f"cannot load the {what} {paths[0]}: {e}") from None
+
+
 @dataclass(frozen=True)
 class ServerSecurity:
     """A daemon's side: the token it demands and its TLS material (paths)."""
@@ -83,6 +92,17 @@ class ServerSecurity:
             raise SecurityError("TLS needs both a certificate and its key")
         if self.tls_client_ca and not self.tls_cert:
             raise SecurityError("a client CA needs the server's own certificate and key too")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The same TLS for the bulk data plane's connections (None: plain TCP)."""
+        if not self.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        _load(context.load_cert_chain, "TLS certificate", self.tls_cert, self.tls_key)
+        if self.tls_client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            _load(context.load_verify_locations, "client CA", self.tls_client_ca)
+        return context
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [TokenAuthInterceptor(self.token)] if self.token else []
@@ -137,6 +157,16 @@ class ClientSecurity:
         if self.tls_ca and not address.startswith("unix:"):
             return grpc.aio.secure_channel(address, self._credentials(), options=options)
         return grpc.aio.insecure_channel(address, options=options)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The same TLS for the bulk data plane's connections (None: plain TCP)."""
+        if not self.tls_ca:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        _load(context.load_verify_locations, "TLS CA", self.tls_ca)
+        if self.tls_cert:
+            _load(context.load_cert_chain, "TLS certificate", self.tls_cert, self.tls_key)
+        return context
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((HEADER, f"Bearer {self.token}"),) if self.token else ()

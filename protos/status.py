@@ -67,8 +67,21 @@ def reason_of(error: grpc.RpcError) -> str | None:
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
     except (AttributeError, ValueError):
         return None
-    if status is None:
-        return None
+    return None if status is None else _reason(status)
+
+
+def reason_in(status: grpc.Status) -> str | None:
+    """The reason a status made by :func:`status_with_reason` carries (None: none)."""
+    for key, value in status.trailing_metadata or ():
+        if key == _DETAILS_KEY:
+            return _reason(status_pb2.Status.FromString(value))
+    return None
+
+
+_DETAILS_KEY = "grpc-status-details-bin"  # where gRPC carries a google.rpc.Status
+
+
+def _reason(status: status_pb2.Status) -> str | None:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == DOMAIN:

@@ -18,6 +18,7 @@ from protos import listen, observability, parent, security
 from protos.limits import Limits
 from protos.orphans import SOCKET_PREFIX, SOCKET_SUFFIX, owned_name, remove_orphans
 from protos.shm import SEGMENT_PREFIX, default_dir
+from ps_server.bulk import BulkConfig, BulkPlane
 from ps_server.checkpoint import Checkpointer, CheckpointError, Every
 from ps_server.metrics import ServerMetrics
 from ps_server.service import ServiceConfig, start_server
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         "skips the socket; 'auto' (default) uses /dev/shm, 'none' turns it off",
     )
     parser.add_argument(
+        "--bulk-port",
+        default=os.environ.get("PS_BULK_PORT", "auto"),
+        help="TCP port of the bulk data plane, over which clients on other hosts move tensor "
+        "data beside gRPC; 'auto' (default) takes a free port, which Status advertises, "
+        "'none' turns it off (clients then use gRPC streams)",
+    )
+    parser.add_argument(
         "--checkpoint-dir",
         type=Path,
         default=os.environ.get("PS_CHECKPOINT_DIR") or None,
@@ -104,9 +112,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--checkpoint-every: {e}")
     try:
         args.security = security.server_security(args)
+        args.tls = args.security.ssl_context()
     except security.SecurityError as e:
         parser.error(str(e))
+    args.bulk_port = bulk_port(parser, args.bulk_port)
     return args
+
+
+def bulk_port(parser: argparse.ArgumentParser, choice: str) -> int | None:
+    """--bulk-port: None for 'none', 0 (a free port) for 'auto', else the port."""
+    if choice in ("none", "auto"):
+        return None if choice == "none" else 0
+    if not choice.isdigit() or not 0 < int(choice) < 65536:
+        parser.error(f"--bulk-port must be 'auto', 'none' or a port (1-65535), not {choice!r}")
+    return int(choice)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -133,6 +152,13 @@ async def serve(args: argparse.Namespace) -> int:
     socket_path = unix_socket_path(args.unix_socket)
     segments_dir = shm_dir(args.shm_dir)
     sweep(socket_path, segments_dir)
+    plane = None
+    if args.bulk_port is not None:
+        try:
+            plane = BulkPlane(BulkConfig(args.host, args.bulk_port), args.security.token, args.tls)
+        except OSError as e:
+            print(listen.cannot_listen("ps-server", args.host, args.bulk_port, e), file=sys.stderr)
+            return 2
     config = ServiceConfig(
         chunk_bytes=args.chunk_bytes,
         max_wait_s=args.max_wait_s,
@@ -152,7 +178,7 @@ async def serve(args: argparse.Namespace) -> int:
         on_end = (lambda _job_id: checkpointer.discard()) if checkpointer else None
         on_init = first_checkpoint(checkpointer) if checkpointer else None
         server, port, health_servicer = await start_server(
-            store, address, config, args.security, metrics, on_end, on_init
+            store, address, config, args.security, metrics, on_end, on_init, plane
         )
     except RuntimeError as e:  # taken meanwhile, or not an address of this host
         print(listen.cannot_listen("ps-server", args.host, args.port, e), file=sys.stderr)
@@ -165,9 +191,13 @@ async def serve(args: argparse.Namespace) -> int:
     if metrics is not None:
         print(f"ps-server metrics on {args.host}:{metrics_port}", flush=True)
     log.info("serving on %s:%d (pid %d)", args.host, port, os.getpid())
+    if plane is not None:
+        log.info("bulk data plane on %s:%d", args.host, plane.port)
     periodic = asyncio.create_task(checkpoint_loop(checkpointer, stop)) if checkpointer else None
     await stop.wait()
     log.info("shutting down")
+    if plane is not None:
+        plane.close()  # no bulk call applies anything after this: the checkpoint holds all
     await health_servicer.enter_graceful_shutdown()
     await server.stop(args.grace_s)
     if checkpointer is not None:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -29,13 +29,13 @@ from protos.rpc import (
     start_with_health,
 )
 from protos.security import ServerSecurity
-from protos.shm import SegmentCache, SegmentError, SegmentFile, Slot, segment_slots
+from protos.shm import SegmentCache, Slot, segment_slots
 from protos.status import (
-    SHM_SEGMENT_UNAVAILABLE,
     SHM_UNSUPPORTED,
     WORKER_ID_IN_USE,
     abort_with_reason,
 )
+from ps_server.bulk import BulkPlane
 from ps_server.errors import InvalidArgument, StoreError, WorkerIdInUse
 from ps_server.flat import FlatParams, PartKey
 from ps_server.metrics import ServerMetrics, Timer
@@ -51,7 +51,7 @@ from ps_server.requests import (
     read_header,
     status_reply,
 )
-from ps_server.segments import chunks_in, write_into
+from ps_server.segments import ShmSlots, SlotIO, chunks_in
 from ps_server.store import ParameterStore, PullDecision, Waiter
 
 log = logging.getLogger("ps_server")
@@ -66,6 +66,7 @@ class ServiceConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     unix_socket: str = ""  # "unix:PATH" also served, advertised to same-host clients
     shm_dir: str = ""  # directory of same-host clients' ShmStep segments; empty: off
+    bulk_port: int = 0  # the bulk data plane's port, advertised in Status; 0: off
     limits: Limits = field(default_factory=Limits)  # what one job may ask of this server
 
 
@@ -239,35 +240,38 @@ class ParameterService:
                 "this server has no shared-memory path",
                 SHM_UNSUPPORTED,
             )
-        has_push, has_pull = request.HasField("push"), request.HasField("pull")
-        if not has_push and not has_pull:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "shm step: neither push nor pull")
-        job_id = request.push.job_id if has_push else request.pull.job_id
-        await self._ids(context, job_id)  # before an error quotes it; the rest after the segment
+        push = request.push if request.HasField("push") else None
+        pull = request.pull if request.HasField("pull") else None
+        return await self.slot_step(push, pull, ShmSlots(self.segments, request.segment), context)
+
+    async def slot_step(
+        self,
+        push: ps_pb2.PushHeader | None,
+        pull: ps_pb2.PullRequest | None,
+        io: SlotIO,
+        context,
+    ) -> ps_pb2.PullHeader:
+        """A push and/or a pull whose tensor data is laid out as a segment, in ``io``
+        (ShmStep and the bulk data plane)."""
+        if push is None and pull is None:
+            message = f"{io.name}: neither push nor pull"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        job_id = push.job_id if push is not None else pull.job_id  # type: ignore[union-attr]
+        await self._ids(context, job_id)  # before an error quotes it; the rest after the data
         job = await self._call(context, lambda: self.store.check_job(job_id))
         slots, size, offsets = self._segment_slots(job)
-        segment = await self._segment(request.segment, size, context)
-        await self._call(  # every part, before anything is applied
-            context,
-            lambda: self._check_step(
-                request.push if has_push else None, request.pull if has_pull else None
-            ),
-        )
-        push = None
-        if has_push:
-            # a copy in the server's buffer, which the next push reuses: nothing suspends
-            # between this read and the push's apply
-            data = await self._on_segment(context, lambda: self._read(segment, size))
-            push = await self._push(request.push, chunks_in(data, slots, job), context)
-        if not has_pull:
+        await io.open(size, context)
+        await self._call(context, lambda: self._check_step(push, pull))  # before any apply
+        reply = None
+        if push is not None:
+            data = await io.read(size, context)
+            reply = await self._push(push, chunks_in(data, slots, job), context)
+        if pull is None:
             return ps_pb2.PullHeader(
-                version=self.store.version, mode=job.settings.mode.to_proto(), push=push
+                version=self.store.version, mode=job.settings.mode.to_proto(), push=reply
             )
-        header, pieces = await self._pull(request.pull, context, push)
-        # The same segment, unless it was dropped while the pull waited: the client then makes
-        # a new one, and its push is a duplicate.
-        segment = await self._segment(request.segment, size, context)
-        await self._on_segment(context, lambda: write_into(segment, size, offsets, pieces))
+        header, pieces = await self._pull(pull, context, reply)
+        await io.write(size, offsets, pieces, context)
         return header
 
     async def SetMembership(
@@ -328,6 +332,7 @@ class ParameterService:
             "hostname": socket.gethostname(),
             "unix_socket": self.config.unix_socket,
             "shm_dir": self.config.shm_dir,
+            "bulk_port": self.config.bulk_port,
         }
         await self._ids(context, request.job_id)
         view = self.store.view()
@@ -463,32 +468,10 @@ class ParameterService:
                 raise InvalidArgument("a step's push and pull must carry the same session")
             self.store.check_room([push.worker_id, pull.worker_id])
 
-    # ------------------------------------------------------------ shared memory
-
-    async def _segment(self, name: str, size: int, context) -> SegmentFile:
-        """The client's segment; a refusal carries SHM_SEGMENT_UNAVAILABLE."""
-        assert self.segments is not None
-        segments = self.segments
-        return await self._on_segment(context, lambda: segments.get(name, size))
-
-    def _read(self, segment: SegmentFile, size: int) -> memoryview:
-        """A push's bytes, copied out of the client's segment (SegmentError if it shrank)."""
-        assert self.segments is not None
-        return self.segments.read(segment, size)
-
-    async def _on_segment(self, context, fn: Callable[[], T]) -> T:
-        """fn's result; its SegmentError refuses the call with SHM_SEGMENT_UNAVAILABLE."""
-        try:
-            return fn()
-        except SegmentError as e:
-            # "shm step: cannot open segment" stays in the message for clients that read it
-            await abort_with_reason(
-                context, grpc.StatusCode.INVALID_ARGUMENT, f"shm step: {e}", SHM_SEGMENT_UNAVAILABLE
-            )
-            raise AssertionError("unreachable") from None  # abort always raises
+    # ------------------------------------------------------ segment-laid-out data
 
     def _segment_slots(self, job: Job) -> tuple[list[Slot], int, dict[PartKey, int]]:
-        """Where this server's parts live in a client's segment (computed once per job)."""
+        """Where this server's parts live in a segment (computed once per job)."""
         if self._segment_layout is None or self._segment_layout[0] is not job:
             slots, size = segment_slots(job.layout, job.server_index)
             offsets = {(slot.part.tensor, slot.part.index): slot.offset for slot in slots}
@@ -504,11 +487,15 @@ async def start_server(
     metrics: ServerMetrics | None = None,
     on_end: Callable[[str], None] | None = None,
     on_init: Callable[[], Awaitable[None]] | None = None,
+    bulk: BulkPlane | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Create, bind and start a server; ``address`` may use port 0. Returns the bound port.
     ``on_end`` is called with a job's id when EndJob ends it (to delete its checkpoints);
-    ``on_init`` is awaited before an Init is answered (to write the job's first checkpoint)."""
+    ``on_init`` is awaited before an Init is answered (to write the job's first checkpoint);
+    ``bulk``, a bound data plane, serves the service too (its port is ``config.bulk_port``)."""
     config = config or ServiceConfig()
+    if bulk is not None:
+        config = replace(config, bulk_port=bulk.port)
     security = security or ServerSecurity()
     server = new_server(config.max_message_bytes, security.interceptors())
     service = ParameterService(store, config, metrics, on_end, on_init)
@@ -517,4 +504,6 @@ async def start_server(
     port, health_servicer = await start_with_health(
         server, address, SERVICE, extra, security.credentials()
     )
+    if bulk is not None:
+        bulk.serve(service, asyncio.get_running_loop())
     return server, port, health_servicer

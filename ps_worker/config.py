@@ -1,4 +1,4 @@
-"""A client's deadlines, retries, same-host transports and wait reports."""
+"""A client's deadlines, retries, transports and wait reports."""
 
 from __future__ import annotations
 
@@ -28,4 +28,5 @@ class ClientConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     same_host_unix_socket: bool = True  # reach a server on this host over its Unix socket
     same_host_shared_memory: bool = True  # and move tensor data through shared memory
+    bulk_data_plane: bool = True  # tensor data to other hosts' servers over their bulk port
     security: ClientSecurity | None = None  # None: no TLS, the token from $PS_TOKEN if set

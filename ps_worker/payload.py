@@ -115,29 +115,24 @@ class Sink:
         self._dest[part.tensor][start : start + values.numel()].copy_(values)
 
 
-class SharedBuffers:
-    """This client's segment for one server, with a torch view of every part in it."""
+class SlotBuffers:
+    """A buffer laid out as a server's segment (:func:`protos.shm.segment_slots`), with a
+    torch view of every part in it: a shared-memory segment's, or a bulk connection's."""
 
-    def __init__(self, segment: Segment, views: dict[PartKey, tuple[Part, torch.Tensor]]) -> None:
-        self.segment = segment
-        self.views = views
-
-    @classmethod
-    def create(cls, directory: str, plan: Plan, server: int) -> SharedBuffers:
+    def __init__(self, buffer: memoryview, plan: Plan, server: int) -> None:
         slots, size = segment_slots(plan.layout, server)
-        remove_orphans(directory, SEGMENT_PREFIX)  # what killed clients left there
-        segment = Segment.create(directory, size)
-        views = {}
+        assert len(buffer) >= size, (len(buffer), size)
+        self.size = size
+        self.views: dict[PartKey, tuple[Part, torch.Tensor]] = {}
         for slot in slots:
             part = slot.part
             dtype = plan.layout.dtypes[part.tensor].torch
             view = (
-                torch.frombuffer(segment.buffer, dtype=dtype, count=part.count, offset=slot.offset)
+                torch.frombuffer(buffer, dtype=dtype, count=part.count, offset=slot.offset)
                 if part.count
                 else torch.empty(0, dtype=dtype)
             )
-            views[part.tensor, part.index] = (part, view)
-        return cls(segment, views)
+            self.views[part.tensor, part.index] = (part, view)
 
     def write(self, grads: Gradients) -> None:
         """A push's gradients into their slots."""
@@ -148,6 +143,20 @@ class SharedBuffers:
         """Every slot, as the server left it, into the sink."""
         for part, view in self.views.values():
             sink.put(part, 0, view)
+
+
+class SharedBuffers(SlotBuffers):
+    """This client's segment for one server."""
+
+    def __init__(self, segment: Segment, plan: Plan, server: int) -> None:
+        super().__init__(segment.buffer, plan, server)
+        self.segment = segment
+
+    @classmethod
+    def create(cls, directory: str, plan: Plan, server: int) -> SharedBuffers:
+        _, size = segment_slots(plan.layout, server)
+        remove_orphans(directory, SEGMENT_PREFIX)  # what killed clients left there
+        return cls(Segment.create(directory, size), plan, server)
 
     def close(self) -> None:
         self.views.clear()

@@ -3,13 +3,17 @@
 A server on this host (its status names this hostname) is reached over its
 Unix socket, and, unless the job compresses (compression is for the wire),
 its tensor data moves through shared memory when it offers a directory for
-it. Everything else goes over TCP streams; a fused step whose share fits one
-message is one Step call. Shared memory falls back by the typed reason a
-server refuses a step with (:func:`after_refusal`), never by its message.
+it. A server elsewhere that offers a bulk port gets the job's tensor data
+over it (:mod:`ps_worker.bulk`), unless the job compresses. Everything else
+goes over gRPC streams; a fused step whose share fits one message is one
+Step call. Shared memory falls back by the typed reason a server refuses a
+step with (:func:`after_refusal`), never by its message; bulk falls back to
+streams for a call when it cannot connect.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -21,6 +25,7 @@ import grpc
 
 from protos import ps_pb2, status
 from protos.security import ClientSecurity
+from ps_worker.bulk import Bulk, BulkUnavailable
 from ps_worker.config import ClientConfig
 from ps_worker.errors import PSError
 from ps_worker.link import Link
@@ -29,6 +34,7 @@ from ps_worker.retry import RetryPolicy
 from ps_worker.transport import SharedMemory, Streams, Transport, UnaryStep
 
 T = TypeVar("T")
+log = logging.getLogger("ps_worker")
 
 STREAMS = "streams"  # give shared memory up for this server: streams from now on
 RENEW = "renew"  # make a new segment and try once more
@@ -55,6 +61,7 @@ class Route:
     link: Link
     streams: Streams | None = None  # set with the job
     shm: SharedMemory | None = None  # while the server takes this client's segments
+    bulk: Bulk | None = None  # a server elsewhere with a bulk port (its data goes there)
 
 
 class Router:
@@ -74,9 +81,12 @@ class Router:
         return [r.link for r in self.routes]
 
     def names(self) -> list[str]:
-        """How each server is reached: "shm", "unix" or "tcp"."""
+        """How each server is reached: "shm", "bulk", "unix" or "tcp"."""
         self.choose()
-        return ["shm" if r.shm is not None else r.link.kind for r in self.routes]
+        return [
+            "shm" if r.shm is not None else "bulk" if r.bulk is not None else r.link.kind
+            for r in self.routes
+        ]
 
     def choose(self) -> None:
         """Once, at the first call: choose every server's route."""
@@ -97,6 +107,10 @@ class Router:
                 route.shm.use(plan)
                 if plan.compressing:
                     route.shm = None
+            if route.bulk is not None:
+                route.bulk.use(plan)
+                if plan.compressing:
+                    route.bulk = None
 
     def run(self, server: int, op: Callable[[Transport], T]) -> T:
         """``op`` over the server's transport, falling back from shared memory as the
@@ -123,6 +137,12 @@ class Router:
                         e.code,
                         e.reason,
                     ) from e
+        bulk = route.bulk
+        if bulk is not None and bulk.usable:
+            try:
+                return op(bulk)
+            except BulkUnavailable as e:
+                log.warning("%s; gRPC streams for now", e)
         assert route.streams is not None, "a transfer needs the job"
         return op(route.streams)
 
@@ -132,10 +152,13 @@ class Router:
             route.link.close()
 
     def release(self) -> None:
-        """Remove this client's segments (once no call is in flight)."""
+        """Remove this client's segments and close its bulk connections (once no call is
+        in flight)."""
         for route in self.routes:
             if route.shm is not None:
                 route.shm.drop()
+            if route.bulk is not None:
+                route.bulk.drop()
 
     def _streams(self, server: int, link: Link) -> Streams:
         """Streams; one Step message each way where the server's share fits one message."""
@@ -146,9 +169,11 @@ class Router:
         return kind(link, server, config.chunk_bytes, config.timeout_s, config.pull_timeout_s)
 
     def _choose(self, server: int) -> None:
-        """Shared memory and the Unix socket of a reachable server on this host."""
+        """Shared memory, else the Unix socket, of a reachable server on this host; else its
+        bulk port; else gRPC streams over TCP."""
         config = self.config
-        if not (config.same_host_unix_socket or config.same_host_shared_memory):
+        same_host = config.same_host_unix_socket or config.same_host_shared_memory
+        if not (same_host or config.bulk_data_plane):
             return
         route = self.routes[server]
         link = route.link
@@ -156,14 +181,16 @@ class Router:
             reply = link.calls.status(ps_pb2.StatusRequest(), timeout=5.0)
         except grpc.RpcError:
             return  # not reachable now: stay on TCP, retried as usual
-        if reply.hostname != socket.gethostname():
-            return
         compressing = self._plan is not None and self._plan.compressing
-        if config.same_host_shared_memory and os.path.isdir(reply.shm_dir) and not compressing:
-            self._offer_shm(server, reply.shm_dir)
-        path = reply.unix_socket.removeprefix("unix:")
-        if config.same_host_unix_socket and path and os.path.exists(path):
-            link.connect(reply.unix_socket, "unix")
+        if same_host and reply.hostname == socket.gethostname():
+            if config.same_host_shared_memory and os.path.isdir(reply.shm_dir) and not compressing:
+                self._offer_shm(server, reply.shm_dir)
+            path = reply.unix_socket.removeprefix("unix:")
+            if config.same_host_unix_socket and path and os.path.exists(path):
+                link.connect(reply.unix_socket, "unix")
+        taken = route.shm is not None or link.kind != "tcp"
+        if config.bulk_data_plane and reply.bulk_port and not (taken or compressing):
+            self._offer_bulk(server, reply.bulk_port)
 
     def _offer_shm(self, server: int, directory: str) -> None:
         """Take the server's shared-memory directory (kept while it opens our segments)."""
@@ -176,6 +203,19 @@ class Router:
         if self._plan is not None:
             shm.use(self._plan)
         route.shm = shm
+
+    def _offer_bulk(self, server: int, port: int) -> None:
+        """Take the server's bulk port (kept, and connected to at the first call)."""
+        route = self.routes[server]
+        if route.bulk is not None:
+            route.bulk.port = port
+            return
+        config = self.config
+        security = config.security or ClientSecurity()
+        bulk = Bulk(route.link, server, security, port, config.timeout_s, config.pull_timeout_s)
+        if self._plan is not None:
+            bulk.use(self._plan)
+        route.bulk = bulk
 
     def _reconnect(self, link: Link) -> None:
         """Back to the server's TCP address, and choose its route anew."""

@@ -192,14 +192,18 @@ def test_same_host_servers_are_reached_over_their_unix_sockets(addresses, tmp_pa
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         local.push_pull_into(model)
-    config = ClientConfig(same_host_unix_socket=False, same_host_shared_memory=False)
+    config = ClientConfig(
+        same_host_unix_socket=False, same_host_shared_memory=False, bulk_data_plane=False
+    )
     with Client(addresses, job_id="uds", worker_id="r", config=config) as remote:
         assert remote.transports == ["tcp", "tcp"]
         weights = remote.pull()
     for name, p in model.named_parameters():  # both paths see the same weights
         assert torch.equal(weights[name], p.detach())
     with (
-        servers(1, tmp_path, "--unix-socket", "none", "--shm-dir", "none") as (daemon,),
+        servers(
+            1, tmp_path, "--unix-socket", "none", "--shm-dir", "none", "--bulk-port", "none"
+        ) as (daemon,),
         Client([daemon.address], job_id="x") as c,
     ):
         assert c.transports == ["tcp"]

@@ -33,13 +33,21 @@ def stub(server):
 
 
 @pytest.fixture(scope="module")
-def client(server):
+def client(server, stub):
+    """The module's client, its job initialised; a push before that is checked first (the
+    fixture runs once per test process, whichever of the module's tests it runs first)."""
+    chunk = ps_pb2.TensorChunk(tensor="w", dtype=ps_pb2.FLOAT32, data=bytes(48))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Push(iter([push_request([chunk])]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not initialised" in e.value.details()
     with Client(
         [server],
         job_id="errors",
         worker_id="good",
         config=ClientConfig(timeout_s=10, pull_timeout_s=10),
     ) as c:
+        assert c.init(INIT, mode="async", optimizer="sgd", lr=1.0)
         yield c
 
 
@@ -57,16 +65,6 @@ def grad_chunks(client, value=1.0):
 def push_request(chunks, job="errors", worker="bad", clock=1, pulled=0):
     header = ps_pb2.PushHeader(job_id=job, worker_id=worker, clock=clock, pulled_version=pulled)
     return ps_pb2.PushRequest(header=header, chunks=chunks)
-
-
-def test_push_before_init_is_a_failed_precondition(stub, client):
-    # Runs first in this module: the server holds no model yet.
-    chunk = ps_pb2.TensorChunk(tensor="w", dtype=ps_pb2.FLOAT32, data=bytes(48))
-    with pytest.raises(grpc.RpcError) as e:
-        stub.Push(iter([push_request([chunk])]), timeout=10)
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "not initialised" in e.value.details()
-    assert client.init(INIT, mode="async", optimizer="sgd", lr=1.0)
 
 
 def mutate(field, value, index=0):

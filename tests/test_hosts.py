@@ -102,7 +102,8 @@ def test_a_job_runs_across_six_hosts(tmp_path, digits, six_hosts, mode):  # noqa
     spec = small_job(digits, mode, epochs=1, expected_workers=WORKERS)  # (CI time)
     progress = run_across(six_hosts, spec, tmp_path)
     assert sorted(w["host"] for w in progress["workers"]) == ["host3", "host4", "host5"]
-    assert transports(tmp_path) == ["tcp, tcp"] * WORKERS  # no same-host path across hosts
+    # no same-host path across hosts: the bulk data plane
+    assert transports(tmp_path) == ["bulk, bulk"] * WORKERS
     assert_every_shard_once(tmp_path, spec, 8)
     assert len(progress["evaluations"]) == 1  # evaluated (training: tests/test_cluster.py)
 

@@ -4,12 +4,13 @@ sockets: decided once, and by the typed reason of a refusal, never by its messag
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 
 import grpc
 import pytest
 import torch
 
-from protos import ps_pb2, status
+from protos import ps_pb2, rpc, status
 from protos.security import ClientSecurity
 from ps_worker.config import ClientConfig
 from ps_worker.errors import (
@@ -134,6 +135,9 @@ def test_a_refusal_without_a_reason_is_an_error_whatever_its_message(tmp_path):
 # -------------------------------------------------------------------- choice
 
 
+SAME_HOST_OFF = ClientConfig(same_host_unix_socket=False, same_host_shared_memory=False)
+
+
 def chooser(tmp_path, config: ClientConfig, **reply) -> tuple[Router, FakeLink]:
     plan = plan_of(1)
     router = Router(["fake:0"], config)
@@ -176,6 +180,15 @@ def test_a_same_host_server_gets_its_unix_socket_and_shared_memory(tmp_path):
         (ClientConfig(), {"shm_dir": ""}, ["unix"], True),
         (ClientConfig(), {"unix_socket": ""}, ["shm"], False),
         (ClientConfig(), {"unix_socket": "unix:/nonexistent/ps.sock"}, ["shm"], False),
+        (ClientConfig(), {"hostname": "elsewhere", "bulk_port": 7009}, ["bulk"], False),
+        (ClientConfig(), {"bulk_port": 7009}, ["shm"], True),  # same host: shared memory
+        (SAME_HOST_OFF, {"bulk_port": 7009}, ["bulk"], False),
+        (
+            ClientConfig(bulk_data_plane=False),
+            {"hostname": "elsewhere", "bulk_port": 7009},
+            ["tcp"],
+            False,
+        ),
     ],
 )
 def test_the_choice_follows_the_config_and_what_the_server_offers(
@@ -199,10 +212,17 @@ def test_a_compressing_job_never_takes_shared_memory(tmp_path):
     assert router.names() == ["unix"]
 
 
-def test_nothing_is_asked_when_same_host_paths_are_off(tmp_path):
-    config = ClientConfig(same_host_unix_socket=False, same_host_shared_memory=False)
+def test_nothing_is_asked_when_same_host_paths_and_bulk_are_off(tmp_path):
+    config = replace(SAME_HOST_OFF, bulk_data_plane=False)
     router, link = chooser(tmp_path, config)
     assert router.names() == ["tcp"] and link.statuses == 0
+
+
+def test_a_compressing_job_never_takes_the_bulk_data_plane(tmp_path):
+    router, _ = chooser(tmp_path, ClientConfig(), hostname="elsewhere", bulk_port=7009)
+    assert router.names() == ["bulk"]
+    router.use(plan_of(1, compression="bf16"))
+    assert router.names() == ["tcp"]
 
 
 def test_an_unreachable_server_stays_on_tcp(tmp_path):
@@ -272,3 +292,11 @@ def test_a_worker_id_in_use_is_its_own_error_never_retried_nor_a_fallback(tmp_pa
     with pytest.raises(WorkerIdInUseError, match=message):
         pull_via(router, plan)
     assert route.shm is not None and fake.calls == ["shm"]  # no fallback to streams
+
+
+def test_a_lost_server_is_tried_again_as_often_as_a_client_retries():
+    """gRPC's own reconnect backoff grows to two minutes: a server back from a restart
+    would go untried while a client's retries (at most max_backoff_s apart) ran out."""
+    options = dict(rpc.channel_options())
+    assert options["grpc.max_reconnect_backoff_ms"] / 1000 <= RetryPolicy().max_backoff_s
+    assert options["grpc.initial_reconnect_backoff_ms"] / 1000 <= RetryPolicy().max_backoff_s

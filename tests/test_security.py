@@ -166,6 +166,7 @@ def test_tls_and_mutual_tls_refuse_the_wrong_ca_and_train_with_the_right_one(tmp
             c.init(model(), optimizer="sgd", lr=1.0)
             c.push({k: torch.ones_like(v) for k, v in model().items()})
             assert torch.equal(c.pull()["w"], torch.zeros(10))
+            assert c.transports == ["bulk"]  # the bulk data plane, under the same TLS
         for security in (ClientSecurity(tls_ca=other / "ca.pem"), None):  # wrong CA; no TLS
             bad = config(security=security) if security else plain
             with Client([daemon.address], job_id="t", worker_id="x", config=bad) as c:
@@ -196,6 +197,7 @@ def test_tls_and_mutual_tls_refuse_the_wrong_ca_and_train_with_the_right_one(tmp
             c.init(model(), optimizer="sgd", lr=1.0)
             c.push({k: torch.ones_like(v) for k, v in model().items()})
             assert torch.equal(c.pull()["w"], torch.zeros(10))
+            assert c.transports == ["bulk"]  # mutual TLS on the bulk data plane too
 
 
 @pytest.mark.integration

@@ -1,5 +1,5 @@
-"""The ps-server command line: every flag says what it is for, and a port already in use is one
-line naming it, with exit status 2."""
+"""The ps-server command line: every flag says what it is for, a port already in use is one
+line naming it, with exit status 2, and the bulk data plane's port is the one given."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import subprocess
 import pytest
 
 from protos.listen import address_in_use
-from ps_server.main import build_parser
-from scheduler.launch import BIN
+from ps_server.main import build_parser, parse_args
+from ps_worker import Client
+from scheduler.launch import BIN, servers
 
 
 def test_every_flag_has_a_help_text_without_backticks():
@@ -37,3 +38,40 @@ def test_a_port_in_use_is_one_line_that_says_so_and_exit_status_2():
         f"ps-server: cannot listen on 127.0.0.1:{port}: address in use"
     ]
     assert not address_in_use("127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(("given", "port"), [("auto", 0), ("none", None), ("7009", 7009)])
+def test_bulk_port_choices(given, port):
+    assert parse_args(["--bulk-port", given]).bulk_port == port
+
+
+@pytest.mark.parametrize("given", ["0", "65536", "-1", "seven"])
+def test_a_bad_bulk_port_is_refused(given, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--bulk-port", given])
+    assert info.value.code == 2
+    assert "--bulk-port must be 'auto', 'none' or a port (1-65535)" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_the_bulk_port_from_the_environment_is_the_one_status_advertises(tmp_path, monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("PS_BULK_PORT", str(port))
+    with servers(1, tmp_path) as (daemon,), Client([daemon.address]) as c:
+        assert c.status()[0].bulk_port == port
+    with socket.socket() as held:  # taken: one line, exit status 2
+        held.bind(("127.0.0.1", port))
+        held.listen()
+        result = subprocess.run(
+            [str(BIN / "ps-server"), "--host", "127.0.0.1", "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"ps-server: cannot listen on 127.0.0.1:{port}: address in use"
+    ]

@@ -1,0 +1,100 @@
+"""The bulk data plane's wire: tensor data over a plain TCP connection beside gRPC.
+
+gRPC's Python framing caps a stream well under what a TCP connection carries,
+so for a server on another host a client moves a push's and a pull's tensor
+data over a connection of its own, as raw bytes laid out as a shared-memory
+segment is (:func:`protos.shm.segment_slots`), while gRPC keeps every other
+call (Init, membership, status, leave, end). Both sides use this module:
+
+- the server sends a :class:`BulkHello` with a fresh nonce; the client answers a
+  :class:`BulkAuth` carrying HMAC-SHA256(token, nonce), so the token itself never
+  crosses the connection; under TLS (when the job's servers use it) all of this
+  runs inside the TLS session;
+- then each call is a ``BulkRequest`` frame followed by its push's bytes, answered
+  by a ``BulkReply`` frame (a gRPC status code, message and typed reason, or the
+  pull's header) followed by the pull's bytes.
+
+A frame is a 4-byte little-endian length and a serialized message of at most
+:data:`MAX_FRAME_BYTES`. Whatever breaks these rules ends the connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import struct
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+MAGIC = b"gradstore-bulk-1"  # the first bytes each side sends
+NONCE_BYTES = 32
+MAX_FRAME_BYTES = 1 << 20  # a request's or reply's header: ids, clocks, a status message
+HANDSHAKE_TIMEOUT_S = 10.0  # a connection that has not proved itself by then is closed
+_LENGTH = struct.Struct("<I")
+
+M = TypeVar("M", bound=Message)
+
+
+class BulkProtocolError(ConnectionError):
+    """The peer closed the connection or broke the protocol: the connection is done."""
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from the connection (BulkProtocolError if it closes first)."""
+    got, size = 0, len(view)
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise BulkProtocolError(f"connection closed after {got} of {size} bytes")
+        got += n
+
+
+def send_frame(sock: socket.socket, message: Message) -> None:
+    data = message.SerializeToString()
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def recv_frame(sock: socket.socket, kind: type[M]) -> M:
+    """The next frame as a ``kind`` message; BulkProtocolError for an oversized or
+    malformed one."""
+    head = memoryview(bytearray(_LENGTH.size))
+    recv_exact(sock, head)
+    (size,) = _LENGTH.unpack(head)
+    if size > MAX_FRAME_BYTES:
+        raise BulkProtocolError(f"a frame of {size} bytes; the limit is {MAX_FRAME_BYTES}")
+    body = memoryview(bytearray(size))
+    recv_exact(sock, body)
+    try:
+        return kind.FromString(body)
+    except DecodeError as e:
+        raise BulkProtocolError(f"a malformed {kind.__name__}: {e}") from None
+
+
+def send_magic(sock: socket.socket) -> None:
+    sock.sendall(MAGIC)
+
+
+def recv_magic(sock: socket.socket) -> None:
+    got = memoryview(bytearray(len(MAGIC)))
+    recv_exact(sock, got)
+    if bytes(got) != MAGIC:
+        raise BulkProtocolError("not a gradstore bulk connection")
+
+
+def mac(token: str | None, nonce: bytes) -> bytes:
+    """The proof of holding ``token`` for this nonce (empty without a token)."""
+    if not token:
+        return b""
+    return hmac.new(token.encode(), nonce, hashlib.sha256).digest()
+
+
+def proves(token: str | None, nonce: bytes, sent: bytes) -> bool:
+    """Whether ``sent`` proves the token (constant time); anything goes without one."""
+    return not token or hmac.compare_digest(mac(token, nonce), sent)
+
+
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay: a tiny push is one small write, answered at once."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bulk-port",
         default=os.environ.get("PS_BULK_PORT", "auto"),
         help="TCP port of the bulk data plane, over which clients on other hosts move tensor "
-        "data beside gRPC; 'auto' (default) takes a free port, which Status advertises, "
-        "'none' turns it off (clients then use gRPC streams)",
+        "data beside gRPC; 'auto' (default) or 0 takes a free port (Status advertises the "
+        "port), 'none' turns it off (clients then use gRPC streams)",
     )
     parser.add_argument(
         "--checkpoint-dir",
@@ -120,11 +120,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bulk_port(parser: argparse.ArgumentParser, choice: str) -> int | None:
-    """--bulk-port: None for 'none', 0 (a free port) for 'auto', else the port."""
+    """--bulk-port: None for 'none', 0 (a free port) for 'auto' or 0, else the port."""
     if choice in ("none", "auto"):
         return None if choice == "none" else 0
-    if not choice.isdigit() or not 0 < int(choice) < 65536:
-        parser.error(f"--bulk-port must be 'auto', 'none' or a port (1-65535), not {choice!r}")
+    if not choice.isdigit() or int(choice) > 65535:
+        parser.error(
+            f"--bulk-port must be 'auto', 'none' or a port (0: a free one), not {choice!r}"
+        )
     return int(choice)
 
 

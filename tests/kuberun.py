@@ -26,7 +26,7 @@ FIELD_ANNOTATION = re.compile(r"metadata\.annotations\['([^']+)'\]")
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 WORKLOADS = ("StatefulSet", "Deployment", "Job")  # the order they start in here
 LOOPBACK_FLAGS = ("--host", "--metrics-host")
-FREE_PORT_FLAGS = ("--port", "--metrics-port")
+FREE_PORT_FLAGS = ("--port", "--bulk-port", "--metrics-port")
 
 Doc = dict[str, Any]
 

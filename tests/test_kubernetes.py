@@ -189,6 +189,8 @@ def test_names_ports_and_variables_agree(kustomization, monkeypatch):
     )
     (grpc,) = [p for p in service["spec"]["ports"] if p["targetPort"] == "grpc"]
     assert str(grpc["port"]) == kuberun.flag(server, "--port")
+    (bulk,) = [p for p in service["spec"]["ports"] if p["targetPort"] == "bulk"]
+    assert str(bulk["port"]) == kuberun.flag(server, "--bulk-port")
     replicas = servers["spec"]["replicas"]
     names = [f"gradstore-server-{i}.{service['metadata']['name']}" for i in range(replicas)]
     assert config["PS_SERVERS"] == ",".join(f"{n}:{grpc['port']}" for n in names)
@@ -279,6 +281,8 @@ def test_names_ports_and_variables_agree(kustomization, monkeypatch):
             ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
             if port is not None:  # a gRPC daemon: its port, and probes on it
                 assert str(ports["grpc"]) == port, name
+                if (bulk := kuberun.flag(c, "--bulk-port")) is not None:  # a fixed one
+                    assert str(ports["bulk"]) == bulk, name
                 for probe in PROBES:
                     assert probe_port(c, c[probe]) == port, f"{name} {probe}"
             if (metrics := kuberun.flag(c, "--metrics-port")) is not None:

@@ -26,6 +26,7 @@ either is missing :func:`unavailable` says why, and tests skip with that reason.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import os
 import re
@@ -40,6 +41,7 @@ from protos.orphans import alive
 PREFIX = "gs"  # gs<pid>-sw, gs<pid>-h<i>, and the launcher's link gs<pid>l
 NETWORK = "10.213.{net}.0/24"
 HOST_NAME = "host{index}"  # each host's UTS name
+CLONE_NEWNET = 0x40000000  # setns(2): a network namespace
 _NAME = re.compile(rf"^{PREFIX}(\d+)(?:-sw|-h\d+|l)$")
 
 
@@ -67,6 +69,18 @@ def unavailable() -> str | None:
         return f"cannot make a network namespace: {made.stderr.strip()}"
     _ip("netns", "del", probe, check=False)
     return None
+
+
+def enter(netns: str) -> None:
+    """Move the calling thread into a namespace (of a host made here): a process's first act,
+    before it starts threads or opens sockets (``setns``; threads started after it follow)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise HostsError(f"cannot enter {netns}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
 
 
 def netem_available() -> bool:
@@ -116,6 +130,7 @@ class Host:
     netns: str
     name: str
     address: str
+    ifname: str = "eth0"  # its link to the bridge
 
     def wrap(self, argv: list[str]) -> list[str]:
         """``argv`` as run on this host (the same process id: every step execs)."""
@@ -175,6 +190,11 @@ class Hosts:
     def switch(self) -> str:
         return f"{self.tag}-sw"
 
+    @property
+    def launcher_link(self) -> str:
+        """This (the root) namespace's link to the bridge, with :attr:`launcher_address`."""
+        return f"{self.tag}l"
+
     def _make(self) -> None:
         sweep()
         net = ipaddress.ip_network(NETWORK.format(net=_free_net()))
@@ -184,7 +204,7 @@ class Hosts:
         self._in(self.switch, "ip", "link", "add", "br0", "type", "bridge")
         self._in(self.switch, "ip", "link", "set", "br0", "up")
         # The launcher's link: <tag>l here, "launcher" on the bridge.
-        link = f"{self.tag}l"
+        link = self.launcher_link
         _ip("link", "add", link, "type", "veth", "peer", "name", "launcher", "netns", self.switch)
         _ip("-n", self.switch, "link", "set", "launcher", "master", "br0", "up")
         _ip("addr", "add", f"{first}/{net.prefixlen}", "dev", link)

@@ -1,4 +1,5 @@
-"""The reference: raw loopback TCP moving the same bytes between two processes."""
+"""The reference: raw TCP moving the same bytes between two processes (on loopback, or from
+this namespace to a host's: :mod:`benchmarks.places`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from benchmarks.places import Place
+
 _LENGTH = struct.Struct("<Q")
 
 
-def _echo_server(port_queue: mp.Queue) -> None:
+def _echo_server(port_queue: mp.Queue, there: Place) -> None:
     """Per round: read a length, receive that many bytes, send them back (a push, a pull)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    there.enter()
+    with socket.create_server((there.address, 0)) as listener:
         port_queue.put(listener.getsockname()[1])
         conn, _ = listener.accept()
         with conn:
@@ -44,17 +48,21 @@ def _recv_exact(conn: socket.socket, buf: memoryview) -> None:
         got += n
 
 
-def measure_raw_tcp(rounds: Sequence[tuple[int, int]]) -> dict[int, dict[str, float]]:
-    """For each (nbytes, repeats): the median seconds to send nbytes over loopback TCP and
-    receive them back, and the GB/s that makes (both directions counted)."""
+def measure_raw_tcp(
+    rounds: Sequence[tuple[int, int]], there: Place | None = None
+) -> dict[int, dict[str, float]]:
+    """For each (nbytes, repeats): the median seconds to send nbytes over TCP to a process
+    ``there`` (default: on loopback) and receive them back, and the GB/s that makes (both
+    directions counted)."""
+    there = there or Place()
     ctx = mp.get_context("spawn")
     ports: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_echo_server, args=(ports,), daemon=True)
+    proc = ctx.Process(target=_echo_server, args=(ports, there), daemon=True)
     proc.start()
     out = {}
     try:
         port = ports.get(timeout=60)
-        with socket.create_connection(("127.0.0.1", port)) as conn:
+        with socket.create_connection((there.address, port)) as conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for nbytes, repeats in rounds:
                 payload = memoryview(np.random.default_rng(0).bytes(nbytes))

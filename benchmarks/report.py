@@ -3,7 +3,8 @@
     python -m benchmarks.report              # rewrite README.md between the markers, redraw
     python -m benchmarks.report --check      # fail if README.md is not what the JSON says
 
-Reads benchmarks/results/{transport,study-*,vs-ddp,load,transport-compression,chaos}/
+Reads benchmarks/results/{transport,transport-netns,study-*,vs-ddp,load,
+transport-compression,chaos}/
 (written by the benchmarks with ``--out``); a section whose file is missing is left out.
 Each study-* directory (benchmarks.sync_vs_async's results.json) gets its table and
 figures, and the studies together a "Which mode and rule, when" table computed from them
@@ -69,49 +70,60 @@ def _met(measured: float | None, goal: float, lower_is_better: bool = False) -> 
     return "met" if ok else "**missed**"
 
 
+TRANSPORT_TITLES = {
+    "loopback": "Transport on one host",
+    "netns": "Transport across hosts (network namespaces)",
+}
+
+
 def transport(result: dict, directory: Path) -> list[str]:
     sizes, counts = result["sizes"], result["servers"]
+    hosts = result.get("hosts", "loopback")
+    paths = result.get("paths", ["tcp", "unix", "shm"])
     rows = {(r["bytes"], r["servers"], r["path"]): r for r in result["results"]}
+    where = (
+        "the client in one namespace, each server and reference peer on a host of its own"
+        if hosts == "netns"
+        else "every process on this host"
+    )
     lines = [
-        "### Transport",
+        f"### {TRANSPORT_TITLES[hosts]}",
         "",
         *_provenance(result),
         "Push plus pull of one float32 model from one client, GB/s (both directions "
         "counted), through "
         + ", ".join(str(c) for c in counts)
-        + " servers; raw TCP and torch rpc move the same bytes between two processes:",
+        + f" servers, {where}; raw TCP and torch rpc move the same bytes between two "
+        "processes:",
         "",
         "| size | raw TCP | torch rpc | "
-        + " | ".join(f"{p} ({'/'.join(map(str, counts))} servers)" for p in ("tcp", "unix", "shm"))
+        + " | ".join(f"{p} ({'/'.join(map(str, counts))} servers)" for p in paths)
         + " |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|" + "---:|" * len(paths),
     ]
     for n in sizes:
-        cells = [
-            "/".join(_gbps(rows[n, c, p]["push_pull_gbps"]) for c in counts)
-            for p in ("tcp", "unix", "shm")
-        ]
+        cells = ["/".join(_gbps(rows[n, c, p]["push_pull_gbps"]) for c in counts) for p in paths]
         lines.append(
             f"| {_size(n)} | {_gbps(result['raw_tcp'][str(n)]['gbps'])} | "
             f"{_gbps(result['torch_rpc'][str(n)]['push_pull_gbps'])} | " + " | ".join(cells) + " |"
         )
     t = result["targets"]
-    step = t["step_vs_gloo_allreduce"]["measured"]
+    step = t["step_vs_gloo_allreduce"]
     lines += [
         "",
         "Targets, worst case over tensors of 16 MiB and more:",
         "",
         "| target | goal | measured | |",
         "|---|---:|---:|---|",
-        _target_row("TCP push+pull / raw TCP", t["tcp_vs_raw_tcp"]),
-        _target_row("TCP push+pull / torch rpc", t["tcp_vs_torch_rpc"]),
-        _target_row("same-host (shm) push+pull / raw TCP", t["same_host_vs_raw_tcp"]),
     ]
-    for path in ("tcp", "unix", "shm"):
+    for key, (what, _, lower) in benchmarks.transport.TARGETS.items():
+        if key in t:
+            lines.append(_target_row(what, t[key], lower_is_better=lower))
+    for path in paths:
         lines.append(
             _target_row(
                 f"step over {path} / gloo all-reduce (as many processes)",
-                {"goal": t["step_vs_gloo_allreduce"]["goal"], "measured": step[path]},
+                {"goal": step["goal"], "measured": step["measured"][path]},
                 lower_is_better=True,
             )
         )
@@ -146,8 +158,12 @@ TABLES = [
 ]  # fmt: skip
 
 # Who draws each figure from a result: (directory, JSON file) -> plot(result, directory).
+TRANSPORTS = ("transport", "transport-netns")  # on one host, across hosts
 PLOTS = {
-    ("transport", "transport.json"): lambda r, d: benchmarks.transport.plot(r, d / "transport.png"),
+    **{
+        (name, "transport.json"): lambda r, d: benchmarks.transport.plot(r, d / "transport.png")
+        for name in TRANSPORTS
+    },
     ("vs-ddp", "vs_ddp.json"): benchmarks.vs_ddp.plot,
     ("load", "load.json"): benchmarks.load.plot,
 }
@@ -211,9 +227,10 @@ def section(results: Path = RESULTS) -> str:
         f"`{_rel(results)}/`; each benchmark's `--quick` form runs in the tests.",
         "",
     ]
-    data = _load(results / "transport" / "transport.json")
-    if data is not None:
-        parts += transport(data, results / "transport")
+    for name in TRANSPORTS:
+        data = _load(results / name / "transport.json")
+        if data is not None:
+            parts += transport(data, results / name)
     parts += study_sections(results)
     for name, file, title, table, images in TABLES:
         data = _load(results / name / file)

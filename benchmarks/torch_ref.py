@@ -1,5 +1,6 @@
 """References from torch.distributed, measured in the same run: an RPC (TensorPipe) push and
-pull of a tensor between two processes, and a gloo all-reduce across N processes."""
+pull of a tensor between two processes, and a gloo all-reduce across N processes; on
+loopback, or each process at its own place (:mod:`benchmarks.places`)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,25 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from benchmarks.places import Place, loopback
 
-def _free_port() -> int:
+
+def _free_port(address: str) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
-def _env(port: int) -> None:
+def _env(port: int, places: Sequence[Place], rank: int) -> None:
+    """Enter this rank's place; rank 0's address is the rendezvous."""
+    here = places[rank]
+    here.enter()
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=places[0].address,
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
-        TP_SOCKET_IFNAME="lo",
-        GLOO_SOCKET_IFNAME="lo",
+        TP_SOCKET_IFNAME=here.ifname,
+        GLOO_SOCKET_IFNAME=here.ifname,
     )
 
 
@@ -39,11 +45,11 @@ def _fetch():
     return _STORED["t"]
 
 
-def _rpc_main(rank: int, world: int, port: int, rounds: list[tuple[int, int]], out) -> None:
+def _rpc_main(rank: int, world: int, port: int, rounds, places, out) -> None:
+    _env(port, places, rank)
     import torch
     import torch.distributed.rpc as rpc
 
-    _env(port)
     rpc.init_rpc(f"p{rank}", rank=rank, world_size=world)
     if rank == 0:
         results = {}
@@ -62,10 +68,12 @@ def _rpc_main(rank: int, world: int, port: int, rounds: list[tuple[int, int]], o
     rpc.shutdown()
 
 
-def measure_rpc(rounds: Sequence[tuple[int, int]]) -> dict[int, dict[str, float]]:
+def measure_rpc(
+    rounds: Sequence[tuple[int, int]], places: Sequence[Place] | None = None
+) -> dict[int, dict[str, float]]:
     """For each (nbytes, repeats): torch.distributed.rpc moving a float32 tensor of nbytes
-    there (push) and back (pull), medians."""
-    results = _spawn(_rpc_main, 2, list(rounds))
+    from places[0] to places[1] (push) and back (pull), medians."""
+    results = _spawn(_rpc_main, 2, list(rounds), places or loopback(2))
     return {
         nbytes: {
             "push_gbps": nbytes / push / 1e9,
@@ -76,11 +84,11 @@ def measure_rpc(rounds: Sequence[tuple[int, int]]) -> dict[int, dict[str, float]
     }
 
 
-def _gloo_main(rank: int, world: int, port: int, rounds: list[tuple[int, int]], out) -> None:
+def _gloo_main(rank: int, world: int, port: int, rounds, places, out) -> None:
+    _env(port, places, rank)
     import torch
     import torch.distributed as dist
 
-    _env(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
     for nbytes, repeats in rounds:
@@ -97,19 +105,23 @@ def _gloo_main(rank: int, world: int, port: int, rounds: list[tuple[int, int]], 
     dist.destroy_process_group()
 
 
-def measure_gloo(rounds: Sequence[tuple[int, int]], world: int) -> dict[int, dict[str, float]]:
+def measure_gloo(
+    rounds: Sequence[tuple[int, int]], world: int, places: Sequence[Place] | None = None
+) -> dict[int, dict[str, float]]:
     """For each (nbytes, repeats): seconds for a gloo all-reduce of a float32 tensor of
-    nbytes across world processes (median)."""
-    results = _spawn(_gloo_main, world, list(rounds))
+    nbytes across world processes, rank r at places[r] (median)."""
+    results = _spawn(_gloo_main, world, list(rounds), places or loopback(world))
     return {n: {"processes": world, "allreduce_s": s} for n, s in results.items()}
 
 
-def _spawn(target, world: int, rounds: list[tuple[int, int]]) -> dict:
-    """Run target(rank, world, port, rounds, queue) in world fresh processes; rank 0's result."""
+def _spawn(target, world: int, rounds: list[tuple[int, int]], places: Sequence[Place]) -> dict:
+    """Run target(rank, world, port, rounds, places, queue) in world fresh processes; rank
+    0's result."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, rounds, out)) for r in range(world)]
+    port = _free_port(places[0].address)
+    args = [(r, world, port, rounds, list(places[:world]), out) for r in range(world)]
+    procs = [ctx.Process(target=target, args=a) for a in args]
     for p in procs:
         p.start()
     try:

@@ -1,17 +1,23 @@
 """Push and pull throughput of the parameter server against the machine's own limits.
 
     python -m benchmarks.transport --quick --out bench-out/transport
+    python -m benchmarks.transport --hosts netns --out bench-out/transport-netns
 
 For each tensor size (4 KiB to 256 MiB) and number of servers (1 to 4), starts
 real ps-server processes, initialises a float32 model of that size (async,
 SGD) and times, from one client, a push from and a pull into the whole model
-over each path: TCP, the servers' Unix sockets, and shared memory (tensor
-data in /dev/shm, gRPC carrying only control). In the same run, the same bytes
-go over raw loopback TCP between two processes, through torch.distributed.rpc
-(TensorPipe) between two processes, and through a gloo all-reduce across as
-many processes as the servers plus the client; and a tiny push is timed next
-to a bare gRPC round trip. Medians; GB/s is 1e9 bytes/s, both directions
-counted. Writes transport.json, transport.md and transport.png to --out.
+over each path: gRPC streams over TCP, the bulk data plane (tensor data over a
+TCP connection of its own, gRPC carrying only control), and on the same host
+the servers' Unix sockets and shared memory (tensor data in /dev/shm). In the
+same run, the same bytes go over raw TCP between two processes, through
+torch.distributed.rpc (TensorPipe) between two processes, and through a gloo
+all-reduce across as many processes as the servers plus the client; and a
+tiny push is timed next to a bare gRPC round trip. ``--hosts netns`` puts
+every process but the client on a host of its own (a network namespace on a
+bridge: benchmarks/hosts.py; needs root), so every byte crosses a link, and
+measures the paths a client on another host takes (tcp, bulk). Medians; GB/s
+is 1e9 bytes/s, both directions counted. Writes transport.json, transport.md
+and transport.png to --out.
 """
 
 from __future__ import annotations
@@ -19,206 +25,61 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import tempfile
-import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-import torch
-from grpc_health.v1 import health_pb2
-
+from benchmarks.hosts import Hosts, unavailable
 from benchmarks.machine import command_line, machine
+from benchmarks.places import KINDS, across, loopback
+from benchmarks.pushpull import (
+    KIB,
+    LARGE,
+    MIB,
+    measure_compression,
+    measure_latency,
+    measure_ps,
+    repeats_for,
+)
 from benchmarks.rawtcp import measure_raw_tcp
 from benchmarks.torch_ref import measure_gloo, measure_rpc
-from ps_worker import Client, ClientConfig
-from scheduler.launch import servers
 
-KIB, MIB = 1 << 10, 1 << 20
-PATHS = ("tcp", "bulk", "unix", "shm")
+PATHS = {"loopback": ("tcp", "bulk", "unix", "shm"), "netns": ("tcp", "bulk")}
 SIZES = (4 * KIB, 64 * KIB, 1 * MIB, 16 * MIB, 64 * MIB, 256 * MIB)
 QUICK_SIZES = (64 * KIB, 16 * MIB)
-LARGE = 16 * MIB  # the targets are about tensors of this size and more
+# The issue's targets: key -> (what, goal, lower is better); each run has the ones its hosts
+# allow (shared memory only on one host, where TensorPipe has its own shared memory too).
+TARGETS = {
+    "bulk_vs_raw_tcp": ("push+pull over bulk / raw TCP", 0.7, False),
+    "bulk_vs_torch_rpc": ("push+pull over bulk / torch rpc (across hosts)", 1.0, False),
+    "shm_vs_torch_rpc": ("push+pull over shm / torch rpc (same host)", 1.5, False),
+    "same_host_vs_raw_tcp": ("same-host (shm) push+pull / raw TCP", 1.0, False),
+    "tiny_push_vs_grpc": ("tiny push over bulk / bare gRPC round trip", 1.2, True),
+}
+STEP_GOAL = 1.5  # a step (push, apply, pull) / a gloo all-reduce across as many processes
 
 
-def path_config(path: str) -> ClientConfig:
-    """A client that reaches servers over gRPC streams on TCP ("tcp"), the bulk data plane
-    ("bulk"), or, on the same host, their Unix socket ("unix") or shared memory ("shm")."""
-    return ClientConfig(
-        same_host_unix_socket=path in ("unix", "shm"),
-        same_host_shared_memory=path == "shm",
-        bulk_data_plane=path == "bulk",
-    )
-
-
-def repeats_for(nbytes: int, base: int) -> int:
-    """More repeats for small tensors, whose timings are short and noisy."""
-    return min(100, max(base, int(base * (LARGE / nbytes) ** 0.5)))
-
-
-def model_of(nbytes: int) -> torch.nn.Module:
-    """A float32 module of nbytes: one large tensor and, above 64 KiB, four small ones."""
-    model = torch.nn.Module()
-    small = 256 if nbytes > 64 * KIB else 0
-    model.register_parameter("embedding", torch.nn.Parameter(torch.randn(nbytes // 4 - 4 * small)))
-    for i in range(4 if small else 0):
-        model.register_parameter(f"bias{i}", torch.nn.Parameter(torch.randn(small)))
-    return model
-
-
-def measure_ps(num_servers: int, nbytes: int, repeats: int) -> list[dict]:
-    """Push from and pull into a model of nbytes over each path; medians of repeats."""
-    model = model_of(nbytes)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 1e-3)
-    rows = []
+def run(sizes: list[int], server_counts: list[int], base_repeats: int, hosts: str) -> dict:
+    """Every measurement, with the servers and references on loopback or on hosts."""
     with ExitStack() as stack:
-        logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        daemons = stack.enter_context(servers(num_servers, logs))
-        for path in PATHS:
-            with Client(
-                [d.address for d in daemons],
-                job_id="transport",
-                worker_id=f"bench-{path}",
-                config=path_config(path),
-            ) as c:
-                c.init(model, mode="async", optimizer="sgd", lr=0.1)
-                assert c.transports == [path] * num_servers, c.transports
-                push_s, pull_s = [], []
-                for _ in range(repeats + 1):  # the first round warms up
-                    start = time.perf_counter()
-                    c.push_from(model)
-                    mid = time.perf_counter()
-                    c.pull_into(model)
-                    push_s.append(mid - start)
-                    pull_s.append(time.perf_counter() - mid)
-                assert c.transports == [path] * num_servers, c.transports
-            push, pull = statistics.median(push_s[1:]), statistics.median(pull_s[1:])
-            both = statistics.median(a + b for a, b in zip(push_s[1:], pull_s[1:], strict=True))
-            rows.append(
-                {
-                    "bytes": nbytes,
-                    "servers": num_servers,
-                    "path": path,
-                    "push_s": push,
-                    "pull_s": pull,
-                    "push_pull_s": both,
-                    "push_gbps": nbytes / push / 1e9,
-                    "pull_gbps": nbytes / pull / 1e9,
-                    "push_pull_gbps": 2 * nbytes / both / 1e9,
-                }
-            )
-    return rows
+        if hosts == "netns":
+            places = across(stack.enter_context(Hosts(max(server_counts))))
+        else:
+            places = loopback(max(server_counts) + 1)
+        return _run(sizes, server_counts, base_repeats, hosts, places)
 
 
-COMPRESSIONS = ("none", "fp16", "bf16", "topk:0.01", "bf16,topk:0.01")
-
-
-def measure_compression(nbytes: int, repeats: int) -> list[dict]:
-    """Bytes on the wire and time of a push+pull over TCP, per compression (a job each on
-    one server, its byte counters read from its /metrics)."""
-    model = model_of(nbytes)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    rows = []
-    with ExitStack() as stack:
-        logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        (daemon,) = stack.enter_context(servers(1, logs, "--metrics-port", "0"))
-        url = f"http://{daemon.metrics_address}/metrics"
-        for compression in COMPRESSIONS:
-            with Client([daemon.address], job_id="compression", config=path_config("tcp")) as c:
-                c.init(model, mode="async", optimizer="sgd", lr=1e-6, compression=compression)
-                c.push_from(model)  # warm up
-                c.pull_into(model)
-                before, times = wire_bytes(url), []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    c.push_from(model)
-                    c.pull_into(model)
-                    times.append(time.perf_counter() - start)
-                after = wire_bytes(url)
-                c.end_job()  # the server takes the next compression's job
-            pushed, pulled = ((a - b) / repeats for a, b in zip(after, before, strict=True))
-            rows.append(
-                {
-                    "compression": compression,
-                    "bytes": nbytes,
-                    "push_wire_bytes": pushed,
-                    "pull_wire_bytes": pulled,
-                    "push_pull_s": statistics.median(times),
-                }
-            )
-    none = rows[0]
-    for r in rows:
-        r["wire_vs_none"] = (r["push_wire_bytes"] + r["pull_wire_bytes"]) / (
-            none["push_wire_bytes"] + none["pull_wire_bytes"]
-        )
-        r["time_vs_none"] = r["push_pull_s"] / none["push_pull_s"]
-        print(
-            f"  {r['compression']}: {r['push_wire_bytes'] / MIB:.2f} MiB pushed, "
-            f"{r['pull_wire_bytes'] / MIB:.2f} MiB pulled ({r['wire_vs_none']:.3f} of "
-            f"float32), push+pull {r['push_pull_s'] * 1e3:.1f} ms",
-            flush=True,
-        )
-    return rows
-
-
-def wire_bytes(url: str) -> tuple[float, float]:
-    """A server's tensor bytes received and sent so far, from its Prometheus metrics."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    values = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("ps_bytes_"))
-    return float(values["ps_bytes_in_total"]), float(values["ps_bytes_out_total"])
-
-
-def measure_latency(calls: int) -> dict:
-    """Median seconds of a tiny push (one float32) next to a bare gRPC round trip (a health
-    check) on the same server, over each path."""
-    out = {}
-    with tempfile.TemporaryDirectory() as logs, servers(1, Path(logs)) as (daemon,):
-        for path in PATHS:
-            with Client(
-                [daemon.address], job_id="tiny", worker_id=f"lat-{path}", config=path_config(path)
-            ) as c:
-                c.init({"w": torch.zeros(1)}, mode="async", optimizer="sgd", lr=0.1)
-                grads = {"w": torch.zeros(1)}
-                target = c._router.links[0].channel  # the channel the client itself uses
-                check = target.unary_unary(
-                    "/grpc.health.v1.Health/Check",
-                    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                    response_deserializer=health_pb2.HealthCheckResponse.FromString,
-                )
-                push, rtt = [], []
-                for _ in range(calls):
-                    start = time.perf_counter()
-                    c.push(grads)
-                    mid = time.perf_counter()
-                    check(health_pb2.HealthCheckRequest(), timeout=10)
-                    push.append(mid - start)
-                    rtt.append(time.perf_counter() - mid)
-            out[path] = {
-                "tiny_push_s": statistics.median(push),
-                "grpc_round_trip_s": statistics.median(rtt),
-            }
-            print(
-                f"over {path}: tiny push {out[path]['tiny_push_s'] * 1e6:.0f} us, bare gRPC "
-                f"round trip {out[path]['grpc_round_trip_s'] * 1e6:.0f} us",
-                flush=True,
-            )
-    return out
-
-
-def run(sizes: list[int], server_counts: list[int], base_repeats: int) -> dict:
+def _run(sizes, server_counts, base_repeats, hosts, places) -> dict:
+    paths = PATHS[hosts]
     rounds = [(n, repeats_for(n, base_repeats)) for n in sizes]
-    print(f"raw loopback TCP ({len(sizes)} sizes) ...", flush=True)
-    tcp = measure_raw_tcp(rounds)
+    print(f"raw TCP ({len(sizes)} sizes, {hosts}) ...", flush=True)
+    tcp = measure_raw_tcp(rounds, places[1])
     print("torch.distributed.rpc push and pull ...", flush=True)
-    torch_rpc = measure_rpc(rounds)
+    torch_rpc = measure_rpc(rounds, places[:2])
     gloo = {}
     for n in sorted(set(server_counts)):
         print(f"gloo all-reduce across {n + 1} processes ...", flush=True)
-        gloo[n + 1] = measure_gloo(rounds, n + 1)
+        gloo[n + 1] = measure_gloo(rounds, n + 1, places)
     rows = []
     for nbytes, repeats in rounds:
         print(
@@ -228,7 +89,7 @@ def run(sizes: list[int], server_counts: list[int], base_repeats: int) -> dict:
         )
         for n in server_counts:
             allreduce = gloo[n + 1][nbytes]["allreduce_s"]
-            for row in measure_ps(n, nbytes, repeats):
+            for row in measure_ps(n, nbytes, repeats, paths, places[1:]):
                 row["ratio_vs_tcp"] = row["push_pull_gbps"] / tcp[nbytes]["gbps"]
                 row["ratio_vs_torch_rpc"] = (
                     row["push_pull_gbps"] / torch_rpc[nbytes]["push_pull_gbps"]
@@ -244,8 +105,11 @@ def run(sizes: list[int], server_counts: list[int], base_repeats: int) -> dict:
                     f"{row['step_vs_gloo_allreduce']:.1f} x gloo all-reduce",
                     flush=True,
                 )
+    latency = measure_latency(max(50, base_repeats * 50), paths, places[1])
     return {
         "benchmark": "transport",
+        "hosts": hosts,
+        "paths": list(paths),
         "sizes": sizes,
         "servers": server_counts,
         "machine": machine(),
@@ -254,10 +118,10 @@ def run(sizes: list[int], server_counts: list[int], base_repeats: int) -> dict:
         "gloo_allreduce": {
             str(world): {str(n): v for n, v in by_size.items()} for world, by_size in gloo.items()
         },
-        "latency": measure_latency(max(50, base_repeats * 50)),
-        "compression": compression_rows(sizes, base_repeats),
+        "latency": latency,
+        "compression": compression_rows(sizes, base_repeats) if hosts == "loopback" else [],
         "results": rows,
-        "targets": targets(rows),
+        "targets": targets(rows, latency, hosts),
     }
 
 
@@ -268,23 +132,31 @@ def compression_rows(sizes: list[int], repeats: int) -> list[dict]:
     return measure_compression(nbytes, repeats)
 
 
-def targets(rows: list[dict]) -> dict:
-    """The issue's targets, over every row of a tensor of 16 MiB or more (worst case)."""
+def targets(rows: list[dict], latency: dict, hosts: str) -> dict:
+    """The issue's targets this run measures, over every row of a tensor of 16 MiB or more
+    (the worst case)."""
     large = [r for r in rows if r["bytes"] >= LARGE]
 
     def worst(path: str, key: str, fn=min) -> float | None:
         values = [r[key] for r in large if r["path"] == path]
         return fn(values) if values else None
 
-    return {
-        "tcp_vs_raw_tcp": {"goal": 0.7, "measured": worst("tcp", "ratio_vs_tcp")},
-        "tcp_vs_torch_rpc": {"goal": 1.5, "measured": worst("tcp", "ratio_vs_torch_rpc")},
-        "same_host_vs_raw_tcp": {"goal": 1.0, "measured": worst("shm", "ratio_vs_tcp")},
-        "step_vs_gloo_allreduce": {
-            "goal": 1.5,
-            "measured": {p: worst(p, "step_vs_gloo_allreduce", max) for p in PATHS},
-        },
+    bulk = latency["bulk"]
+    measured = {
+        "bulk_vs_raw_tcp": worst("bulk", "ratio_vs_tcp"),
+        "tiny_push_vs_grpc": bulk["tiny_push_s"] / bulk["grpc_round_trip_s"],
     }
+    if hosts == "netns":
+        measured["bulk_vs_torch_rpc"] = worst("bulk", "ratio_vs_torch_rpc")
+    else:
+        measured["shm_vs_torch_rpc"] = worst("shm", "ratio_vs_torch_rpc")
+        measured["same_host_vs_raw_tcp"] = worst("shm", "ratio_vs_tcp")
+    out = {key: {"goal": TARGETS[key][1], "measured": value} for key, value in measured.items()}
+    out["step_vs_gloo_allreduce"] = {
+        "goal": STEP_GOAL,
+        "measured": {p: worst(p, "step_vs_gloo_allreduce", max) for p in PATHS[hosts]},
+    }
+    return out
 
 
 def _size(nbytes: int) -> str:
@@ -356,24 +228,24 @@ def plot(result: dict, path: Path) -> None:
         "k--s",
         label="torch rpc",
     )
-    colors = {"tcp": "tab:blue", "unix": "tab:orange", "shm": "tab:green"}
+    colors = {"tcp": "tab:blue", "bulk": "tab:red", "unix": "tab:orange", "shm": "tab:green"}
     styles = ["-", "--", ":", "-."]
     for j, n in enumerate(result["servers"]):
-        for way in PATHS:
+        for way in result.get("paths", ("tcp", "unix", "shm")):  # (before the bulk path)
             rows = [r for r in result["results"] if r["servers"] == n and r["path"] == way]
             x = [r["bytes"] for r in rows]
             label = f"{way}, {n} server{'s' if n > 1 else ''}"
             style = dict(color=colors[way], linestyle=styles[j % 4], marker=".", label=label)
             left.plot(x, [r["push_pull_gbps"] for r in rows], **style)
             right.plot(x, [r["step_vs_gloo_allreduce"] for r in rows], **style)
-    right.axhline(1.5, color="gray", linewidth=0.8, label="target 1.5")
+    right.axhline(STEP_GOAL, color="gray", linewidth=0.8, label=f"target {STEP_GOAL}")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tensor bytes")
         ax.grid(alpha=0.3)
     left.set_yscale("log")
     left.set_ylabel("push+pull GB/s")
-    left.set_title("throughput")
+    left.set_title(f"throughput ({result.get('hosts', 'loopback')})")
     right.set_yscale("log")
     right.set_ylabel("push+pull time / gloo all-reduce time")
     right.set_title("a step against an all-reduce (lower is better)")
@@ -402,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", type=int, nargs="+", help="server counts (default 1 2 4)")
     parser.add_argument("--repeats", type=int, help="repeats of large sizes (default 10)")
     parser.add_argument(
+        "--hosts",
+        choices=KINDS,
+        default="loopback",
+        help="where the servers and references run: all on loopback (default), or each on "
+        "a host of its own, a network namespace (netns; needs root)",
+    )
+    parser.add_argument(
         "--compression-only",
         action="store_true",
         help="only the compression table (bytes on the wire per compression), to --out",
@@ -427,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote {args.out}/compression.json, compression.md")
         return 0
-    result = run(sizes, counts, repeats)
+    if args.hosts == "netns" and (why := unavailable()):
+        parser.error(f"--hosts netns: {why}")
+    result = run(sizes, counts, repeats, args.hosts)
     result["command"] = command_line("benchmarks.transport", argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "transport.json").write_text(json.dumps(result, indent=2))

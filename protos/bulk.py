@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import socket
+import ssl
 import struct
 from typing import TypeVar
 
@@ -33,6 +34,7 @@ NONCE_BYTES = 32
 MAX_FRAME_BYTES = 1 << 20  # a request's or reply's header: ids, clocks, a status message
 HANDSHAKE_TIMEOUT_S = 10.0  # a connection that has not proved itself by then is closed
 _LENGTH = struct.Struct("<I")
+_IOV_MAX = 512  # buffers per sendmsg / recvmsg_into call (the kernel's limit is 1024)
 
 M = TypeVar("M", bound=Message)
 
@@ -51,9 +53,54 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def send_frame(sock: socket.socket, message: Message) -> None:
+def frame(message: Message) -> bytes:
+    """A message as a frame: its length, then its bytes."""
     data = message.SerializeToString()
-    sock.sendall(_LENGTH.pack(len(data)) + data)
+    return _LENGTH.pack(len(data)) + data
+
+
+def send_frame(sock: socket.socket, message: Message) -> None:
+    sock.sendall(frame(message))
+
+
+def send_pieces(sock: socket.socket, pieces: list[memoryview | bytes]) -> None:
+    """Send the pieces in order, gathered by the kernel (``sendmsg``) where the socket can
+    (a TLS socket sends each in turn)."""
+    if isinstance(sock, ssl.SSLSocket):
+        for piece in pieces:
+            sock.sendall(piece)
+        return
+    pending, i = [memoryview(p) for p in pieces if len(p)], 0
+    while i < len(pending):
+        sent = sock.sendmsg(pending[i : i + _IOV_MAX])
+        i = _advance(pending, i, sent)
+
+
+def recv_pieces(sock: socket.socket, pieces: list[memoryview]) -> None:
+    """Fill the pieces in order, scattered by the kernel (``recvmsg_into``) where the socket
+    can; BulkProtocolError if the connection closes first."""
+    if isinstance(sock, ssl.SSLSocket):
+        for piece in pieces:
+            recv_exact(sock, piece)
+        return
+    pending, i = [p for p in pieces if len(p)], 0
+    while i < len(pending):
+        got = sock.recvmsg_into(pending[i : i + _IOV_MAX])[0]
+        if got == 0:
+            raise BulkProtocolError("connection closed before the data ended")
+        i = _advance(pending, i, got)
+
+
+def _advance(pending: list[memoryview], i: int, done: int) -> int:
+    """Drop ``done`` bytes from pending[i:]; the index of the first piece left."""
+    while done:
+        n = len(pending[i])
+        if done < n:
+            pending[i] = pending[i][done:]
+            return i
+        done -= n
+        i += 1
+    return i
 
 
 def recv_frame(sock: socket.socket, kind: type[M]) -> M:

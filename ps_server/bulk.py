@@ -216,9 +216,8 @@ class BulkPlane:
         assert self._loop is not None
         step = self._step(request, buffer, received)
         reply = asyncio.run_coroutine_threadsafe(step, self._loop).result()
-        bulk.send_frame(sock, reply)
-        if reply.data_bytes:
-            sock.sendall(memoryview(buffer.data)[: reply.data_bytes])
+        data = memoryview(buffer.data)[: reply.data_bytes]
+        bulk.send_pieces(sock, [bulk.frame(reply), data])
         return received
 
     def _share_bytes(self) -> int:

@@ -118,14 +118,16 @@ class Connection:
         BulkProtocolError: the connection is broken."""
         deadline = time.monotonic() + timeout_s
         request.timeout_s = timeout_s
+        pieces: list[memoryview] = []
         if grads is not None:
-            self.slots.write(grads)
             request.data_bytes = self.size
+            pieces = self.slots.gradients(grads) or []  # straight from the gradients
+            if not pieces:
+                self.slots.write(grads)
+                pieces = [self.data]
         sock = self.sock
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        bulk.send_frame(sock, request)
-        if grads is not None:
-            sock.sendall(self.data)
+        bulk.send_pieces(sock, [bulk.frame(request), *pieces])
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         reply = bulk.recv_frame(sock, ps_pb2.BulkReply)
         if reply.code:
@@ -135,8 +137,12 @@ class Connection:
                 raise bulk.BulkProtocolError(
                     f"{reply.data_bytes} bytes of pull data; this job's share is {self.size}"
                 )
-            bulk.recv_exact(sock, self.data)
-            self.slots.read(sink)
+            places = self.slots.destinations(sink)  # straight into place
+            if places is None:
+                bulk.recv_exact(sock, self.data)
+                self.slots.read(sink)
+            else:
+                bulk.recv_pieces(sock, places)
         return reply.header, reply
 
     def close(self) -> None:

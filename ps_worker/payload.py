@@ -19,11 +19,12 @@ from protos.codec import Piece, RawChunk, check_chunk, decode_frame, to_torch, w
 from protos.job import Job
 from protos.layout import Part
 from protos.orphans import remove_orphans
-from protos.shm import SEGMENT_PREFIX, Segment, segment_slots
+from protos.shm import ALIGN, SEGMENT_PREFIX, Segment, segment_slots
 from ps_worker.compress import GradientEncoder, PiecesFor
 from ps_worker.errors import PSError
 
 PartKey = tuple[str, int]  # (tensor, part index)
+_ZEROS = memoryview(bytes(ALIGN))  # the padding between two parts of a segment
 
 
 class Plan:
@@ -114,6 +115,19 @@ class Sink:
         start = part.start + offset
         self._dest[part.tensor][start : start + values.numel()].copy_(values)
 
+    def place(self, part: Part) -> memoryview | None:
+        """A part's destination as writable bytes, where its raw bytes can land as they are
+        (CPU memory, contiguous, the layout's dtype); None: copy them with :meth:`put`."""
+        dest = self._dest[part.tensor][part.start : part.stop]
+        return raw_bytes(dest, self._plan.layout.dtypes[part.tensor].torch)
+
+
+def raw_bytes(values: torch.Tensor, dtype: torch.dtype) -> memoryview | None:
+    """A tensor's memory as bytes, if it is CPU memory, contiguous and of ``dtype``."""
+    if values.device.type != "cpu" or values.dtype != dtype or not values.is_contiguous():
+        return None
+    return memoryview(values.detach().view(torch.uint8).numpy()).cast("B")
+
 
 class SlotBuffers:
     """A buffer laid out as a server's segment (:func:`protos.shm.segment_slots`), with a
@@ -123,6 +137,7 @@ class SlotBuffers:
         slots, size = segment_slots(plan.layout, server)
         assert len(buffer) >= size, (len(buffer), size)
         self.size = size
+        self.slots = slots  # by offset
         self.views: dict[PartKey, tuple[Part, torch.Tensor]] = {}
         for slot in slots:
             part = slot.part
@@ -143,6 +158,37 @@ class SlotBuffers:
         """Every slot, as the server left it, into the sink."""
         for part, view in self.views.values():
             sink.put(part, 0, view)
+
+    def gathered(self, places: list[memoryview | None]) -> list[memoryview] | None:
+        """The segment's bytes as a list of pieces, part i's from ``places[i]`` (in slot
+        order), the padding between them zeros; None if a part has no place."""
+        if any(p is None for p in places):
+            return None
+        pieces, at = [], 0
+        for slot, place in zip(self.slots, places, strict=True):
+            assert place is not None
+            if slot.offset > at:
+                pieces.append(_ZEROS[: slot.offset - at])
+            pieces.append(place)
+            at = slot.offset + len(place)
+        if self.size > at:
+            pieces.append(_ZEROS[: self.size - at])
+        return pieces
+
+    def gradients(self, grads: Gradients) -> list[memoryview] | None:
+        """A push's bytes straight from the gradients (None: copy them with :meth:`write`)."""
+        return self.gathered(
+            [raw_bytes(grads.values(s.part), self.views[s.part.tensor, s.part.index][1].dtype)
+             for s in self.slots]
+        )  # fmt: skip
+
+    def destinations(self, sink: Sink) -> list[memoryview] | None:
+        """Where a pull's bytes land straight in place (None: read them with :meth:`read`);
+        the padding lands in a scratch buffer."""
+        pieces = self.gathered([sink.place(s.part) for s in self.slots])
+        if pieces is None:
+            return None
+        return [memoryview(bytearray(len(p))) if p.readonly else p for p in pieces]
 
 
 class SharedBuffers(SlotBuffers):

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Protocol
 
 from protos.parent import LAUNCHER_ENV
 
@@ -171,14 +172,27 @@ def stop_together(daemons: list[Daemon], timeout_s: float = 10.0) -> None:
         d.stop(timeout_s)
 
 
+class Host(Protocol):
+    """Where a process runs: the address it listens on, and how a command runs there."""
+
+    address: str
+
+    def wrap(self, argv: list[str]) -> list[str]: ...
+
+
 @contextmanager
-def servers(n: int, log_dir: Path, *extra: str) -> Iterator[list[Daemon]]:
-    """Start n ps-server processes through the CLI on free loopback ports."""
+def servers(
+    n: int, log_dir: Path, *extra: str, hosts: Sequence[Host] | None = None
+) -> Iterator[list[Daemon]]:
+    """Start n ps-server processes through the CLI on free ports: on loopback, or server i on
+    ``hosts[i]`` (benchmarks.hosts)."""
     with ExitStack() as stack:
         daemons = []
         for i in range(n):
-            argv = [str(BIN / "ps-server"), "--host", "127.0.0.1", "--port", "0", *extra]
-            d = Daemon(argv, log_dir / f"server{i}.log")
+            host = hosts[i] if hosts else None
+            address = host.address if host else "127.0.0.1"
+            argv = [str(BIN / "ps-server"), "--host", address, "--port", "0", *extra]
+            d = Daemon(argv, log_dir / f"server{i}.log", wrap=host.wrap if host else None)
             stack.callback(d.stop)
             daemons.append(d)
         for d in daemons:  # started together, waited for together

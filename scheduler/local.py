@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from protos.jobspec import JobSpec, job_variables
 from protos.orphans import sweep_leftovers
@@ -24,7 +23,7 @@ from protos.security import TOKEN_ENV, ClientSecurity
 from ps_worker import Client, ClientConfig
 from ps_worker.daemon import DEVICES
 from scheduler.finish import end_job
-from scheduler.launch import BIN, SHARED_CORES_ENV, Daemon, stop_together
+from scheduler.launch import BIN, SHARED_CORES_ENV, Daemon, Host, stop_together
 from scheduler.lifecycle import (
     ADDRESSES,
     CHECKPOINTS,
@@ -42,14 +41,6 @@ WORKER_REPLACEMENTS = 3  # a slot's killed workers replaced in a row with no sha
 RESTART_ATTEMPTS = 3  # restarts in a row of a server or the scheduler that did not start
 
 POLL_S = 0.25
-
-
-class Host(Protocol):
-    """Where a process runs: the address it listens on, and how a command runs there."""
-
-    address: str
-
-    def wrap(self, argv: list[str]) -> list[str]: ...
 
 
 # (role, index) -> the host that runs it; roles: "server", "scheduler", "worker"

@@ -17,6 +17,7 @@ import pytest
 
 import benchmarks.chaos
 from benchmarks import report, study, sync_vs_async
+from benchmarks.hosts import unavailable
 from benchmarks.sync_vs_async import Variant
 from protos.jobspec import SpecError
 
@@ -52,7 +53,7 @@ def test_transport_quick_writes_json_markdown_and_plot(tmp_path):
     sizes, counts = data["sizes"], data["servers"]
     assert sizes == [64 << 10, 16 << 20] and counts == [1, 2]
     assert [(r["bytes"], r["servers"], r["path"]) for r in data["results"]] == [
-        (n, c, p) for n in sizes for c in counts for p in ("tcp", "unix", "shm")
+        (n, c, p) for n in sizes for c in counts for p in ("tcp", "bulk", "unix", "shm")
     ]
     for n in sizes:
         assert data["raw_tcp"][str(n)]["gbps"] > 0
@@ -64,19 +65,46 @@ def test_transport_quick_writes_json_markdown_and_plot(tmp_path):
         tcp = data["raw_tcp"][str(row["bytes"])]["gbps"]
         assert row["ratio_vs_tcp"] == pytest.approx(row["push_pull_gbps"] / tcp)
         assert row["ratio_vs_torch_rpc"] > 0 and row["step_vs_gloo_allreduce"] > 0
-    for path in ("tcp", "unix", "shm"):
+    for path in ("tcp", "bulk", "unix", "shm"):
         latency = data["latency"][path]
         assert latency["tiny_push_s"] > 0 and latency["grpc_round_trip_s"] > 0
     assert set(data["targets"]) == {
-        "tcp_vs_raw_tcp",
-        "tcp_vs_torch_rpc",
+        "bulk_vs_raw_tcp",
+        "tiny_push_vs_grpc",
+        "shm_vs_torch_rpc",
         "same_host_vs_raw_tcp",
         "step_vs_gloo_allreduce",
     }
-    assert data["machine"]["cpus"] >= 1
+    assert data["machine"]["cpus"] >= 1 and data["hosts"] == "loopback"
     assert_bytes_halved(data["compression"], 16 << 20)
-    # four tables: 12 + 2 + 5 + 3 rows, each with a header and a rule
-    assert (tmp_path / "transport.md").read_text().count("\n|") + 1 == 12 + 2 + 5 + 3 + 8
+    # four tables: 16 + 2 + 5 + 4 rows, each with a header and a rule
+    assert (tmp_path / "transport.md").read_text().count("\n|") + 1 == 16 + 2 + 5 + 4 + 8
+    assert (tmp_path / "transport.png").read_bytes()[:8] == PNG
+    section = "\n".join(report.transport(data, tmp_path))
+    assert "| push+pull over bulk / raw TCP | >= 0.7 |" in section
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_transport_across_hosts_measures_the_cross_host_paths(tmp_path):
+    if why := unavailable():
+        pytest.skip(why)
+    result = readme_run("benchmarks.transport", tmp_path, flag="--hosts")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "transport.json").read_text())
+    assert data["hosts"] == "netns" and data["paths"] == ["tcp", "bulk"]
+    assert [(r["servers"], r["path"]) for r in data["results"]] == [(1, "tcp"), (1, "bulk")] * 2
+    assert all(r["push_pull_gbps"] > 0 for r in data["results"])
+    assert set(data["latency"]) == {"tcp", "bulk"} and data["compression"] == []
+    assert set(data["targets"]) == {
+        "bulk_vs_raw_tcp",
+        "bulk_vs_torch_rpc",
+        "tiny_push_vs_grpc",
+        "step_vs_gloo_allreduce",
+    }
+    section = "\n".join(report.transport(data, tmp_path))
+    assert section.startswith("### Transport across hosts (network namespaces)")
+    assert "| push+pull over bulk / torch rpc (across hosts) | >= 1.0 |" in section
     assert (tmp_path / "transport.png").read_bytes()[:8] == PNG
 
 

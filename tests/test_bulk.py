@@ -16,6 +16,7 @@ import torch
 from protos import bulk, ps_pb2
 from ps_worker import Client, ClientConfig
 from ps_worker.errors import PSError
+from ps_worker.payload import SlotBuffers
 from scheduler.launch import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -41,7 +42,11 @@ def grads(scale: float) -> dict[str, torch.Tensor]:
     return {k: torch.full_like(v, scale) for k, v in model().items()}
 
 
-def test_bulk_moves_the_same_bytes_as_grpc_streams(shared_servers):
+@pytest.mark.parametrize("copied", [False, True], ids=["in-place", "copied"])
+def test_bulk_moves_the_same_bytes_as_grpc_streams(shared_servers, monkeypatch, copied):
+    if copied:  # as for tensors on a GPU: through the connection's buffer
+        monkeypatch.setattr(SlotBuffers, "gradients", lambda self, grads: None)
+        monkeypatch.setattr(SlotBuffers, "destinations", lambda self, sink: None)
     with (
         Client(shared_servers, job_id="bulk", worker_id="a", config=BULK) as a,
         Client(shared_servers, job_id="bulk", worker_id="b", config=STREAMS) as b,

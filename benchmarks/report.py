@@ -4,7 +4,7 @@
     python -m benchmarks.report --check      # fail if README.md is not what the JSON says
 
 Reads benchmarks/results/{transport,transport-netns,study-*,vs-ddp,load,
-transport-compression,chaos}/
+transport-compression,across-hosts,chaos}/
 (written by the benchmarks with ``--out``); a section whose file is missing is left out.
 Each study-* directory (benchmarks.sync_vs_async's results.json) gets its table and
 figures, and the studies together a "Which mode and rule, when" table computed from them
@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+import benchmarks.across_hosts
 import benchmarks.chaos
 import benchmarks.load
 import benchmarks.transport
@@ -154,6 +155,8 @@ TABLES = [
     ("load", "load.json", "Many clients at once", benchmarks.load.markdown, [("load", "load.png")]),
     ("transport-compression", "compression.json", "Compression on the wire",
      lambda r: "\n".join(compression_markdown(r["compression"])).lstrip() + "\n", []),
+    ("across-hosts", "across_hosts.json", "One host against six", benchmarks.across_hosts.markdown,
+     []),
     ("chaos", "chaos.json", "A SIGKILL mid-job", benchmarks.chaos.markdown, []),
 ]  # fmt: skip
 

@@ -48,6 +48,7 @@ from protos.jobspec import JobSpec, SpecError
 from ps_worker.data import MANIFEST, prepare, read_manifest
 from scheduler.cluster import LocalCluster, parse_straggler, summarise
 from scheduler.lifecycle import STATE_FILE
+from scheduler.local import Placement
 
 __all__ = ["Variant", "base_spec", "markdown", "plot", "plot_accuracy", "run_variant"]
 
@@ -144,14 +145,17 @@ def run_variant(
     slowdown: dict[int, float],
     work: Path,
     seed: int | None = None,
+    placement: Placement | None = None,
 ) -> dict:
-    """One run of a variant on a fresh local cluster: scheduler.report's summary, with the
-    samples processed by each evaluation (``samples`` in each accuracy_curve entry), the
-    pushes the servers received and their delay compensation counts."""
+    """One run of a variant on a fresh local cluster (its processes on the hosts
+    ``placement`` gives, or all on this one): scheduler.report's summary, with the samples
+    processed by each evaluation (``samples`` in each accuracy_curve entry), the pushes the
+    servers received and their delay compensation counts."""
     doc = json.loads(base.to_json()) if isinstance(base, JobSpec) else dict(base)
     spec = variant.spec(doc, workers, seed)
     started, started_at = time.monotonic(), time.time()
-    with LocalCluster(spec, work, workers, slowdown, servers).start() as cluster:
+    cluster = LocalCluster(spec, work, workers, slowdown, servers, placement=placement)
+    with cluster.start():
         progress = cluster.wait(3600)
         statuses = cluster.server_status()
         wall = time.monotonic() - started

@@ -108,6 +108,26 @@ def test_transport_across_hosts_measures_the_cross_host_paths(tmp_path):
     assert (tmp_path / "transport.png").read_bytes()[:8] == PNG
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_across_hosts_quick_runs_the_job_on_one_host_and_across_hosts(tmp_path):
+    if why := unavailable():
+        pytest.skip(why)
+    result = readme_run("benchmarks.across_hosts", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "across_hosts.json").read_text())
+    (seed,) = data["seeds"]
+    assert seed["one host"]["reached_over"] == ["shm"]  # same host: shared memory
+    assert seed["across hosts"]["reached_over"] == ["bulk"]  # elsewhere: the bulk data plane
+    for where in ("one host", "across hosts"):
+        assert seed[where]["final_accuracy"] >= data["target_accuracy"], seed[where]
+    assert data["summary"]["reached"] == 1 and data["summary"]["measured"] > 0
+    assert (
+        "| time to 30% across hosts / on one host (mean over seeds) | <= 1.2 |"
+        in (tmp_path / "across_hosts.md").read_text()
+    )
+
+
 def assert_bytes_halved(rows: list[dict], nbytes: int) -> None:
     """fp16 and bf16 move exactly half of float32's bytes; top-k 1% pushes about 2%."""
     by = {r["compression"]: r for r in rows}

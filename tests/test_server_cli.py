@@ -27,17 +27,22 @@ def test_a_port_in_use_is_one_line_that_says_so_and_exit_status_2():
         held.listen()
         port = held.getsockname()[1]
         assert address_in_use("127.0.0.1", port) and address_in_use("localhost", port)
-        result = subprocess.run(
-            [str(BIN / "ps-server"), "--host", "127.0.0.1", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        refused_in_one_line(port, "--port", str(port))
+    assert not address_in_use("127.0.0.1", 0)
+
+
+def refused_in_one_line(port: int, *flags: str) -> None:
+    """ps-server with these flags exits 2 saying that 127.0.0.1:port is in use."""
+    result = subprocess.run(
+        [str(BIN / "ps-server"), "--host", "127.0.0.1", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [
         f"ps-server: cannot listen on 127.0.0.1:{port}: address in use"
     ]
-    assert not address_in_use("127.0.0.1", 0)
 
 
 @pytest.mark.parametrize(("given", "port"), [("auto", 0), ("0", 0), ("none", None), ("7009", 7009)])
@@ -65,13 +70,4 @@ def test_the_bulk_port_from_the_environment_is_the_one_status_advertises(tmp_pat
     with socket.socket() as held:  # taken: one line, exit status 2
         held.bind(("127.0.0.1", port))
         held.listen()
-        result = subprocess.run(
-            [str(BIN / "ps-server"), "--host", "127.0.0.1", "--port", "0"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [
-        f"ps-server: cannot listen on 127.0.0.1:{port}: address in use"
-    ]
+        refused_in_one_line(port, "--port", "0")

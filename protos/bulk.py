@@ -25,6 +25,7 @@ import hmac
 import socket
 import ssl
 import struct
+import time
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -32,6 +33,7 @@ from google.protobuf.message import DecodeError, Message
 MAGIC = b"gradstore-bulk-1"  # the first bytes each side sends
 NONCE_BYTES = 32
 MAX_FRAME_BYTES = 1 << 20  # a request's or reply's header: ids, clocks, a status message
+MAX_AUTH_BYTES = 256  # the proof of the token, before which nothing more is read
 HANDSHAKE_TIMEOUT_S = 10.0  # a connection that has not proved itself by then is closed
 _LENGTH = struct.Struct("<I")
 _IOV_MAX = 512  # buffers per sendmsg / recvmsg_into call (the kernel's limit is 1024)
@@ -43,10 +45,13 @@ class BulkProtocolError(ConnectionError):
     """The peer closed the connection or broke the protocol: the connection is done."""
 
 
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from the connection (BulkProtocolError if it closes first)."""
+def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill ``view`` from the connection (BulkProtocolError if it closes first); by the
+    ``deadline`` (monotonic) if given, however slowly the bytes come (TimeoutError)."""
     got, size = 0, len(view)
     while got < size:
+        if deadline is not None:
+            sock.settimeout(_left(deadline))
         n = sock.recv_into(view[got:])
         if n == 0:
             raise BulkProtocolError(f"connection closed after {got} of {size} bytes")
@@ -103,29 +108,43 @@ def _advance(pending: list[memoryview], i: int, done: int) -> int:
     return i
 
 
-def recv_frame(sock: socket.socket, kind: type[M]) -> M:
-    """The next frame as a ``kind`` message; BulkProtocolError for an oversized or
-    malformed one."""
+def recv_frame(
+    sock: socket.socket,
+    kind: type[M],
+    deadline: float | None = None,
+    max_bytes: int = MAX_FRAME_BYTES,
+) -> M:
+    """The next frame as a ``kind`` message, whole by the ``deadline`` if given;
+    BulkProtocolError for one over ``max_bytes`` (before anything is allocated for it) or
+    a malformed one."""
     head = memoryview(bytearray(_LENGTH.size))
-    recv_exact(sock, head)
+    recv_exact(sock, head, deadline)
     (size,) = _LENGTH.unpack(head)
-    if size > MAX_FRAME_BYTES:
-        raise BulkProtocolError(f"a frame of {size} bytes; the limit is {MAX_FRAME_BYTES}")
+    if size > max_bytes:
+        raise BulkProtocolError(f"a frame of {size} bytes; the limit is {max_bytes}")
     body = memoryview(bytearray(size))
-    recv_exact(sock, body)
+    recv_exact(sock, body, deadline)
     try:
         return kind.FromString(body)
     except DecodeError as e:
         raise BulkProtocolError(f"a malformed {kind.__name__}: {e}") from None
 
 
+def _left(deadline: float) -> float:
+    """Seconds to the deadline; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the peer was too slow")
+    return left
+
+
 def send_magic(sock: socket.socket) -> None:
     sock.sendall(MAGIC)
 
 
-def recv_magic(sock: socket.socket) -> None:
+def recv_magic(sock: socket.socket, deadline: float | None = None) -> None:
     got = memoryview(bytearray(len(MAGIC)))
-    recv_exact(sock, got)
+    recv_exact(sock, got, deadline)
     if bytes(got) != MAGIC:
         raise BulkProtocolError("not a gradstore bulk connection")
 

@@ -310,12 +310,14 @@ class ShmStepRequest(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
 
 class BulkHello(_message.Message):
-    __slots__ = ("nonce", "token")
+    __slots__ = ("nonce", "token", "instance")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     token: bool
-    def __init__(self, nonce: _Optional[bytes] = ..., token: _Optional[bool] = ...) -> None: ...
+    instance: str
+    def __init__(self, nonce: _Optional[bytes] = ..., token: _Optional[bool] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class BulkAuth(_message.Message):
     __slots__ = ("mac",)
@@ -420,7 +422,7 @@ class Waiter(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ..., waiting_for: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("initialised", "config", "version", "workers", "waiting", "updates_applied", "pushes_received", "stale_dropped", "duplicates", "staleness_histogram", "parameter_bytes", "contributions", "hostname", "unix_socket", "shm_dir", "compensated", "uncompensated", "kept_bytes", "bulk_port")
+    __slots__ = ("initialised", "config", "version", "workers", "waiting", "updates_applied", "pushes_received", "stale_dropped", "duplicates", "staleness_histogram", "parameter_bytes", "contributions", "hostname", "unix_socket", "shm_dir", "compensated", "uncompensated", "kept_bytes", "bulk_port", "instance")
     class StalenessHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -447,6 +449,7 @@ class StatusResponse(_message.Message):
     UNCOMPENSATED_FIELD_NUMBER: _ClassVar[int]
     KEPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     BULK_PORT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     initialised: bool
     config: JobConfig
     version: int
@@ -466,4 +469,5 @@ class StatusResponse(_message.Message):
     uncompensated: int
     kept_bytes: int
     bulk_port: int
-    def __init__(self, initialised: _Optional[bool] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., stale_dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., parameter_bytes: _Optional[int] = ..., contributions: _Optional[int] = ..., hostname: _Optional[str] = ..., unix_socket: _Optional[str] = ..., shm_dir: _Optional[str] = ..., compensated: _Optional[int] = ..., uncompensated: _Optional[int] = ..., kept_bytes: _Optional[int] = ..., bulk_port: _Optional[int] = ...) -> None: ...
+    instance: str
+    def __init__(self, initialised: _Optional[bool] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., stale_dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., parameter_bytes: _Optional[int] = ..., contributions: _Optional[int] = ..., hostname: _Optional[str] = ..., unix_socket: _Optional[str] = ..., shm_dir: _Optional[str] = ..., compensated: _Optional[int] = ..., uncompensated: _Optional[int] = ..., kept_bytes: _Optional[int] = ..., bulk_port: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...

@@ -21,10 +21,13 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import resource
 import socket
 import ssl
 import threading
 import time
+import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -50,6 +53,34 @@ class BulkConfig:
     max_connections: int = 1024  # each holds a buffer of this server's share
     idle_s: float = 120.0  # a connection quiet this long is closed (its buffer freed)
     data_timeout_s: float = 60.0  # a call's bytes must arrive within this
+
+
+ACCEPT_BACKOFF_S = 0.5  # after accept fails (out of file descriptors): try again this late
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on the gRPC port's host: IPv4, or IPv6 (``[::1]``; ``[::]`` and
+    ``::`` take IPv4 too where the system can)."""
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" not in host:
+        return socket.create_server((host, port), backlog=128)
+    dual = host == "::" and socket.has_dualstack_ipv6()
+    return socket.create_server(
+        (host, port), family=socket.AF_INET6, backlog=128, dualstack_ipv6=dual
+    )
+
+
+def connections_within_fd_limit(wanted: int) -> int:
+    """At most ``wanted`` connections, and at most half the file descriptors this process
+    may open (gRPC, checkpoints and segments need the rest)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft // 2))
+
+
+def _shut(sock: socket.socket) -> None:
+    """End a connection from another thread: its thread's next read returns at once."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class Aborted(Exception):
@@ -127,8 +158,10 @@ class BulkPlane:
         self.config = config
         self.token = token
         self.tls = tls
-        self.listener = socket.create_server((config.host, config.port), backlog=128)
+        self.listener = listen(config.host, config.port)
         self.port: int = self.listener.getsockname()[1]
+        self.instance = uuid.uuid4().hex  # as Status gives it: a client checks the hello's
+        self.max_connections = connections_within_fd_limit(config.max_connections)
         self.closing = False
         self._service = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,49 +186,68 @@ class BulkPlane:
                     sock.shutdown(socket.SHUT_RDWR)
 
     def _accept(self) -> None:
+        """Accept until closed; a failure to accept or to start a thread (out of file
+        descriptors, memory or threads) is logged, and accepting goes on once it passes."""
         while not self.closing:
             try:
                 sock, _ = self.listener.accept()
-            except OSError:
-                return  # closed
+            except OSError as e:
+                if self.closing:
+                    return
+                log.warning("bulk data plane cannot accept now: %s", e)
+                time.sleep(ACCEPT_BACKOFF_S)  # a back-off while the resource is short
+                continue
             with self._lock:
-                if len(self._open) >= self.config.max_connections:
+                if len(self._open) >= self.max_connections:
                     sock.close()  # the client uses gRPC streams instead
                     continue
                 self._open.add(sock)
-            threading.Thread(target=self._connection, args=(sock,), daemon=True).start()
+            try:
+                threading.Thread(target=self._connection, args=(sock,), daemon=True).start()
+            except RuntimeError as e:  # no more threads
+                log.warning("bulk data plane cannot serve a connection now: %s", e)
+                self._forget(sock, sock)
 
     def _connection(self, raw: socket.socket) -> None:
         sock = raw
+        # The whole handshake (TLS included) by its deadline, however slowly bytes come.
+        watchdog = threading.Timer(bulk.HANDSHAKE_TIMEOUT_S, _shut, (raw,))
+        watchdog.start()
         try:
+            deadline = time.monotonic() + bulk.HANDSHAKE_TIMEOUT_S
             raw.settimeout(bulk.HANDSHAKE_TIMEOUT_S)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(raw, server_side=True)
             bulk.tune(sock)
-            if not self._handshake(sock):
+            if not self._handshake(sock, deadline):
                 return
+            watchdog.cancel()
             buffer = Buffer()
             while not self.closing:
-                sock.settimeout(self.config.idle_s)
-                request = bulk.recv_frame(sock, ps_pb2.BulkRequest)
-                sock.settimeout(self.config.data_timeout_s)
+                idle = time.monotonic() + self.config.idle_s
+                request = bulk.recv_frame(sock, ps_pb2.BulkRequest, idle)
                 if not self._call(sock, request, buffer):
                     return
         except (OSError, bulk.BulkProtocolError, concurrent.futures.CancelledError) as e:
             log.debug("bulk connection closed: %s", e)
         finally:
-            with self._lock:
-                self._open.discard(raw)
-            with contextlib.suppress(OSError):
-                sock.close()
+            watchdog.cancel()
+            self._forget(raw, sock)
 
-    def _handshake(self, sock: socket.socket) -> bool:
+    def _forget(self, raw: socket.socket, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.discard(raw)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def _handshake(self, sock: socket.socket, deadline: float) -> bool:
         """Hello, and the client's proof of the token; False: refused (told why)."""
         nonce = os.urandom(bulk.NONCE_BYTES)
         bulk.send_magic(sock)
-        bulk.send_frame(sock, ps_pb2.BulkHello(nonce=nonce, token=bool(self.token)))
-        bulk.recv_magic(sock)
-        auth = bulk.recv_frame(sock, ps_pb2.BulkAuth)
+        hello = ps_pb2.BulkHello(nonce=nonce, token=bool(self.token), instance=self.instance)
+        bulk.send_frame(sock, hello)
+        bulk.recv_magic(sock, deadline)
+        auth = bulk.recv_frame(sock, ps_pb2.BulkAuth, deadline, bulk.MAX_AUTH_BYTES)
         if not bulk.proves(self.token, nonce, auth.mac):
             why = "no token" if not auth.mac else "a wrong token"
             code = grpc.StatusCode.UNAUTHENTICATED
@@ -212,9 +264,10 @@ class BulkPlane:
         size = request.data_bytes
         received = size <= self._share_bytes()
         if size and received:
-            bulk.recv_exact(sock, memoryview(buffer.of(size)))
+            deadline = time.monotonic() + self.config.data_timeout_s
+            bulk.recv_exact(sock, memoryview(buffer.of(size)), deadline)
         assert self._loop is not None
-        step = self._step(request, buffer, received)
+        step = self._watched(self._step(request, buffer, received), sock.fileno())
         reply = asyncio.run_coroutine_threadsafe(step, self._loop).result()
         data = memoryview(buffer.data)[: reply.data_bytes]
         bulk.send_pieces(sock, [bulk.frame(reply), data])
@@ -229,6 +282,18 @@ class BulkPlane:
         if self._share[0] is not job:
             self._share = (job, segment_slots(job.layout, job.server_index)[1])
         return self._share[1]
+
+    @staticmethod
+    async def _watched(step: Awaitable[ps_pb2.BulkReply], fileno: int) -> ps_pb2.BulkReply:
+        """The step, cancelled if its connection turns readable meanwhile: the client closed
+        it (or broke the protocol), so a pull waiting for it stops holding its worker id."""
+        task = asyncio.ensure_future(step)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fileno, task.cancel)
+        try:
+            return await task
+        finally:
+            loop.remove_reader(fileno)
 
     async def _step(
         self, request: ps_pb2.BulkRequest, buffer: Buffer, received: bool

@@ -67,6 +67,7 @@ class ServiceConfig:
     unix_socket: str = ""  # "unix:PATH" also served, advertised to same-host clients
     shm_dir: str = ""  # directory of same-host clients' ShmStep segments; empty: off
     bulk_port: int = 0  # the bulk data plane's port, advertised in Status; 0: off
+    instance: str = ""  # the bulk data plane's id of this process, advertised in Status
     limits: Limits = field(default_factory=Limits)  # what one job may ask of this server
 
 
@@ -256,9 +257,11 @@ class ParameterService:
         if push is None and pull is None:
             message = f"{io.name}: neither push nor pull"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-        job_id = push.job_id if push is not None else pull.job_id  # type: ignore[union-attr]
-        await self._ids(context, job_id)  # before an error quotes it; the rest after the data
-        job = await self._call(context, lambda: self.store.check_job(job_id))
+        first = push if push is not None else pull
+        assert first is not None
+        await self._ids(context, first.job_id)  # before an error quotes it; the rest after
+        # the client's session: one that took part in an ended job is told so, as over gRPC
+        job = await self._call(context, lambda: self.store.check_job(first.job_id, first.session))
         slots, size, offsets = self._segment_slots(job)
         await io.open(size, context)
         await self._call(context, lambda: self._check_step(push, pull))  # before any apply
@@ -333,6 +336,7 @@ class ParameterService:
             "unix_socket": self.config.unix_socket,
             "shm_dir": self.config.shm_dir,
             "bulk_port": self.config.bulk_port,
+            "instance": self.config.instance,
         }
         await self._ids(context, request.job_id)
         view = self.store.view()
@@ -495,7 +499,7 @@ async def start_server(
     ``bulk``, a bound data plane, serves the service too (its port is ``config.bulk_port``)."""
     config = config or ServiceConfig()
     if bulk is not None:
-        config = replace(config, bulk_port=bulk.port)
+        config = replace(config, bulk_port=bulk.port, instance=bulk.instance)
     security = security or ServerSecurity()
     server = new_server(config.max_message_bytes, security.interceptors())
     service = ParameterService(store, config, metrics, on_end, on_init)

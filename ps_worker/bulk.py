@@ -22,6 +22,7 @@ import contextlib
 import socket
 import threading
 import time
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -33,7 +34,8 @@ from ps_worker.link import Link
 from ps_worker.payload import Gradients, Plan, Sink, SlotBuffers
 from ps_worker.transport import Step
 
-RETRY_S = 5.0  # after a failed connect, gRPC streams this long before bulk is tried again
+RETRY_S = 5.0  # after a failed connect, gRPC streams this long before bulk is tried again,
+MAX_RETRY_S = 300.0  # doubling for each failure in a row up to this
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -70,6 +72,20 @@ def host_of(address: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
+class WrongServer(bulk.BulkProtocolError):
+    """The bulk port reached greets as another server process (a port taken anew)."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """A server's bulk port as its Status gives it, and the id it greets with."""
+
+    server: int  # its index in the job
+    host: str
+    port: int
+    instance: str = ""
+
+
 class Connection:
     """One proven connection to a server's bulk port, and its buffer."""
 
@@ -80,29 +96,33 @@ class Connection:
         self.slots = SlotBuffers(self.data, plan, server)
 
     @classmethod
-    def open(
-        cls, host: str, port: int, security: ClientSecurity, plan: Plan, server: int
-    ) -> Connection:
-        """Connect, under TLS when the client uses it, and prove the token (OSError or
-        BulkProtocolError if that fails; BulkCallError if the server refuses the token)."""
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    def open(cls, where: Where, security: ClientSecurity, plan: Plan, timeout_s: float):
+        """Connect within ``timeout_s`` (and the handshake's own limits), under TLS when the
+        client uses it, check it is the server Status named, and prove the token (OSError or
+        BulkProtocolError if that fails, WrongServer for another server; BulkCallError if
+        the server refuses the token)."""
+        limit = min(timeout_s, bulk.HANDSHAKE_TIMEOUT_S)
+        deadline = time.monotonic() + limit
+        sock = socket.create_connection((where.host, where.port), min(limit, CONNECT_TIMEOUT_S))
         try:
-            sock.settimeout(bulk.HANDSHAKE_TIMEOUT_S)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             tls = security.ssl_context()
             if tls is not None:
-                sock = tls.wrap_socket(sock, server_hostname=host)
+                sock = tls.wrap_socket(sock, server_hostname=where.host)
             bulk.tune(sock)
-            bulk.recv_magic(sock)
-            hello = bulk.recv_frame(sock, ps_pb2.BulkHello)
+            bulk.recv_magic(sock, deadline)
+            hello = bulk.recv_frame(sock, ps_pb2.BulkHello, deadline)
+            if where.instance and hello.instance != where.instance:
+                raise WrongServer(f"port {where.port} is another server's")
             bulk.send_magic(sock)
             token = security.token if hello.token else None
             bulk.send_frame(sock, ps_pb2.BulkAuth(mac=bulk.mac(token, hello.nonce)))
-            answer = bulk.recv_frame(sock, ps_pb2.BulkReply)
+            answer = bulk.recv_frame(sock, ps_pb2.BulkReply, deadline)
             if answer.code:
                 raise BulkCallError(
                     _CODES.get(answer.code, grpc.StatusCode.UNKNOWN), answer.message
                 )
-            return cls(sock, plan, server)
+            return cls(sock, plan, where.server)
         except BaseException:
             sock.close()
             raise
@@ -160,18 +180,18 @@ class Bulk:
         link: Link,
         server: int,
         security: ClientSecurity,
-        port: int,
+        status: ps_pb2.StatusResponse,
         timeout_s: float,
         pull_timeout_s: float,
     ) -> None:
         self.link = link
-        self.server = server
         self.security = security
-        self.port = port
+        self.where = Where(server, host_of(link.address), status.bulk_port, status.instance)
         self.timeout_s = timeout_s
         self.pull_timeout_s = pull_timeout_s
         self.plan: Plan | None = None
         self.retry_at = 0.0  # before this (monotonic), no new connection is tried
+        self.failures = 0  # connects failed in a row: the wait before the next doubles
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
 
@@ -199,7 +219,7 @@ class Bulk:
         self, request: ps_pb2.BulkRequest, grads: Gradients | None, sink: Sink | None
     ) -> ps_pb2.PullHeader:
         def attempt(_calls, timeout: float) -> ps_pb2.PullHeader:
-            conn = self._take()
+            conn = self._take(timeout)
             try:
                 header, reply = conn.call(request, grads, sink, timeout)
             except TimeoutError:
@@ -212,16 +232,17 @@ class Bulk:
                 raise BulkCallError(
                     grpc.StatusCode.UNAVAILABLE, f"bulk connection lost: {e}"
                 ) from None
-            self._give(conn)
-            if header is None:
+            if header is None:  # refused: the server may close the connection after it
+                conn.close()
                 code = _CODES.get(reply.code, grpc.StatusCode.UNKNOWN)
                 raise BulkCallError(code, reply.message, reply.reason)
+            self._give(conn)
             return header
 
         timeout = self.pull_timeout_s if sink is not None else self.timeout_s
         return self.link.call("bulk step", attempt, timeout)
 
-    def _take(self) -> Connection:
+    def _take(self, timeout_s: float) -> Connection:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
@@ -229,32 +250,39 @@ class Bulk:
             raise BulkUnavailable(f"server {self.link.address}: bulk connect failed recently")
         assert self.plan is not None, "a transfer needs the job"
         try:
-            return self._open()
+            conn = self._open(timeout_s)
         except (OSError, bulk.BulkProtocolError, BulkCallError) as e:
-            self.retry_at = time.monotonic() + RETRY_S
-            raise BulkUnavailable(f"server {self.link.address}: cannot use bulk: {e}") from None
+            wait = min(RETRY_S * 2**self.failures, MAX_RETRY_S)
+            self.failures += 1
+            self.retry_at = time.monotonic() + wait
+            raise BulkUnavailable(
+                f"server {self.link.address}: cannot use bulk ({e}); tried again in {wait:g}s"
+            ) from None
+        self.failures = 0
+        return conn
 
-    def _open(self) -> Connection:
-        """A new connection; on a refused connect, once more on the port Status gives now
-        (a restarted server listens on a new one)."""
+    def _open(self, timeout_s: float) -> Connection:
+        """A new connection; if the port refuses it or greets as another server, once more
+        where Status says now (a restarted server listens on a new port)."""
         assert self.plan is not None
-        host = host_of(self.link.address)
         try:
-            return Connection.open(host, self.port, self.security, self.plan, self.server)
-        except ConnectionRefusedError:
-            port = self._port_now()
-            if port in (0, self.port):
+            return Connection.open(self.where, self.security, self.plan, timeout_s)
+        except (ConnectionRefusedError, WrongServer):
+            now = self._where_now()
+            if now is None or now == self.where:
                 raise
-            self.port = port
-            return Connection.open(host, port, self.security, self.plan, self.server)
+            self.where = now
+            return Connection.open(now, self.security, self.plan, timeout_s)
 
-    def _port_now(self) -> int:
+    def _where_now(self) -> Where | None:
+        """Where the server's Status says its bulk port is now (None: no answer, or off)."""
         try:
-            return self.link.calls.status(
-                ps_pb2.StatusRequest(), timeout=CONNECT_TIMEOUT_S
-            ).bulk_port
+            reply = self.link.calls.status(ps_pb2.StatusRequest(), timeout=CONNECT_TIMEOUT_S)
         except grpc.RpcError:
-            return 0
+            return None
+        if not reply.bulk_port:
+            return None
+        return replace(self.where, port=reply.bulk_port, instance=reply.instance)
 
     def _give(self, conn: Connection) -> None:
         with self._lock:

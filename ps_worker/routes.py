@@ -25,7 +25,7 @@ import grpc
 
 from protos import ps_pb2, status
 from protos.security import ClientSecurity
-from ps_worker.bulk import Bulk, BulkUnavailable
+from ps_worker.bulk import Bulk, BulkUnavailable, Where
 from ps_worker.config import ClientConfig
 from ps_worker.errors import PSError
 from ps_worker.link import Link
@@ -84,7 +84,11 @@ class Router:
         """How each server is reached: "shm", "bulk", "unix" or "tcp"."""
         self.choose()
         return [
-            "shm" if r.shm is not None else "bulk" if r.bulk is not None else r.link.kind
+            "shm"
+            if r.shm is not None
+            else "bulk"
+            if r.bulk is not None and r.bulk.usable
+            else r.link.kind
             for r in self.routes
         ]
 
@@ -190,7 +194,7 @@ class Router:
                 link.connect(reply.unix_socket, "unix")
         taken = route.shm is not None or link.kind != "tcp"
         if config.bulk_data_plane and reply.bulk_port and not (taken or compressing):
-            self._offer_bulk(server, reply.bulk_port)
+            self._offer_bulk(server, reply)
 
     def _offer_shm(self, server: int, directory: str) -> None:
         """Take the server's shared-memory directory (kept while it opens our segments)."""
@@ -204,15 +208,18 @@ class Router:
             shm.use(self._plan)
         route.shm = shm
 
-    def _offer_bulk(self, server: int, port: int) -> None:
+    def _offer_bulk(self, server: int, status: ps_pb2.StatusResponse) -> None:
         """Take the server's bulk port (kept, and connected to at the first call)."""
         route = self.routes[server]
         if route.bulk is not None:
-            route.bulk.port = port
+            route.bulk.drop()  # (the server may have restarted: its connections are gone)
+            route.bulk.where = Where(
+                server, route.bulk.where.host, status.bulk_port, status.instance
+            )
             return
         config = self.config
         security = config.security or ClientSecurity()
-        bulk = Bulk(route.link, server, security, port, config.timeout_s, config.pull_timeout_s)
+        bulk = Bulk(route.link, server, security, status, config.timeout_s, config.pull_timeout_s)
         if self._plan is not None:
             bulk.use(self._plan)
         route.bulk = bulk

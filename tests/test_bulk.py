@@ -4,9 +4,13 @@ without harm to the server or its other clients."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import socket
 import struct
 import threading
+import time
 from dataclasses import replace
 
 import grpc
@@ -14,10 +18,13 @@ import pytest
 import torch
 
 from protos import bulk, ps_pb2
+from ps_server.bulk import BulkConfig, BulkPlane
 from ps_worker import Client, ClientConfig
 from ps_worker.errors import PSError
 from ps_worker.payload import SlotBuffers
-from scheduler.launch import servers
+from ps_worker.protocol import ProtocolState
+from scheduler.launch import BIN, Daemon, servers
+from tests.serverkit import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -92,7 +99,8 @@ def test_a_sync_step_over_bulk_waits_for_the_barrier_and_applies_the_mean(shared
         assert torch.equal(modules["a"].get_parameter(name), modules["b"].get_parameter(name))
 
 
-def test_a_refused_bulk_call_raises_what_the_grpc_call_raises(shared_servers):
+@pytest.mark.parametrize("then", ["ended", "a bigger job"])
+def test_a_refused_bulk_call_raises_what_the_grpc_call_raises(shared_servers, then):
     errors = []
     for config in (BULK, STREAMS):
         with (
@@ -101,12 +109,18 @@ def test_a_refused_bulk_call_raises_what_the_grpc_call_raises(shared_servers):
         ):
             owner.init(model(), mode="async", optimizer="sgd", lr=0.5)
             c.init(model(), mode="async", optimizer="sgd", lr=0.5)  # the same job: joins it
+            assert c.transports == (["bulk", "bulk"] if config is BULK else ["tcp", "tcp"])
+            c.push(grads(1.0))  # this client takes part
             owner.end_job()
+            if then == "a bigger job":  # the same id, another model with a bigger share
+                with Client(shared_servers, job_id="refused", worker_id="n") as new:
+                    new.init({"x": torch.zeros(60_000)}, optimizer="sgd", lr=0.5)
             with pytest.raises(PSError) as info:
-                c.push(grads(1.0))  # the servers hold no job now
+                c.push(grads(1.0))  # this client's job was ended
             errors.append((type(info.value), info.value.code, info.value.reason))
-            assert c.transports == ["bulk", "bulk"] if config is BULK else ["tcp", "tcp"]
-    assert errors[0] == errors[1] and errors[0][1] == grpc.StatusCode.NOT_FOUND  # job ended
+        with Client(shared_servers, job_id="refused", worker_id="ender") as ender:
+            ender.end_job()
+    assert errors[0] == errors[1] and errors[0][1] == grpc.StatusCode.NOT_FOUND
 
 
 # ------------------------------------------------------------------- the wire
@@ -218,18 +232,150 @@ def test_a_server_without_bulk_is_reached_over_streams(tmp_path):
 def test_a_port_that_refuses_falls_back_to_streams_then_learns_the_new_one(shared_servers):
     with Client(shared_servers[:1], job_id="fallback", worker_id="w", config=BULK) as c:
         c.init(model(), mode="async", optimizer="sgd", lr=1.0)
-        route = c._router.routes[0]
-        assert route.bulk is not None
-        real = c.status()[0].bulk_port
+        bulk = c._router.routes[0].bulk
+        assert bulk is not None
+        real = bulk.where
         with socket.socket() as s:  # a port nothing listens on
             s.bind(("127.0.0.1", 0))
-            dead = s.getsockname()[1]
-        route.bulk.port = dead
-        route.bulk._port_now = lambda: dead  # as if the server said so (restarted, not back)
+            dead = replace(real, port=s.getsockname()[1])
+        bulk.where = dead
+        bulk._where_now = lambda: dead  # as if the server said so (restarted, not back)
         c.push(grads(1.0))  # over streams, not lost
-        assert c.status()[0].version == 1 and not route.bulk.usable  # streams for a while
-        del route.bulk._port_now
-        route.bulk.retry_at = 0.0
+        assert c.status()[0].version == 1 and not bulk.usable  # streams for a while,
+        assert c.transports == ["tcp"]  # and said so
+        del bulk._where_now
+        bulk.retry_at = 0.0
         c.push(grads(1.0))  # refused again: the port is asked of the server, then used
-        assert c.status()[0].version == 2
-        assert route.bulk.port == real and route.bulk._idle  # a connection, kept for reuse
+        assert c.status()[0].version == 2 and c.transports == ["bulk"]
+        assert bulk.where == real and bulk._idle  # a connection, kept for reuse
+
+
+def test_a_port_that_greets_as_another_server_is_not_used(shared_servers):
+    """Server 0's bulk port taken by server 1 (say server 0 restarted on a new port): the
+    client must not send server 0's share there."""
+    with (
+        Client(shared_servers, job_id="wrong", worker_id="w", config=BULK) as c,
+        Client(shared_servers, job_id="wrong", worker_id="r", config=STREAMS) as reader,
+    ):
+        c.init(model(), mode="async", optimizer="sgd", lr=1.0)
+        first, second = (r.bulk for r in c._router.routes)
+        first.drop()
+        first.where = replace(first.where, port=second.where.port)  # another server's port
+        c.push(grads(1.0))
+        assert first.where.port == c.status()[0].bulk_port  # learned anew from Status
+        assert [s.version for s in c.status()] == [1, 1]
+        weights = reader.pull()
+    for name, value in model().items():
+        torch.testing.assert_close(weights[name], value - 1.0)
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_a_server_on_ipv6_serves_bulk_there(tmp_path):
+    argv = [str(BIN / "ps-server"), "--host", "[::1]", "--port", "0"]
+    daemon = Daemon(argv, tmp_path / "server.log")
+    try:
+        with Client([daemon.address], job_id="v6", config=BULK) as c:
+            c.init(model(), mode="async", optimizer="sgd", lr=1.0)
+            c.push(grads(1.0))
+            assert c.transports == ["bulk"] and c.status()[0].version == 1
+    finally:
+        daemon.stop()
+
+
+def test_a_client_gone_while_its_pull_waits_stops_waiting(shared_servers):
+    """A sync pull waiting at the barrier, its connection closed (a killed worker): the
+    server stops waiting for it at once, as gRPC cancels a call, so it holds nothing."""
+    with Client(shared_servers[:1], job_id="gone", worker_id="b", config=BULK) as c:
+        c.init(model(), mode="sync", optimizer="sgd", lr=1.0, workers=("a", "b"))
+        state = ProtocolState("gone", "a", 1, session="killed")
+        with connect(c.status()[0].bulk_port) as sock:
+            assert bulk.recv_frame(sock, ps_pb2.BulkReply).code == 0
+            request = ps_pb2.BulkRequest(pull=state.pull_request(0), timeout_s=60)
+            request.pull.min_version = 1  # the step after this one: it waits
+            bulk.send_frame(sock, request)
+            wait_until(lambda: c.status()[0].waiting, "the pull to wait")
+        wait_until(lambda: not c.status()[0].waiting, "the closed pull to stop waiting", 10)
+
+
+# ------------------------------------------------------------------ deadlines
+
+
+def test_a_slow_sender_gets_the_whole_deadline_not_one_per_read():
+    here, there = socket.socketpair()
+    with here, there:
+
+        def trickle() -> None:
+            for _ in range(8):
+                with contextlib.suppress(OSError):
+                    there.send(b"x")
+                time.sleep(0.1)  # a byte every 0.1 s: each read is quick, the whole is not
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            bulk.recv_exact(here, memoryview(bytearray(8)), started + 0.35)
+        sender.join()
+
+
+@pytest.fixture
+def plane():
+    """A bulk data plane in this process, with no service (for the handshake)."""
+    served = BulkPlane(BulkConfig("127.0.0.1"), TOKEN, None)
+    loop = asyncio.new_event_loop()
+    served.serve(None, loop)
+    yield served
+    served.close()
+    loop.close()
+
+
+def test_a_handshake_too_slow_is_closed_at_its_deadline(monkeypatch, plane):
+    monkeypatch.setattr(bulk, "HANDSHAKE_TIMEOUT_S", 0.5)
+    with socket.create_connection(("127.0.0.1", plane.port), timeout=10) as sock:
+        bulk.recv_magic(sock)  # the server's hello; then nothing from this client
+        assert closed(sock)
+
+
+def test_a_proof_of_the_token_too_big_is_closed_at_once(plane):
+    with socket.create_connection(("127.0.0.1", plane.port), timeout=5) as sock:
+        bulk.recv_magic(sock)
+        bulk.recv_frame(sock, ps_pb2.BulkHello)
+        bulk.send_magic(sock)
+        sock.sendall(struct.pack("<I", bulk.MAX_AUTH_BYTES + 1))  # nothing read beyond this
+        assert closed(sock)  # (well before the handshake's 10 s)
+
+
+def test_accepting_goes_on_after_running_out_of_file_descriptors():
+    plane = BulkPlane(BulkConfig("127.0.0.1"), None, None)
+    real = plane.listener
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    class Listener:  # the real one, whose first accept fails
+        def accept(self):
+            if failures:
+                raise failures.pop()
+            return real.accept()
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    plane.listener = Listener()
+    loop = asyncio.new_event_loop()
+    try:
+        plane.serve(None, loop)
+        with socket.create_connection(("127.0.0.1", plane.port), timeout=10) as sock:
+            bulk.recv_magic(sock)
+            assert bulk.recv_frame(sock, ps_pb2.BulkHello).nonce
+        assert not failures
+    finally:
+        plane.close()
+        loop.close()

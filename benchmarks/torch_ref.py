@@ -50,7 +50,12 @@ def _rpc_main(rank: int, world: int, port: int, rounds, places, out) -> None:
     import torch
     import torch.distributed.rpc as rpc
 
-    rpc.init_rpc(f"p{rank}", rank=rank, world_size=world)
+    options = rpc.TensorPipeRpcBackendOptions()
+    if len({p.netns for p in places}) > 1:
+        # Hosts apart: over the network. TensorPipe's shared-memory transport and its
+        # cross-memory-attach channel would see one machine through the namespaces.
+        options = rpc.TensorPipeRpcBackendOptions(_transports=["uv"], _channels=["basic"])
+    rpc.init_rpc(f"p{rank}", rank=rank, world_size=world, rpc_backend_options=options)
     if rank == 0:
         results = {}
         for nbytes, repeats in rounds:

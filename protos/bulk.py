@@ -47,15 +47,28 @@ class BulkProtocolError(ConnectionError):
 
 def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
     """Fill ``view`` from the connection (BulkProtocolError if it closes first); by the
-    ``deadline`` (monotonic) if given, however slowly the bytes come (TimeoutError)."""
+    ``deadline`` (monotonic) if given, however slowly the bytes come (TimeoutError; at the
+    latest half as long again after it)."""
     got, size = 0, len(view)
+    timeout = None if deadline is None else _deadline_timeout(sock, deadline)
     while got < size:
-        if deadline is not None:
-            sock.settimeout(_left(deadline))
         n = sock.recv_into(view[got:])
         if n == 0:
             raise BulkProtocolError(f"connection closed after {got} of {size} bytes")
         got += n
+        if timeout is not None and got < size:
+            timeout = _deadline_timeout(sock, deadline, timeout)
+
+
+def _deadline_timeout(sock: socket.socket, deadline: float, now_set: float = 0.0) -> float:
+    """Keep the socket's timeout within the time left to the deadline (TimeoutError once it
+    has passed); the timeout is set again only when the time left falls under half of it
+    (setting it costs system calls, which a read of a few kilobytes would pay each time)."""
+    left = _left(deadline)
+    if now_set == 0.0 or left < now_set / 2:
+        sock.settimeout(left)
+        return left
+    return now_set
 
 
 def frame(message: Message) -> bytes:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from benchmarks.places import Place, loopback
 
 
-def _free_port(address: str) -> int:
+def _free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((address, 0))
         return s.getsockname()[1]

@@ -132,8 +132,12 @@ def transport(result: dict, directory: Path) -> list[str]:
     lines += [
         "",
         "A tiny push (one float) takes "
-        + ", ".join(f"{v['tiny_push_s'] * 1e6:.0f} us over {p}" for p, v in lat.items())
-        + f"; a bare gRPC round trip {lat['tcp']['grpc_round_trip_s'] * 1e6:.0f} us.",
+        + ", ".join(
+            f"{v['tiny_push_s'] * 1e6:.0f} us over {p} (a bare gRPC round trip to the same "
+            f"server {v['grpc_round_trip_s'] * 1e6:.0f} us)"
+            for p, v in lat.items()
+        )
+        + ".",
         "",
         f"![transport]({_rel(directory / 'transport.png')})",
         "",

@@ -36,7 +36,8 @@ from ps_worker.transport import Step
 
 RETRY_S = 5.0  # after a failed connect, gRPC streams this long before bulk is tried again,
 MAX_RETRY_S = 300.0  # doubling for each failure in a row up to this
-CONNECT_TIMEOUT_S = 5.0
+OFF_FAILURES = 10  # a server with its bulk port off: asked again only every MAX_RETRY_S
+CONNECT_TIMEOUT_S = 2.0  # a port a firewall silently drops costs a call at most this
 
 
 class BulkUnavailable(Exception):
@@ -251,7 +252,7 @@ class Bulk:
         assert self.plan is not None, "a transfer needs the job"
         try:
             conn = self._open(timeout_s)
-        except (OSError, bulk.BulkProtocolError, BulkCallError) as e:
+        except (OSError, bulk.BulkProtocolError, BulkCallError, BulkUnavailable) as e:
             wait = min(RETRY_S * 2**self.failures, MAX_RETRY_S)
             self.failures += 1
             self.retry_at = time.monotonic() + wait
@@ -272,15 +273,17 @@ class Bulk:
             if now is None or now == self.where:
                 raise
             self.where = now
+            if not now.port:  # restarted with --bulk-port none
+                self.failures = OFF_FAILURES
+                raise BulkUnavailable(f"server {self.link.address} has no bulk port now") from None
             return Connection.open(now, self.security, self.plan, timeout_s)
 
     def _where_now(self) -> Where | None:
-        """Where the server's Status says its bulk port is now (None: no answer, or off)."""
+        """Where the server's Status says its bulk port is now (port 0: off; None: no
+        answer)."""
         try:
             reply = self.link.calls.status(ps_pb2.StatusRequest(), timeout=CONNECT_TIMEOUT_S)
         except grpc.RpcError:
-            return None
-        if not reply.bulk_port:
             return None
         return replace(self.where, port=reply.bulk_port, instance=reply.instance)
 

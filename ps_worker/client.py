@@ -156,7 +156,8 @@ class Client:
     @property
     def transports(self) -> list[str]:
         """How each server is reached: "shm" (tensor data through shared memory, control
-        over the Unix socket or TCP), "unix" (its socket, on this host) or "tcp"."""
+        over the Unix socket or TCP), "bulk" (tensor data over the bulk data plane, control
+        over gRPC), "unix" (its socket, on this host) or "tcp" (gRPC streams)."""
         return self._router.names()
 
     @property

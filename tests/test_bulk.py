@@ -20,6 +20,7 @@ import torch
 from protos import bulk, ps_pb2
 from ps_server.bulk import BulkConfig, BulkPlane
 from ps_worker import Client, ClientConfig
+from ps_worker.bulk import MAX_RETRY_S
 from ps_worker.errors import PSError
 from ps_worker.payload import SlotBuffers
 from ps_worker.protocol import ProtocolState
@@ -248,6 +249,19 @@ def test_a_port_that_refuses_falls_back_to_streams_then_learns_the_new_one(share
         c.push(grads(1.0))  # refused again: the port is asked of the server, then used
         assert c.status()[0].version == 2 and c.transports == ["bulk"]
         assert bulk.where == real and bulk._idle  # a connection, kept for reuse
+
+
+def test_a_server_back_without_bulk_is_left_to_streams_for_minutes(shared_servers):
+    with Client(shared_servers[:1], job_id="off", worker_id="w", config=BULK) as c:
+        c.init(model(), mode="async", optimizer="sgd", lr=1.0)
+        bulk = c._router.routes[0].bulk
+        with socket.socket() as s:  # its old port: nothing listens there now
+            s.bind(("127.0.0.1", 0))
+            bulk.where = replace(bulk.where, port=s.getsockname()[1])
+        bulk._where_now = lambda: replace(bulk.where, port=0)  # restarted, --bulk-port none
+        c.push(grads(1.0))  # over streams
+        assert c.status()[0].version == 1 and c.transports == ["tcp"]
+        assert bulk.retry_at - time.monotonic() > MAX_RETRY_S / 2  # not asked again soon
 
 
 def test_a_port_that_greets_as_another_server_is_not_used(shared_servers):

@@ -174,6 +174,11 @@ def proves(token: str | None, nonce: bytes, sent: bytes) -> bool:
     return not token or hmac.compare_digest(mac(token, nonce), sent)
 
 
+def bare_host(host: str) -> str:
+    """A host as sockets take it: ``[::1]`` (as addresses write IPv6) is ``::1``."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def tune(sock: socket.socket) -> None:
     """No Nagle delay: a tiny push is one small write, answered at once."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

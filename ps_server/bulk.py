@@ -61,7 +61,7 @@ ACCEPT_BACKOFF_S = 0.5  # after accept fails (out of file descriptors): try agai
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket on the gRPC port's host: IPv4, or IPv6 (``[::1]``; ``[::]`` and
     ``::`` take IPv4 too where the system can)."""
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = bulk.bare_host(host)
     if ":" not in host:
         return socket.create_server((host, port), backlog=128)
     dual = host == "::" and socket.has_dualstack_ipv6()

@@ -69,8 +69,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 def host_of(address: str) -> str:
     """The host part of ``host:port`` (``[v6]:port`` too)."""
-    host = address.rsplit(":", 1)[0]
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return bulk.bare_host(address.rsplit(":", 1)[0])
 
 
 class WrongServer(bulk.BulkProtocolError):
